@@ -99,8 +99,8 @@ class HookpointRegistry:
         config = model.config
         self.model_type: str = config.model_type
         layout = layout_for(self.model_type)
-        layers = model.get_submodule(layout.layers)
-        self.num_layers = len(layers)
+        self.layers: nn.ModuleList = model.get_submodule(layout.layers)  # the decoder layers, in order
+        self.num_layers = len(self.layers)
         self.d_model: int = config.hidden_size
         self._points: dict[str, Hookpoint] = {}
         for i in range(self.num_layers):

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from service.config import ModelConfig
-from service.engine.devices import resolve_device, resolve_dtype
+from service.engine.devices import dtype_name, resolve_device, resolve_dtype
 from service.engine.gguf_cache import cached_gguf_dir, default_model_dir
 from service.engine.hookpoints import SUPPORTED_ARCHITECTURES, layout_for
 from service.engine.host_model import HostModel
@@ -51,7 +51,7 @@ def load_host_model(config: ModelConfig) -> HostModel:
             raise NotFound(f"unknown model {name!r}: not a directory or .gguf file; use {MODEL_CHOICES}")
     model = model.to(device=device, dtype=dtype)
     host = HostModel(name, model, tokenizer)
-    logger.info("loaded %s (%s, %s, %s) in %.1fs", name, host.summary().model_type, device, dtype,
+    logger.info("loaded %s (%s, %s, %s) in %.1fs", name, host.summary().model_type, device, dtype_name(dtype),
                 time.perf_counter() - started)
     return host
 

@@ -1,0 +1,116 @@
+"""`featurewire-serve` / `python -m service`: operator commands for the host model runtime.
+
+Heavy imports (torch, transformers) happen inside the commands, after logging is configured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict
+
+from service.config import ModelConfig
+from service.errors import ServiceError
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="default | tiny-random | tiny-random-neox | DIR | FILE.gguf "
+                        "(env FEATUREWIRE_MODEL; default: default)")
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (env FEATUREWIRE_DEVICE)")
+    parser.add_argument("--dtype", help="auto | float32 | bfloat16 | float16 (env FEATUREWIRE_DTYPE)")
+    parser.add_argument("--cache-dir", help="converted-model cache (env FEATUREWIRE_CACHE; ~/.cache/featurewire)")
+
+
+def _model_config(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig.from_env(
+        os.environ, name=args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir
+    )
+
+
+def cmd_hookpoints(args: argparse.Namespace) -> int:
+    """Print the model summary and every hookpoint with its dimension."""
+    from service.engine.loading import load_host_model
+
+    host = load_host_model(_model_config(args))
+    summary = host.summary()
+    points = [{"name": p.name, "dim": p.dim, "module": p.module_path} for p in host.hookpoints]
+    if args.json:
+        print(json.dumps({"model": asdict(summary), "hookpoints": points}, indent=2))
+        return 0
+    print(f"model       {summary.name} ({summary.model_type})")
+    print(f"layers      {summary.num_layers}   d_model {summary.d_model}   vocab {summary.vocab_size}")
+    print(f"parameters  {summary.num_parameters:,}   dtype {summary.dtype}   device {summary.device}")
+    print(f"hookpoints  {summary.num_hookpoints}")
+    width = max(len(p["name"]) for p in points)
+    for point in points:
+        print(f"  {point['name']:<{width}}  d={point['dim']:<5} {point['module']}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Continue a prompt (no decomposition, no interventions) and print the continuation."""
+    from service.engine.host_model import SamplingParams
+    from service.engine.loading import load_host_model
+
+    host = load_host_model(_model_config(args))
+    sampling = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed,
+    )
+    new_ids, _ = host.generate(host.encode(args.prompt), sampling)
+    text = host.decode(new_ids[0])
+    print(json.dumps({"prompt": args.prompt, "completion": text}) if args.json else args.prompt + text)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from service.demo import run_demo
+
+    return run_demo(_model_config(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="featurewire-serve", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    hookpoints = commands.add_parser("hookpoints", help="print the model summary and its hookpoints")
+    _model_args(hookpoints)
+    hookpoints.add_argument("--json", action="store_true", help="print JSON")
+    hookpoints.set_defaults(run=cmd_hookpoints)
+
+    generate = commands.add_parser("generate", help="continue a prompt with the host model")
+    _model_args(generate)
+    generate.add_argument("prompt")
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--json", action="store_true", help="print JSON")
+    generate.set_defaults(run=cmd_generate)
+
+    demo = commands.add_parser("demo", help="end-to-end tour on the embedded default model")
+    _model_args(demo)
+    demo.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.run(args)
+    except (ServiceError, ValueError) as exc:
+        print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
