@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from torch import nn
 
 from service.errors import NotFound, Unsupported
 
 
-class HookKind(str, Enum):
+class HookKind(StrEnum):
     """The four hookpoints of a decoder block, in forward order."""
 
     RESID_PRE = "hook_resid_pre"

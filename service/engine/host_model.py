@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -118,10 +119,8 @@ class HostModel:
         with installed_hooks(self.hookpoints, reads, writes, stop_after_reads=stop_early) as captures:
             runner = self.model if logits else self.model.base_model
             out = None
-            try:
+            with contextlib.suppress(StopForward):
                 out = runner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            except StopForward:
-                pass
         return ForwardResult(captures, out.logits if logits and out is not None else None, out is not None)
 
     @torch.inference_mode()

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from service.engine.host_model import SamplingParams
 from service.engine.hooks import add_vector, installed_hooks, replace_with
+from service.engine.host_model import SamplingParams
 
 TEXT = "Interpretability engineers watch features fire while the model writes."
 
@@ -111,6 +111,7 @@ def test_early_stop_result_equals_full_pass(tiny_host, layer_calls):
 
 def test_generate_captures_every_processed_position_and_steers(tiny_host):
     ids = tiny_host.encode(TEXT)
+    before = _hook_count(tiny_host.model)  # transformers may keep recorder hooks of its own
     sampling = SamplingParams(max_new_tokens=6)
     new, captured = tiny_host.generate(ids, sampling, reads=["blocks.0.hook_resid_post"])
     assert new.shape == (1, 6)
@@ -120,4 +121,4 @@ def test_generate_captures_every_processed_position_and_steers(tiny_host):
     d = tiny_host.hookpoints.d_model
     steered, _ = tiny_host.generate(ids, sampling, writes={"blocks.0.hook_resid_post": add_vector(torch.randn(d) * 50)})
     assert not torch.equal(new, steered)
-    assert _hook_count(tiny_host.model) == 0
+    assert _hook_count(tiny_host.model) == before
