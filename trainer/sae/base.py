@@ -11,6 +11,7 @@ Conventions every architecture and every consumer follows:
 
 from __future__ import annotations
 
+import abc
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, NamedTuple
 
@@ -71,7 +72,7 @@ class ForwardOutput(NamedTuple):
     losses: dict[str, Tensor]  # scalar terms; "total" is the objective
 
 
-class SparseAutoencoder(nn.Module):
+class SparseAutoencoder(nn.Module, abc.ABC):
     """Base class: W_enc (d_in, d_sae), b_enc (d_sae), W_dec (d_sae, d_in) unit rows, b_dec (d_in)."""
 
     architecture: ClassVar[str]
@@ -99,17 +100,17 @@ class SparseAutoencoder(nn.Module):
     def pre_activation(self, x: Tensor) -> Tensor:
         return (x - self.b_dec) @ self.W_enc + self.b_enc  # (N, d_sae)
 
+    @abc.abstractmethod
     def encode(self, x: Tensor) -> Tensor:
         """Inference-time codes (N, d_sae)."""
-        raise NotImplementedError
 
     def decode(self, z: Tensor) -> Tensor:
         return z @ self.W_dec + self.b_dec  # (N, d_in)
 
+    @abc.abstractmethod
     def forward(self, x: Tensor, *, sparsity_scale: float = 1.0, dead_mask: Tensor | None = None) -> ForwardOutput:
         """Training pass. `sparsity_scale` ∈ [0, 1] warms the sparsity penalty up; `dead_mask` (d_sae,)
         marks latents that have not fired recently (used by AuxK)."""
-        raise NotImplementedError
 
     @torch.no_grad()
     def reset_dead_(self, dead_mask: Tensor) -> int:
