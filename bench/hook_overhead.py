@@ -85,9 +85,23 @@ def median_ratio(times: dict[str, list[float]], variant: str, baseline: str) -> 
     return statistics.median(v / b for v, b in zip(times[variant], times[baseline], strict=True))
 
 
+def cpu_model() -> str:
+    """The CPU's model name where Linux reports it, else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def machine(host: HostModel) -> dict[str, Any]:
+    """Where the numbers were measured."""
     summary = host.summary()
     return {
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": f"{platform.system()} {platform.machine()}",
@@ -152,7 +166,7 @@ def report(host: HostModel, tokens: int, repeats: int, warmup: int) -> dict[str,
 
 def print_table(result: dict[str, Any]) -> None:
     m = result["machine"]
-    print(f"machine: {m['platform']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), "
+    print(f"machine: {m['platform']}, {m['cpu']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), "
           f"device {m['device']}{' ' + m['gpu'] if m['gpu'] else ''}, dtype {m['dtype']}, "
           f"torch {m['torch']}, transformers {m['transformers']}, python {m['python']}")
     print(f"model: {m['model']} ({m['model_type']}, {m['layers']} layers, d_model {m['d_model']}, "

@@ -76,7 +76,93 @@ def _run_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
-_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_corpus,)
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train", help="collect activations, train a stack, evaluate it and write it",
+        description="Train an SAE stack from a TOML config into OUT/stack (resumes from OUT/checkpoint).",
+    )
+    parser.add_argument("--config", required=True, metavar="FILE.toml",
+                        help="training config (see trainer/configs/)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="run directory")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.train import run_training
+
+    result = run_training(load_config(args.config), args.out, progress=not args.quiet)
+    print(format_metrics(result.report["stages"], [s["hookpoint"] for s in result.report["stages"]]))
+    print(f"stack: {result.stack_dir}")
+    return 0
+
+
+def _add_eval(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="evaluate a stack on held-out text and record the metrics in it",
+        description="Evaluate every stage of a stack (FVE, L0, density, CE/KL splice) on the eval split of "
+        "the corpus it was trained on (or --corpus) and record the metrics in stack.json.",
+    )
+    parser.add_argument("--stack", required=True, metavar="DIR")
+    parser.add_argument("--model", help="host model (default: the one named in the stack)")
+    parser.add_argument("--corpus", metavar="SPEC", help="default: the stack's training corpus")
+    parser.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens for reconstruction metrics")
+    parser.add_argument("--ce-windows", type=int, default=16, help="held-out windows for CE/KL splices")
+    parser.add_argument("--report", metavar="FILE.json", help="also write the full report as JSON here")
+    parser.set_defaults(handler=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from trainer.evaluate import evaluate_stack_dir
+
+    report = evaluate_stack_dir(args.stack, model=args.model, corpus=args.corpus, max_tokens=args.max_tokens,
+                                ce_windows=args.ce_windows, report_path=args.report)
+    print(format_metrics(report["stages"], [s["hookpoint"] for s in report["stages"]]))
+    return 0
+
+
+def _add_import(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "import", help="turn an SAE saved by SAELens or sparsify into a one-stage stack",
+        description="Import an SAE saved by SAELens (cfg.json + sae_weights.safetensors) or sparsify "
+        "(cfg.json + sae.safetensors) into a featurewire stack for MODEL.",
+    )
+    parser.add_argument("--from", dest="source", required=True, choices=("saelens", "sparsify"))
+    parser.add_argument("src", metavar="SRC", help="directory holding the saved SAE")
+    parser.add_argument("--model", required=True, help="host model the SAE was trained on")
+    parser.add_argument("--hookpoint", help="canonical hookpoint, e.g. blocks.6.hook_resid_post")
+    parser.add_argument("--input-scale", type=float, help="constant the SAE expects its input scaled by")
+    parser.add_argument("--out", required=True, metavar="DIR", help="stack directory to write")
+    parser.set_defaults(handler=_run_import)
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from trainer.importers import import_into_stack
+
+    stack_dir = import_into_stack(args.source, args.src, model=args.model, hookpoint=args.hookpoint,
+                                  input_scale=args.input_scale, out_dir=args.out)
+    print(f"stack: {stack_dir}")
+    return 0
+
+
+METRIC_COLUMNS = ("fve", "l0", "dead_fraction", "cosine", "ce_loss_recovered", "delta_ce", "kl")
+
+
+def format_metrics(stages: list[dict], hookpoints: list[str]) -> str:
+    """A table of the headline metrics per stage."""
+    width = max(len(h) for h in hookpoints)
+    lines = [f"{'stage':<{width}}" + "".join(f"{c:>19}" for c in METRIC_COLUMNS)]
+    for hookpoint, stage in zip(hookpoints, stages, strict=True):
+        metrics = stage.get("eval", stage)
+        lines.append(f"{hookpoint:<{width}}" + "".join(f"{metrics.get(c, float('nan')):>19.4f}"
+                                                       for c in METRIC_COLUMNS))
+    return "\n".join(lines)
+
+
+_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_corpus, _add_train, _add_eval, _add_import,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

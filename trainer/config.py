@@ -1,0 +1,176 @@
+"""Training configuration: frozen dataclasses loaded from a TOML file, validated, fingerprinted.
+
+A config file has the sections [model], [corpus], [activations], [sae], [training], [eval]; every
+key is optional except `stack.hookpoints`. Unknown sections or keys are refused with the list of
+valid ones, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from trainer.sae.base import ARCHITECTURES
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: str = "default"
+    device: str = "auto"
+    dtype: str = "float32"
+    """Host model dtype while collecting activations (fp32 keeps the statistics exact on CPU)."""
+
+
+@dataclass(frozen=True)
+class CorpusSection:
+    spec: str = "default"
+    text_field: str = "text"
+    calibration_fraction: float = 0.05
+    eval_fraction: float = 0.05
+    split_seed: int = 0
+
+
+@dataclass(frozen=True)
+class ActivationSection:
+    context_length: int = 128
+    batch_size: int = 8
+    """Context windows per host-model forward pass."""
+    max_tokens: int = 200_000
+    """Training tokens collected per hookpoint (all hookpoints share one pass)."""
+    dtype: str = "float32"
+    """Shard dtype on disk: float32, float16 or bfloat16."""
+    shard_tokens: int = 65_536
+
+
+@dataclass(frozen=True)
+class StackSection:
+    name: str = "stack"
+    hookpoints: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SAESection:
+    architecture: str = "topk"
+    width: int = 0
+    """Latents per stage (d_sae); 0 means expansion_factor × d_in."""
+    expansion_factor: int = 8
+    k: int = 32
+    sparsity_coefficient: float = 1.0
+    aux_k: int = 256
+    aux_k_coefficient: float = 1 / 32
+    threshold_init: float = 0.001
+    bandwidth: float = 0.001
+    per_side_thresholds: bool = False
+    tied_magnitude: bool = True
+    aux_reconstruction: bool = True
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    batch_size: int = 1024
+    """Tokens per optimiser step."""
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    lr_decay_fraction: float = 0.2
+    sparsity_warmup_steps: int = 200
+    token_budget: int = 0
+    """Tokens each stage trains on; 0 means one pass over the collected activations."""
+    buffer_tokens: int = 65_536
+    dead_after_tokens: int = 100_000
+    checkpoint_every: int = 500
+    """Optimiser steps between checkpoints (resume point after an interruption)."""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    max_tokens: int = 8_192
+    """Held-out tokens for reconstruction metrics."""
+    ce_windows: int = 16
+    """Held-out context windows for the CE/KL splice metrics."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    corpus: CorpusSection = field(default_factory=CorpusSection)
+    activations: ActivationSection = field(default_factory=ActivationSection)
+    stack: StackSection = field(default_factory=StackSection)
+    sae: SAESection = field(default_factory=SAESection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def __post_init__(self) -> None:
+        if not self.stack.hookpoints:
+            raise ValueError("stack.hookpoints must name at least one hookpoint, e.g. ['blocks.6.hook_resid_post']")
+        if len(set(self.stack.hookpoints)) != len(self.stack.hookpoints):
+            raise ValueError("stack.hookpoints must not repeat a hookpoint")
+        if self.sae.architecture not in ARCHITECTURES:
+            choices = ", ".join(ARCHITECTURES)
+            raise ValueError(f"sae.architecture {self.sae.architecture!r} unknown; choose one of {choices}")
+        positive = {
+            "activations.context_length": self.activations.context_length,
+            "activations.batch_size": self.activations.batch_size,
+            "activations.max_tokens": self.activations.max_tokens,
+            "training.batch_size": self.training.batch_size,
+            "training.checkpoint_every": self.training.checkpoint_every,
+            "sae.k": self.sae.k,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.training.lr <= 0:
+            raise ValueError(f"training.lr must be > 0, got {self.training.lr}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of the canonical JSON: a resumed run must match the config it started with."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    def collection_fingerprint(self) -> str:
+        """Hash of just what determines the collected activations (reused across SAE sweeps)."""
+        parts = {"model": asdict(self.model), "corpus": asdict(self.corpus),
+                 "activations": asdict(self.activations), "hookpoints": list(self.stack.hookpoints)}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+_SECTIONS = {f.name: f.default_factory for f in fields(TrainConfig)}  # type: ignore[misc]
+
+
+def _section(name: str, values: dict[str, Any]) -> Any:
+    cls = _SECTIONS[name]
+    allowed = {f.name for f in fields(cls)}
+    unknown = set(values) - allowed
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)} in [{name}]; allowed: {', '.join(sorted(allowed))}")
+    if name == "stack" and "hookpoints" in values:
+        values = {**values, "hookpoints": tuple(values["hookpoints"])}
+    return cls(**values)
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    unknown = set(data) - set(_SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown section(s) {sorted(unknown)}; allowed: {', '.join(_SECTIONS)}")
+    return TrainConfig(**{name: _section(name, dict(values)) for name, values in data.items()})
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Parse and validate a TOML training config; errors name the file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {str(path)!r} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        return config_from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from None

@@ -1,0 +1,481 @@
+"""The SAE stack directory, the contract between the trainer and the service: write, read, verify.
+
+    stack.json                                         manifest (format_version 1), written last
+    stage_00_blocks.3.hook_resid_post.safetensors      stage 0's SAE state_dict, contiguous fp32
+    stage_00_blocks.3.hook_resid_post.extra.safetensors  optional per-stage extra tensors
+
+The manifest holds `name`, `created_by`, `host_model` (a HostModelIdentity), `stages` in forward order
+(index, name, hookpoint, architecture, d_in, d_sae, signed, input_scale, sae_config, file/sha256/bytes,
+optional extra_tensors {file, sha256, bytes, keys}, free-form extras/training/metrics) and `files`,
+every file of the stack with its sha256 and size. `read_stack` verifies all of it before any tensor is
+used: supported version, plain file names inside the directory (no `..`, no symlink out, never a
+pickle), sizes and hashes, safetensors headers against the shapes the SAE config implies (so hostile
+shapes never allocate), and the host model when the caller names it. Failures raise `StackError`.
+Imports only torch, safetensors and the standard library: the service imports this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save_file
+from torch import Tensor
+
+from trainer import __version__
+from trainer.sae.base import ARCHITECTURES, SAEConfig, SparseAutoencoder, build_sae
+
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+MANIFEST = "stack.json"
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
+ALLOWED_SUFFIXES = (".safetensors", ".json")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+Header = dict[str, tuple[str, tuple[int, ...]]]  # tensor name -> (safetensors dtype, shape)
+
+
+class StackError(ValueError):
+    """A stack that cannot be written or must not be loaded; the message says what and why."""
+
+
+# ----------------------------------------------------------------------------------- host model identity
+
+_CONFIG_FIELDS: dict[str, tuple[str, ...]] = {  # canonical key -> HF config attributes, first one set wins
+    "model_type": ("model_type",), "hidden_size": ("hidden_size", "n_embd", "d_model"),
+    "num_layers": ("num_hidden_layers", "n_layer", "num_layers"), "vocab_size": ("vocab_size",),
+    "num_attention_heads": ("num_attention_heads", "n_head"), "num_key_value_heads": ("num_key_value_heads",),
+    "head_dim": ("head_dim",), "intermediate_size": ("intermediate_size", "n_inner", "ffn_dim"),
+    "activation": ("hidden_activation", "hidden_act", "activation_function"),
+    "norm_eps": ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon"),
+    "tie_word_embeddings": ("tie_word_embeddings",), "parallel_residual": ("use_parallel_residual", "parallel_attn"),
+    "sliding_window": ("sliding_window",), "layer_types": ("layer_types",),
+    "query_pre_attn_scalar": ("query_pre_attn_scalar",), "final_logit_softcapping": ("final_logit_softcapping",),
+    "attn_logit_softcapping": ("attn_logit_softcapping",),
+}
+
+
+def _config_value(config: Any, key: str) -> Any:
+    return next((getattr(config, n) for n in _CONFIG_FIELDS[key] if getattr(config, n, None) is not None), None)
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, float):  # 10000 and 10000.0 agree; repr is exact and stable
+        return int(value) if value.is_integer() else repr(value)
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    return value if value is None or isinstance(value, bool | int | str) else str(value)
+
+
+def _rope_fields(config: Any) -> dict[str, Any]:
+    """RoPE bases, types and rotary fraction, alike whether a transformers release keeps them at the top
+    level (rope_theta, rope_local_base_freq, rotary_emb_base, rotary_pct) or in `rope_parameters`."""
+    params = getattr(config, "rope_parameters", None) or {}
+    groups = list(params.values()) if params and all(isinstance(v, Mapping) for v in params.values()) else [params]
+    thetas = {getattr(config, a, None) for a in ("rope_theta", "rope_local_base_freq", "rotary_emb_base")}
+    thetas = sorted(float(t) for t in thetas | {g.get("rope_theta") for g in groups} if t is not None)
+    fractions = [getattr(config, "rotary_pct", None), getattr(config, "partial_rotary_factor", None)]
+    fractions += [g.get("partial_rotary_factor") for g in groups]
+    out: dict[str, Any] = {"rope_types": sorted({g.get("rope_type") or "default" for g in groups})}
+    out.update({"rope_thetas": thetas} if thetas else {})
+    fraction = next((f for f in fractions if f is not None), None)
+    return out | ({"partial_rotary_factor": float(fraction)} if fraction is not None else {})
+
+
+def model_fingerprint(model: Any) -> str:
+    """sha256 of a canonical JSON of the architecture-relevant fields of `model.config` (shapes, norms,
+    activation, attention layout, RoPE). Names, dtypes, token ids, runtime flags and the transformers
+    version are left out, so the same architecture loaded another way fingerprints the same."""
+    config = model.config
+    fields_ = {k: v for k in _CONFIG_FIELDS if (v := _config_value(config, k)) is not None} | _rope_fields(config)
+    return hashlib.sha256(json.dumps(_canonical(fields_), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def weights_fingerprint(model: Any, rows: int = 1024) -> str | None:
+    """sha256 of the first `rows` rows of the input embedding rounded to bfloat16 (about 1 MB to hash):
+    tells a base model from its fine-tune. fp32 and bf16 copies of one checkpoint agree (an fp16 copy
+    generally does not). None when the model has no readable input embedding."""
+    get = getattr(model, "get_input_embeddings", None)
+    weight = getattr(get(), "weight", None) if callable(get) else None
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        return None
+    block = weight.detach()[:rows].to(device="cpu", dtype=torch.bfloat16).contiguous()
+    digest = hashlib.sha256(f"{tuple(block.shape)}:".encode())
+    digest.update(block.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class HostModelIdentity:
+    """Which host model a stack belongs to. `name` is informative only; the other fields must match."""
+
+    name: str
+    model_type: str
+    num_layers: int
+    d_model: int
+    vocab_size: int
+    fingerprint: str
+    weights_fingerprint: str | None = None
+
+    @classmethod
+    def from_model(cls, model: Any, name: str, *, weights: bool = True) -> HostModelIdentity:
+        """The identity of a loaded HF causal LM (anything with a HF-style `.config`)."""
+        c = model.config
+        return cls(name, str(c.model_type), int(_config_value(c, "num_layers")), int(_config_value(c, "hidden_size")),
+                   int(c.vocab_size), model_fingerprint(model), weights_fingerprint(model) if weights else None)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> HostModelIdentity:
+        kinds = {"name": str, "model_type": str, "num_layers": int, "d_model": int, "vocab_size": int,
+                 "fingerprint": str, "weights_fingerprint": (str, type(None))}
+        if not isinstance(data, Mapping) or any(
+            not isinstance(data.get(k), kind) or isinstance(data.get(k), bool) for k, kind in kinds.items()
+        ):
+            raise StackError(f"stack.json: host_model must be an object with {', '.join(kinds)}")
+        return cls(**{k: data.get(k) for k in kinds})
+
+    def describe(self) -> str:
+        weights = f", weights {self.weights_fingerprint[:12]}…" if self.weights_fingerprint else ""
+        return (f"{self.model_type} d_model={self.d_model} layers={self.num_layers} vocab={self.vocab_size} "
+                f"(fingerprint {self.fingerprint[:12]}…{weights})")
+
+    def differences(self, other: HostModelIdentity) -> list[str]:
+        """Fields that differ; the weights fingerprints count only when both sides have one."""
+        out = [k for k in ("model_type", "d_model", "num_layers", "vocab_size", "fingerprint")
+               if getattr(self, k) != getattr(other, k)]
+        w1, w2 = self.weights_fingerprint, other.weights_fingerprint
+        return out + (["weights_fingerprint"] if w1 and w2 and w1 != w2 else [])
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+@dataclass
+class StageSpec:
+    """One stage to write: the SAE, where it reads, its input scale, and free-form records."""
+
+    sae: SparseAutoencoder
+    hookpoint: str
+    input_scale: float = 1.0
+    name: str | None = None  # defaults to the hookpoint
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+    extra_tensors: dict[str, Tensor] | None = None
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_tensors(directory: Path, file: str, tensors: Mapping[str, Tensor]) -> dict[str, Any]:
+    copies = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
+              for k, v in tensors.items()}
+    save_file(copies, str(directory / file))
+    return {"file": file, "sha256": _sha256_file(directory / file), "bytes": (directory / file).stat().st_size}
+
+
+def _stage_entry(index: int, spec: StageSpec, directory: Path) -> dict[str, Any]:
+    if not _SAFE_NAME.match(spec.hookpoint):
+        raise StackError(f"stage {index}: hookpoint {spec.hookpoint!r} must be a plain name (blocks.3.hook_resid_post)")
+    scale = spec.input_scale
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale <= 0:
+        raise StackError(f"stage {index}: input_scale must be a finite number > 0, got {scale!r}")
+    cfg, stem = spec.sae.cfg, f"stage_{index:02d}_{spec.hookpoint}"
+    entry: dict[str, Any] = {
+        "index": index, "name": spec.name or spec.hookpoint, "hookpoint": spec.hookpoint,
+        "architecture": cfg.architecture, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "signed": bool(spec.sae.signed),
+        "input_scale": float(scale), "sae_config": cfg.to_dict(),
+        **_write_tensors(directory, f"{stem}.safetensors", spec.sae.state_dict()),
+    }
+    if spec.extra_tensors:
+        extra = _write_tensors(directory, f"{stem}.extra.safetensors", spec.extra_tensors)
+        entry["extra_tensors"] = extra | {"keys": {k: list(v.shape) for k, v in spec.extra_tensors.items()}}
+    return entry | {"extras": spec.extras, "training": spec.training, "metrics": spec.metrics}
+
+
+def _dump_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """JSON to a temporary name, fsync, rename: readers see the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise StackError(f"stack.json: training, metrics and extras must be plain JSON: {exc}") from None
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_stack(
+    out_dir: str | Path, name: str, identity: HostModelIdentity, stages: list[StageSpec], *, overwrite: bool = False
+) -> Path:
+    """Write a stack directory atomically: files go to a temporary sibling that is renamed into place
+    last, so a crash never leaves a half-written stack at `out_dir`."""
+    out_dir = Path(out_dir)
+    names = [s.name or s.hookpoint for s in stages]
+    if not stages or len(set(names)) != len(names):
+        raise StackError(f"a stack needs at least one stage and unique stage names, got {names}")
+    if out_dir.exists() and not overwrite:
+        raise StackError(f"{out_dir} already exists; pass overwrite=True to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}.tmp")
+    old = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}.old")
+    tmp.mkdir()
+    try:
+        entries = [_stage_entry(i, spec, tmp) for i, spec in enumerate(stages)]
+        records = [r for e in entries for r in (e, e.get("extra_tensors")) if r]
+        _dump_manifest(tmp / MANIFEST, {
+            "format_version": FORMAT_VERSION, "name": name, "created_by": f"featurewire-trainer {__version__}",
+            "host_model": asdict(identity), "stages": entries,
+            "files": {r["file"]: {"sha256": r["sha256"], "bytes": r["bytes"]} for r in records},
+        })
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if old.exists():
+                os.replace(old, out_dir)  # put the previous stack back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def update_metrics(stack_dir: str | Path, stage_index: int, metrics: Mapping[str, Any]) -> None:
+    """Merge `metrics` into one stage's metrics and rewrite stack.json; files and hashes are untouched."""
+    manifest = _load_manifest(Path(stack_dir))
+    if not 0 <= stage_index < len(manifest["stages"]):
+        raise StackError(f"stage index {stage_index} out of range: the stack has {len(manifest['stages'])} stages")
+    manifest["stages"][stage_index].setdefault("metrics", {}).update(metrics)
+    _dump_manifest(Path(stack_dir) / MANIFEST, manifest)
+
+
+def stack_digest(stack_dir: str | Path) -> str:
+    """sha256 of stack.json; it lists every file's sha256, so this names the whole stack's content."""
+    path = Path(stack_dir) / MANIFEST
+    if not path.is_file():
+        raise StackError(f"{path} does not exist: not a stack directory")
+    return _sha256_file(path)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class LoadedStage:
+    index: int
+    name: str
+    hookpoint: str
+    sae: SparseAutoencoder  # built, weights loaded, eval mode, on the requested device
+    input_scale: float
+    signed: bool
+    extras: dict[str, Any]
+    extra_tensors: dict[str, Tensor]
+    training: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+@dataclass
+class LoadedStack:
+    path: Path
+    name: str
+    created_by: str
+    identity: HostModelIdentity
+    stages: list[LoadedStage]
+    digest: str  # stack_digest() of the directory read
+
+    def stage(self, name: str) -> LoadedStage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(f"stack {self.name!r} has no stage {name!r}; stages: {[s.name for s in self.stages]}")
+
+
+def _load_manifest(stack_dir: Path) -> dict[str, Any]:
+    if not stack_dir.is_dir():
+        raise StackError(f"{stack_dir} is not a directory")
+    path = _checked_path(stack_dir, MANIFEST, manifest=True)
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise StackError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; refusing to parse it")
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StackError(f"{path} is not valid JSON: {exc}") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if type(version) is not int or version not in SUPPORTED_FORMAT_VERSIONS:
+        readable = ", ".join(map(str, SUPPORTED_FORMAT_VERSIONS))
+        raise StackError(f"stack format_version {version!r} is not supported (this featurewire reads version "
+                         f"{readable}); upgrade featurewire or re-export the stack")
+    stages, files = manifest.get("stages"), manifest.get("files")
+    if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
+        raise StackError("stack.json: stages must be a non-empty list of objects")
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        raise StackError("stack.json: files must map file names to {sha256, bytes}")
+    return manifest
+
+
+def _checked_path(root: Path, name: Any, *, manifest: bool = False) -> Path:
+    """A listed file must be a plain file name directly inside the stack directory, of an allowed kind."""
+    if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith(".") or not _SAFE_NAME.match(name):
+        raise StackError(f"refusing stack file {name!r}: only plain file names inside the stack directory are allowed")
+    suffix = Path(name).suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise StackError(f"refusing stack file {name!r}: pickle-based formats are never loaded; use safetensors")
+    if suffix not in ALLOWED_SUFFIXES or (name == MANIFEST) != manifest:
+        raise StackError(f"refusing stack file {name!r}: only safetensors and JSON data files may be listed")
+    path = root / name
+    if path.is_symlink() and root.resolve() not in path.resolve().parents:
+        raise StackError(f"refusing stack file {name!r}: it is a symlink pointing outside the stack directory")
+    if not path.is_file():
+        raise StackError(f"stack file {name!r} is missing from {root}")
+    return path
+
+
+def _verify_files(root: Path, files: Mapping[str, Any]) -> None:
+    """Names and sizes of every listed file first (cheap), then their sha256."""
+    paths = {}
+    for name, record in files.items():
+        paths[name] = path = _checked_path(root, name)
+        if type(record.get("bytes")) is not int or not isinstance(record.get("sha256"), str):
+            raise StackError(f"stack.json: files[{name!r}] needs an integer bytes and a sha256 string")
+        if (size := path.stat().st_size) != record["bytes"]:
+            raise StackError(f"stack file {name!r} has {size} bytes, stack.json says {record['bytes']}")
+    for name, path in paths.items():
+        if _sha256_file(path) != files[name]["sha256"]:
+            raise StackError(f"stack file {name!r} is corrupt: its sha256 does not match stack.json")
+
+
+def _stage_config(index: int, entry: Mapping[str, Any], files: Mapping[str, Any]) -> SAEConfig:
+    kinds = {"name": str, "hookpoint": str, "architecture": str, "file": str, "sae_config": dict, "d_in": int,
+             "d_sae": int, "input_scale": (int, float)}
+    for key, kind in kinds.items():
+        if not isinstance(entry.get(key), kind) or isinstance(entry.get(key), bool):
+            raise StackError(f"stack.json: stages[{index}].{key} is missing or has the wrong type")
+    if not math.isfinite(entry["input_scale"]) or entry["input_scale"] <= 0:
+        raise StackError(f"stack.json: stages[{index}].input_scale must be finite and > 0")
+    if entry["architecture"] not in ARCHITECTURES:
+        raise StackError(f"stage {index}: unknown architecture {entry['architecture']!r}; known: {ARCHITECTURES}")
+    try:
+        cfg = SAEConfig.from_dict(entry["sae_config"])
+    except (TypeError, ValueError) as exc:
+        raise StackError(f"stage {index}: invalid sae_config: {exc}") from None
+    if (cfg.architecture, cfg.d_in, cfg.d_sae) != (entry["architecture"], entry["d_in"], entry["d_sae"]):
+        raise StackError(f"stage {index}: sae_config ({cfg.architecture}, {cfg.d_in}, {cfg.d_sae}) disagrees "
+                         f"with the stage ({entry['architecture']}, {entry['d_in']}, {entry['d_sae']})")
+    extra = entry.get("extra_tensors")
+    if extra is not None and not (isinstance(extra, dict) and isinstance(extra.get("keys"), dict) and all(
+        isinstance(s, list) and all(type(d) is int for d in s) for s in extra["keys"].values())):
+        raise StackError(f"stack.json: stages[{index}].extra_tensors must be an object with file and keys")
+    for file in (entry["file"], extra and extra.get("file")):
+        if file is not None and file not in files:
+            raise StackError(f"stage {index}: file {file!r} is not listed in stack.json files")
+    return cfg
+
+
+def _header(data: bytes, file: str) -> Header:
+    """name -> (dtype, shape) from a safetensors header, parsed without touching the tensor data."""
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    try:
+        if not 0 < n <= min(len(data) - 8, MAX_HEADER_BYTES):
+            raise ValueError("bad header length")
+        header = json.loads(data[8 : 8 + n])
+        header.pop("__metadata__", None)
+        return {k: (str(v["dtype"]), tuple(int(d) for d in v["shape"])) for k, v in header.items()}
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise StackError(f"stack file {file!r} is not a valid safetensors file: {exc}") from None
+
+
+def _read_tensors(root: Path, file: str, sha256: str, want: Header, what: str) -> dict[str, Tensor]:
+    """Read once and re-hash (what is loaded is what was verified); check the header; only then load.
+    A `want` dtype of None accepts any supported dtype."""
+    data = (root / file).read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise StackError(f"stack file {file!r} changed while the stack was being read")
+    got = _header(data, file)
+    problems = [f"{k} is {got[k][0]} {got[k][1]}, expected {want[k][0] or 'a supported dtype'} {want[k][1]}"
+                for k in sorted(got.keys() & want.keys())
+                if got[k][1] != want[k][1] or got[k][0] not in ({want[k][0]} - {None} or set(_ST_DTYPES.values()))]
+    problems += [f"missing {k}" for k in sorted(want.keys() - got.keys())]
+    problems += [f"unexpected {k}" for k in sorted(got.keys() - want.keys())]
+    if problems:
+        raise StackError(f"stack file {file!r} does not match {what}: {'; '.join(problems)}")
+    try:
+        return load_safetensors_bytes(data)
+    except Exception as exc:  # safetensors raises its own error type (e.g. for inconsistent offsets)
+        raise StackError(f"stack file {file!r} could not be read: {exc}") from None
+
+
+def _expected_state(cfg: SAEConfig) -> Header:
+    """The tensors a stage file must hold, from the SAE built on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        state = build_sae(cfg).state_dict()
+    return {k: (_ST_DTYPES.get(torch.float32 if v.is_floating_point() else v.dtype, "?"), tuple(v.shape))
+            for k, v in state.items()}
+
+
+def _build_stage(root: Path, index: int, entry: dict, cfg: SAEConfig, files: dict, device: str) -> LoadedStage:
+    what = f"stage {index}'s config ({cfg.architecture} d_in={cfg.d_in} d_sae={cfg.d_sae})"
+    state = _read_tensors(root, entry["file"], files[entry["file"]]["sha256"], _expected_state(cfg), what)
+    extra_tensors: dict[str, Tensor] = {}
+    if extra := entry.get("extra_tensors"):
+        want = {k: (None, tuple(shape)) for k, shape in extra["keys"].items()}
+        extra_tensors = _read_tensors(root, extra["file"], files[extra["file"]]["sha256"], want, "its declared keys")
+    with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the caller's RNG alone
+        sae = build_sae(cfg)
+    sae.load_state_dict(state, strict=True)
+    sae.requires_grad_(False).eval().to(device)
+    return LoadedStage(
+        index=index, name=entry["name"], hookpoint=entry["hookpoint"], sae=sae, input_scale=float(entry["input_scale"]),
+        signed=bool(sae.signed), extras=dict(entry.get("extras") or {}),
+        extra_tensors={k: v.to(device) for k, v in extra_tensors.items()},
+        training=dict(entry.get("training") or {}), metrics=dict(entry.get("metrics") or {}),
+    )
+
+
+def read_stack(
+    stack_dir: str | Path, *, expect_model: HostModelIdentity | None = None, device: str | torch.device = "cpu"
+) -> LoadedStack:
+    """Verify a stack directory completely, then build its SAEs (eval mode, no grad, on `device`)."""
+    root = Path(stack_dir)
+    manifest = _load_manifest(root)
+    identity = HostModelIdentity.from_dict(manifest.get("host_model"))
+    name = manifest.get("name")
+    if not isinstance(name, str):
+        raise StackError("stack.json: name must be a string")
+    if expect_model is not None and (diff := identity.differences(expect_model)):
+        raise StackError(f"stack {name!r} was made for {identity.describe()}, this model is "
+                         f"{expect_model.describe()}: {', '.join(diff)} differ")
+    stages, files = manifest["stages"], manifest["files"]
+    configs = [_stage_config(i, entry, files) for i, entry in enumerate(stages)]
+    if len({s["name"] for s in stages}) != len(stages):
+        raise StackError("stack.json: stage names must be unique")
+    _verify_files(root, files)
+    built = [_build_stage(root, i, stages[i], cfg, files, str(device)) for i, cfg in enumerate(configs)]
+    return LoadedStack(root, name, str(manifest.get("created_by", "")), identity, built, stack_digest(root))

@@ -1,0 +1,197 @@
+"""The training pipeline: collect activations once, fit every stage from that one pass, evaluate, export.
+
+`run_training(cfg, out_dir)` lays out a run directory:
+    out_dir/activations/   the activation store (reused when the collection settings are unchanged)
+    out_dir/checkpoint/    the latest checkpoint (a rerun resumes from it)
+    out_dir/stack/         the finished stack (the contract with the service)
+    out_dir/report.json    configuration, training summary and evaluation metrics per stage
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from service.config import ModelConfig
+from service.engine.host_model import HostModel
+from service.engine.loading import load_host_model
+from trainer.activations import ActivationManifest, collect_activations, iterate_batches
+from trainer.checkpoint import StageTrainingState, load_checkpoint, save_checkpoint
+from trainer.config import TrainConfig
+from trainer.corpus import Document, Splits, load_corpus, split_documents
+from trainer.evaluate import EvalStage, evaluate_stages
+from trainer.optimization import (
+    DeadLatentTracker,
+    fve,
+    lr_factor,
+    make_optimizer,
+    sparsity_factor,
+    train_step,
+)
+from trainer.sae.base import SAEConfig, build_sae
+from trainer.stack import HostModelIdentity, StageSpec, write_stack
+
+logger = logging.getLogger(__name__)
+
+FINGERPRINT_FILE = "collection.fingerprint"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    stack_dir: Path
+    report: dict[str, Any]
+
+
+def load_host(cfg: TrainConfig, cache_dir: Path | None = None) -> HostModel:
+    overrides: dict[str, Any] = {"cache_dir": cache_dir} if cache_dir else {}
+    return load_host_model(ModelConfig(name=cfg.model.name, device=cfg.model.device, dtype=cfg.model.dtype,
+                                       **overrides))
+
+
+def corpus_splits(cfg: TrainConfig) -> Splits:
+    c = cfg.corpus
+    docs = load_corpus(c.spec, text_field=c.text_field)
+    return split_documents(docs, calibration_fraction=c.calibration_fraction, eval_fraction=c.eval_fraction,
+                           seed=c.split_seed)
+
+
+def _shuffled(documents: list[Document], seed: int) -> list[Document]:
+    """A seeded document order, so a token cap samples the whole corpus rather than its first files."""
+    shuffled = list(documents)
+    random.Random(seed).shuffle(shuffled)
+    return shuffled
+
+
+def ensure_activations(host: HostModel, documents: list[Document], cfg: TrainConfig, directory: Path,
+                       progress: bool) -> ActivationManifest:
+    """Reuse the store when it was collected with the same settings, else collect it (again)."""
+    marker = directory / FINGERPRINT_FILE
+    fingerprint = cfg.collection_fingerprint()
+    if marker.is_file() and marker.read_text() == fingerprint:
+        return ActivationManifest.load(directory)
+    a = cfg.activations
+    manifest = collect_activations(
+        host, _shuffled(documents, cfg.training.seed), list(cfg.stack.hookpoints), out_dir=directory,
+        context_length=a.context_length, batch_size=a.batch_size, max_tokens=a.max_tokens, dtype=a.dtype,
+        shard_tokens=a.shard_tokens, overwrite=True, progress=progress,
+    )
+    marker.write_text(fingerprint)
+    return manifest
+
+
+def sae_config(cfg: TrainConfig, d_in: int) -> SAEConfig:
+    s = cfg.sae
+    return SAEConfig(
+        architecture=s.architecture, d_in=d_in, d_sae=s.width or s.expansion_factor * d_in,
+        sparsity_coefficient=s.sparsity_coefficient, k=s.k, aux_k=s.aux_k, aux_k_coefficient=s.aux_k_coefficient,
+        threshold_init=s.threshold_init, bandwidth=s.bandwidth, per_side_thresholds=s.per_side_thresholds,
+        tied_magnitude=s.tied_magnitude, aux_reconstruction=s.aux_reconstruction,
+    )
+
+
+def _build_states(cfg: TrainConfig, manifest: ActivationManifest, device: torch.device) -> list[StageTrainingState]:
+    torch.manual_seed(cfg.training.seed)
+    states = []
+    for hookpoint in cfg.stack.hookpoints:
+        sae = build_sae(sae_config(cfg, manifest.d(hookpoint))).to(device)
+        tracker = DeadLatentTracker(sae.d_sae, cfg.training.dead_after_tokens, device)
+        states.append(StageTrainingState(sae, make_optimizer(sae, cfg.training.lr), tracker))
+    return states
+
+
+def total_steps(cfg: TrainConfig, manifest: ActivationManifest) -> int:
+    budget = cfg.training.token_budget or manifest.total_tokens
+    return max(1, budget // cfg.training.batch_size)
+
+
+def fit_stages(cfg: TrainConfig, manifest: ActivationManifest, states: list[StageTrainingState],
+               checkpoint_dir: Path, *, progress: bool = True,
+               on_step: Callable[[int], None] | None = None) -> list[dict[str, float]]:
+    """Train all stages on the same batches (one activation pass feeds them all); resumable."""
+    t = cfg.training
+    hookpoints = list(cfg.stack.hookpoints)
+    steps = total_steps(cfg, manifest)
+    start = load_checkpoint(checkpoint_dir, cfg.fingerprint(), states)
+    device = states[0].tracker.tokens_since_fired.device
+    batches = iterate_batches(manifest, hookpoints, t.batch_size, buffer_tokens=t.buffer_tokens, seed=t.seed,
+                              device=device, epochs=None, skip_batches=start, drop_last=True)
+    recent: list[list[dict[str, float]]] = [[] for _ in states]
+    bar = tqdm(total=steps * t.batch_size, initial=start * t.batch_size, unit="tok", unit_scale=True,
+               desc="train", disable=not progress)
+    with bar:
+        for step in range(start, steps):
+            batch = next(batches)
+            if step == 0:
+                for hookpoint, state in zip(hookpoints, states, strict=True):
+                    state.sae.init_b_dec_(batch[hookpoint])
+            for hookpoint, state, log in zip(hookpoints, states, recent, strict=True):
+                log.append(_step_stage(cfg, state, batch[hookpoint], step, steps))
+                del log[:-50]
+            bar.update(t.batch_size)
+            bar.set_postfix(_mean_postfix(recent), refresh=False)
+            if (step + 1) % t.checkpoint_every == 0 or step + 1 == steps:
+                save_checkpoint(checkpoint_dir, step + 1, cfg.fingerprint(), states)
+            if on_step is not None:
+                on_step(step)
+    return [{k: sum(r[k] for r in log) / len(log) for k in log[0]} if log else {} for log in recent]
+
+
+def _step_stage(cfg: TrainConfig, state: StageTrainingState, x: torch.Tensor, step: int, steps: int) -> dict:
+    t = cfg.training
+    for group in state.optimizer.param_groups:
+        group["lr"] = t.lr * lr_factor(step, t.warmup_steps, steps, t.lr_decay_fraction)
+    dead = state.tracker.dead_mask()
+    out = train_step(state.sae, state.optimizer, x, sparsity_scale=sparsity_factor(step, t.sparsity_warmup_steps),
+                     dead_mask=dead)
+    state.tracker.update(out.z)
+    if bool(dead.any()) and state.sae.reset_dead_(dead):
+        state.tracker.revived(dead)
+    return {"loss": float(out.losses["total"]), "l0": float((out.z != 0).sum(-1).float().mean()),
+            "fve": fve(x, out.x_hat), "dead_fraction": float(dead.float().mean())}
+
+
+def _mean_postfix(recent: list[list[dict[str, float]]]) -> dict[str, str]:
+    last = [log[-1] for log in recent if log]
+    return {k: f"{sum(r[k] for r in last) / len(last):.3g}" for k in ("loss", "l0", "fve")} if last else {}
+
+
+def run_training(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True, cache_dir: Path | None = None,
+                 on_step: Callable[[int], None] | None = None) -> TrainResult:
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    host = load_host(cfg, cache_dir)
+    splits = corpus_splits(cfg)
+    manifest = ensure_activations(host, splits.train, cfg, out_dir / "activations", progress)
+    states = _build_states(cfg, manifest, host.device)
+    summaries = fit_stages(cfg, manifest, states, out_dir / "checkpoint", progress=progress, on_step=on_step)
+    trained_seconds = time.perf_counter() - started
+    for state in states:
+        state.sae.eval()
+    eval_stages = [EvalStage(hp, s.sae, manifest.scale(hp)) for hp, s in zip(cfg.stack.hookpoints, states, strict=True)]
+    e, a = cfg.eval, cfg.activations
+    metrics = evaluate_stages(host, eval_stages, splits.eval, context_length=a.context_length,
+                              batch_size=a.batch_size, max_tokens=e.max_tokens, ce_windows=e.ce_windows)
+    training = {"config": cfg.to_dict(), "config_fingerprint": cfg.fingerprint(),
+                "activation_tokens": manifest.total_tokens, "steps": total_steps(cfg, manifest)}
+    specs = [
+        StageSpec(s.sae, hp, manifest.scale(hp), training={**training, "final": summary}, metrics=m)
+        for hp, s, summary, m in zip(cfg.stack.hookpoints, states, summaries, metrics, strict=True)
+    ]
+    stack_dir = write_stack(out_dir / "stack", cfg.stack.name, HostModelIdentity.from_model(host.model, host.name),
+                            specs, overwrite=True)
+    report = {"stack": str(stack_dir), "model": asdict(host.summary()), "seconds": time.perf_counter() - started,
+              "collect_and_fit_seconds": trained_seconds, **training,
+              "stages": [{"hookpoint": hp, "training": s, "eval": m}
+                         for hp, s, m in zip(cfg.stack.hookpoints, summaries, metrics, strict=True)]}
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    logger.info("stack written to %s", stack_dir)
+    return TrainResult(stack_dir, report)
