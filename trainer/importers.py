@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from trainer.sae.base import SAEConfig, SparseAutoencoder, build_sae
-from trainer.stack import StageSpec
+from trainer.stack import HostModelIdentity, StageSpec, write_stack
 
 CANONICAL_HOOKPOINT = re.compile(r"^blocks\.\d+\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out)$")
 UNIFORM_NORM_TOLERANCE = 1e-5  # relative spread of decoder norms under which TopK ranking is unaffected
@@ -173,7 +174,9 @@ def import_saelens(
     rescaled = bool(cfg.get("rescale_acts_by_decoder_norm", False))
     if rescaled and kind != "topk":
         raise SAEImportError("rescale_acts_by_decoder_norm is only understood for SAELens TopK SAEs")
-    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
+    if type(d_in) is not int or type(d_sae) is not int:
+        raise SAEImportError(f"cfg.json needs integer d_in and d_sae, got {d_in!r} and {d_sae!r}")
     if "log_threshold" in tensors:  # a JumpReLU training checkpoint stores log θ
         tensors["threshold"] = tensors.pop("log_threshold").exp()
     if "threshold" in tensors and tensors["threshold"].dim() == 0:
@@ -220,3 +223,32 @@ def import_sparsify(src_dir: str | Path, *, hookpoint: str | None = None, input_
     layer = re.fullmatch(r"(?:.*\.)?layers\.(\d+)", src.resolve().name)
     default = f"blocks.{layer.group(1)}.hook_resid_post" if layer else None
     return ImportedSAE(sae, _hookpoint(hookpoint, default), float(input_scale), code_scale, "sparsify", cfg, notes)
+
+
+def import_into_stack(
+    source: str, src_dir: str | Path, *, model: str, out_dir: str | Path, hookpoint: str | None = None,
+    input_scale: float | None = None, name: str | None = None, overwrite: bool = False,
+) -> Path:
+    """`featurewire-train import`: import one SAE, check it against the host model's hookpoint, and
+    write a one-stage stack for that model."""
+    from service.config import ModelConfig  # the host runtime is heavy: only the CLI path needs it
+    from service.engine.loading import load_host_model
+    from service.errors import ServiceError
+
+    if source not in ("saelens", "sparsify"):
+        raise SAEImportError(f"unknown source {source!r}; use saelens or sparsify")
+    if source == "saelens":
+        imported = import_saelens(src_dir, hookpoint=hookpoint, input_scale=input_scale)
+    else:
+        imported = import_sparsify(src_dir, hookpoint=hookpoint, input_scale=input_scale or 1.0)
+    spec = imported.stage_spec()
+    host = load_host_model(ModelConfig.from_env(os.environ, name=model, device="cpu"))
+    try:
+        width = host.hookpoints.get(spec.hookpoint).dim
+    except ServiceError as exc:
+        raise SAEImportError(str(exc)) from None
+    if width != imported.sae.d_in:
+        raise SAEImportError(f"the SAE reads {imported.sae.d_in}-dim vectors but {spec.hookpoint} of {host.name} "
+                             f"is {width}-dim: wrong model or hookpoint")
+    identity = HostModelIdentity.from_model(host.model, host.name)
+    return write_stack(out_dir, name or f"{source}-{spec.hookpoint}", identity, [spec], overwrite=overwrite)

@@ -196,7 +196,7 @@ def _write_tensors(directory: Path, file: str, tensors: Mapping[str, Tensor]) ->
 
 
 def _stage_entry(index: int, spec: StageSpec, directory: Path) -> dict[str, Any]:
-    if not _SAFE_NAME.match(spec.hookpoint):
+    if not _SAFE_NAME.match(spec.hookpoint) or len(spec.hookpoint) > 120:
         raise StackError(f"stage {index}: hookpoint {spec.hookpoint!r} must be a plain name (blocks.3.hook_resid_post)")
     scale = spec.input_scale
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale <= 0:
@@ -270,7 +270,7 @@ def write_stack(
 
 def update_metrics(stack_dir: str | Path, stage_index: int, metrics: Mapping[str, Any]) -> None:
     """Merge `metrics` into one stage's metrics and rewrite stack.json; files and hashes are untouched."""
-    manifest = _load_manifest(Path(stack_dir))
+    manifest, _ = _load_manifest(Path(stack_dir))
     if not 0 <= stage_index < len(manifest["stages"]):
         raise StackError(f"stage index {stage_index} out of range: the stack has {len(manifest['stages'])} stages")
     manifest["stages"][stage_index].setdefault("metrics", {}).update(metrics)
@@ -309,7 +309,7 @@ class LoadedStack:
     created_by: str
     identity: HostModelIdentity
     stages: list[LoadedStage]
-    digest: str  # stack_digest() of the directory read
+    digest: str  # sha256 of the stack.json that was read (stack_digest)
 
     def stage(self, name: str) -> LoadedStage:
         for stage in self.stages:
@@ -318,16 +318,18 @@ class LoadedStack:
         raise KeyError(f"stack {self.name!r} has no stage {name!r}; stages: {[s.name for s in self.stages]}")
 
 
-def _load_manifest(stack_dir: Path) -> dict[str, Any]:
+def _load_manifest(stack_dir: Path) -> tuple[dict[str, Any], str]:
+    """The parsed, shape-checked manifest and the sha256 of the bytes that were parsed."""
     if not stack_dir.is_dir():
         raise StackError(f"{stack_dir} is not a directory")
     path = _checked_path(stack_dir, MANIFEST, manifest=True)
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise StackError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; refusing to parse it")
+    raw = path.read_bytes()
     try:
-        manifest = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StackError(f"{path} is not valid JSON: {exc}") from None
+        manifest = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise StackError(f"{path} is not valid JSON: {exc!s:.200}") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if type(version) is not int or version not in SUPPORTED_FORMAT_VERSIONS:
         readable = ", ".join(map(str, SUPPORTED_FORMAT_VERSIONS))
@@ -338,7 +340,7 @@ def _load_manifest(stack_dir: Path) -> dict[str, Any]:
         raise StackError("stack.json: stages must be a non-empty list of objects")
     if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
         raise StackError("stack.json: files must map file names to {sha256, bytes}")
-    return manifest
+    return manifest, hashlib.sha256(raw).hexdigest()
 
 
 def _checked_path(root: Path, name: Any, *, manifest: bool = False) -> Path:
@@ -408,8 +410,8 @@ def _header(data: bytes, file: str) -> Header:
         header = json.loads(data[8 : 8 + n])
         header.pop("__metadata__", None)
         return {k: (str(v["dtype"]), tuple(int(d) for d in v["shape"])) for k, v in header.items()}
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise StackError(f"stack file {file!r} is not a valid safetensors file: {exc}") from None
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        raise StackError(f"stack file {file!r} is not a valid safetensors file: {exc!s:.200}") from None
 
 
 def _read_tensors(root: Path, file: str, sha256: str, want: Header, what: str) -> dict[str, Tensor]:
@@ -464,7 +466,7 @@ def read_stack(
 ) -> LoadedStack:
     """Verify a stack directory completely, then build its SAEs (eval mode, no grad, on `device`)."""
     root = Path(stack_dir)
-    manifest = _load_manifest(root)
+    manifest, digest = _load_manifest(root)
     identity = HostModelIdentity.from_dict(manifest.get("host_model"))
     name = manifest.get("name")
     if not isinstance(name, str):
@@ -478,4 +480,4 @@ def read_stack(
         raise StackError("stack.json: stage names must be unique")
     _verify_files(root, files)
     built = [_build_stage(root, i, stages[i], cfg, files, str(device)) for i, cfg in enumerate(configs)]
-    return LoadedStack(root, name, str(manifest.get("created_by", "")), identity, built, stack_digest(root))
+    return LoadedStack(root, name, str(manifest.get("created_by", "")), identity, built, digest)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from trainer.importers import ImportedSAE, SAEImportError, import_saelens, import_sparsify
+from trainer.importers import ImportedSAE, SAEImportError, import_into_stack, import_saelens, import_sparsify
 from trainer.stack import HostModelIdentity, read_stack, write_stack
 
 D_IN, D_SAE, K = 12, 40, 5
@@ -268,3 +268,21 @@ def test_imported_saes_travel_through_a_stack_unchanged(tmp_path: Path) -> None:
         assert stage.training["imported"]["source"] == imported.source
     assert [s.hookpoint for s in loaded.stages] == ["blocks.3.hook_resid_post", "blocks.5.hook_resid_post"]
     torch.testing.assert_close(loaded.stages[0].extra_tensors["source_code_scale"], norms)
+
+
+def test_import_into_stack_checks_the_host_model(tmp_path: Path) -> None:
+    """The CLI path: a sparsify SAE for the tiny Gemma (d_model 64) becomes a stack for that model."""
+    cfg, params = sparsify_fixture()
+    cfg |= {"d_in": 64, "num_latents": 128}
+    params = {"encoder.weight": torch.randn(128, 64), "encoder.bias": torch.zeros(128),
+              "W_dec": torch.nn.functional.normalize(torch.randn(128, 64), dim=1), "b_dec": torch.zeros(64)}
+    src = write_sparsify(tmp_path / "layers.2", cfg, params)
+    stack_dir = import_into_stack("sparsify", src, model="tiny-random", out_dir=tmp_path / "stack")
+    loaded = read_stack(stack_dir)
+    assert loaded.identity.model_type == "gemma3_text" and loaded.identity.d_model == 64
+    assert loaded.stages[0].hookpoint == "blocks.2.hook_resid_post"
+    with pytest.raises(SAEImportError, match="layer 9 > 3"):
+        import_into_stack("sparsify", src, model="tiny-random", hookpoint="blocks.9.hook_resid_post",
+                          out_dir=tmp_path / "other")
+    with pytest.raises(SAEImportError, match="64-dim vectors but blocks.2.hook_resid_post of tiny-random-neox is 32"):
+        import_into_stack("sparsify", src, model="tiny-random-neox", out_dir=tmp_path / "other")

@@ -85,7 +85,7 @@ class SparseAutoencoder(nn.Module, abc.ABC):
         nn.init.kaiming_uniform_(W_dec)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.t().clone())  # encoder initialised as the decoder's transpose
+        self.W_enc = nn.Parameter(W_dec.t().contiguous())  # encoder initialised as the decoder's transpose
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
 

@@ -88,10 +88,8 @@ class BatchTopKSAE(SparseAutoencoder):
             acts = torch.relu(self.pre_activation(x[start : start + chunk_size])).flatten()
             candidates = torch.cat([best, acts])
             best = candidates.topk(min(budget + 1, candidates.numel())).values  # sorted, descending
-        if best.numel() <= budget:  # fewer values than the budget: every positive one may fire
-            value = 0.0
-        else:
-            value = float((best[budget - 1] + best[budget]) / 2)
+        # With no more than N·k values in all, every positive one may fire.
+        value = 0.0 if best.numel() <= budget else float((best[budget - 1] + best[budget]) / 2)
         self.threshold.fill_(value)
         self.threshold_updates.clamp_(min=1)  # further training averages into the calibrated value
         return value

@@ -14,7 +14,8 @@ which latents fire and carries the L1 penalty, while a *magnitude* path, sharing
 
 with s the sparsity warm-up scale. The Heaviside gate has no gradient, so the last (auxiliary) term, through a
 frozen decoder, is what gives W_gate and b_gate a reconstruction signal; it is switched by
-`cfg.aux_reconstruction` (off only for ablations).
+`cfg.aux_reconstruction` (off only for ablations). As in the other architectures, losses["sparsity"] is the
+unscaled penalty (Σ_i ReLU(π_gate,i)‖d_i‖ per token) and losses["total"] applies s·λ to it.
 """
 
 from __future__ import annotations
@@ -54,11 +55,12 @@ class GatedSAE(SparseAutoencoder):
         x_hat = self.decode(z)
         mse = self.mse(x, x_hat)
         decoder_norms = self.W_dec.norm(dim=1)  # (d_sae,)
-        sparsity = sparsity_scale * self.cfg.sparsity_coefficient * (gate_act * decoder_norms).sum(dim=-1).mean()
+        sparsity = (gate_act * decoder_norms).sum(dim=-1).mean()  # mean over tokens of Σ_i ReLU(π_gate,i)‖d_i‖
         if self.cfg.aux_reconstruction:
             x_hat_gate = gate_act @ self.W_dec.detach() + self.b_dec.detach()  # (N, d_in)
             aux = self.mse(x, x_hat_gate)
         else:
             aux = mse.new_zeros(())
-        losses = {"mse": mse, "sparsity": sparsity, "aux": aux, "total": mse + sparsity + aux}
+        total = mse + sparsity_scale * self.cfg.sparsity_coefficient * sparsity + aux
+        losses = {"mse": mse, "sparsity": sparsity, "aux": aux, "total": total}
         return ForwardOutput(x_hat, z, losses)

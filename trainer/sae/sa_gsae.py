@@ -11,8 +11,8 @@ cfg.sparsity_coefficient, sg = stop-gradient):
     x̃    = x − b_dec
     p    = x̃ W_gate                                  (W_gate is `W_enc`)
     π    = p + b_gate                                 (b_gate is `b_enc`)
-    θ⁺, θ⁻ = |threshold_pos|, |threshold_neg|         (one shared `threshold` unless cfg.per_side_thresholds;
-                                                      |·| keeps them positive whatever the optimiser does)
+    θ⁺, θ⁻ = threshold_pos, threshold_neg             (one shared `threshold` unless cfg.per_side_thresholds;
+                                                      kept ≥ min_threshold by projection after every step)
     g    = H(π − θ⁺) + H(−π − θ⁻)                     two-sided gate, ∈ {0, 1}
     σ    = sign(π)
     r^σ  = r⁺ where π > 0 else r⁻                     (one `r_mag` for both unless not cfg.tied_magnitude)
@@ -23,7 +23,7 @@ cfg.sparsity_coefficient, sg = stop-gradient):
 
     φ(π) = π·1[π > θ⁺] + π·1[π < −θ⁻]                 Bi-JumpReLU of the gate pre-activation
     L    = ‖x − x̂‖²
-         + s·λ·S
+         + s·λ·S                                                 (losses["sparsity"] is S, unscaled)
          + ‖x − (φ_{sg(θ)}(π) sg(W_dec) + sg(b_dec))‖²          (only when cfg.aux_reconstruction)
 
     S    = Σ_i ‖d_i‖·|φ(π)_i|  = Σ_i ‖d_i‖·(JumpReLU_θ⁺(π_i) + JumpReLU_θ⁻(−π_i))   default "l1"
@@ -46,7 +46,7 @@ gated sparsity"), and it gives the gate encoder a sparsity gradient; the L0 form
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +63,7 @@ class SignAwareGatedSAE(SparseAutoencoder):
 
     architecture = "sa_gsae"
     signed = True
+    min_threshold: ClassVar[float] = 1e-6
 
     def __init__(self, cfg: SAEConfig, *, sparsity_penalty: SparsityPenalty = "l1") -> None:
         """`sparsity_penalty` only changes the training loss, not the codes, so it is not part of the config."""
@@ -84,11 +85,19 @@ class SignAwareGatedSAE(SparseAutoencoder):
             self.threshold = nn.Parameter(torch.full((h,), cfg.threshold_init))  # (d_sae,)
 
     def thresholds(self) -> tuple[Tensor, Tensor]:
-        """(θ⁺, θ⁻), each (d_sae,) and positive; the same tensor twice when thresholds are symmetric."""
+        """(θ⁺, θ⁻), each (d_sae,); the same tensor twice when thresholds are symmetric.
+
+        The clamp only guards against a θ set by other means: `normalize_decoder_` projects after each step.
+        """
         if self.cfg.per_side_thresholds:
-            return self.threshold_pos.abs(), self.threshold_neg.abs()
-        theta = self.threshold.abs()
+            return self.threshold_pos.clamp_min(self.min_threshold), self.threshold_neg.clamp_min(self.min_threshold)
+        theta = self.threshold.clamp_min(self.min_threshold)
         return theta, theta
+
+    def _threshold_params(self) -> tuple[nn.Parameter, ...]:
+        if self.cfg.per_side_thresholds:
+            return self.threshold_pos, self.threshold_neg
+        return (self.threshold,)
 
     def _log_scales(self, pi: Tensor) -> Tensor:
         """r^σ per token and latent: (N, d_sae), or (d_sae,) when tied."""
@@ -125,21 +134,26 @@ class SignAwareGatedSAE(SparseAutoencoder):
             penalty = (gate_l1 * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
         else:
             penalty = gate.sum(dim=-1).mean()
-        sparsity = sparsity_scale * self.cfg.sparsity_coefficient * penalty
 
         if self.cfg.aux_reconstruction:
             phi = jumprelu(pi, theta_pos.detach(), eps) - jumprelu(-pi, theta_neg.detach(), eps)  # (N, d_sae)
             aux = self.mse(x, phi @ self.W_dec.detach() + self.b_dec.detach())
         else:
             aux = mse.new_zeros(())
-        losses = {"mse": mse, "sparsity": sparsity, "aux": aux, "total": mse + sparsity + aux}
-        return ForwardOutput(x_hat, z, losses)
+        total = mse + sparsity_scale * self.cfg.sparsity_coefficient * penalty + aux
+        return ForwardOutput(x_hat, z, {"mse": mse, "sparsity": penalty, "aux": aux, "total": total})
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Post-step upkeep: unit decoder rows, and θ projected back to ≥ `min_threshold` (a θ ≤ 0 would fire
+        both sides of the gate at once)."""
+        super().normalize_decoder_()
+        for theta in self._threshold_params():
+            theta.clamp_(min=self.min_threshold)
 
     @torch.no_grad()
     def reset_dead_(self, dead_mask: Tensor) -> int:
         """Return the thresholds of dead latents to θ₀ so a grown threshold cannot keep them silent."""
-        init = self.cfg.threshold_init
-        params = (self.threshold_pos, self.threshold_neg) if self.cfg.per_side_thresholds else (self.threshold,)
-        for theta in params:
-            theta[dead_mask] = init
+        for theta in self._threshold_params():
+            theta[dead_mask] = self.cfg.threshold_init
         return int(dead_mask.sum())

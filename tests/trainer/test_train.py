@@ -1,0 +1,85 @@
+"""The training pipeline end to end on the tiny model: CLI train → stack → eval, resume, config errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.cli import main
+from trainer.config import config_from_dict, load_config
+from trainer.stack import read_stack
+from trainer.train import run_training
+
+SMOKE = Path(__file__).resolve().parents[2] / "trainer" / "configs" / "smoke.toml"
+
+
+def test_smoke_train_then_eval_through_the_cli(tmp_path, capsys):
+    assert main(["train", "--config", str(SMOKE), "--out", str(tmp_path), "--quiet"]) == 0
+    assert "stack:" in capsys.readouterr().out
+    stack = read_stack(tmp_path / "stack")
+    assert [s.hookpoint for s in stack.stages] == ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"]
+    for stage in stack.stages:
+        assert stage.metrics["l0"] == pytest.approx(8.0)  # TopK k = 8
+        assert 0.0 < stage.metrics["fve"] < 1.0 and stage.metrics["ce_positions"] > 0
+        assert stage.input_scale > 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["steps"] == 16384 // 256
+    first = report["stages"][0]["training"]
+    assert first["fve"] > 0.2  # the loss fell enough to explain a real share of the variance
+
+    assert main(["eval", "--stack", str(tmp_path / "stack"), "--max-tokens", "256", "--ce-windows", "4",
+                 "--report", str(tmp_path / "eval.json")]) == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["stages"][0]["eval"]["tokens"] >= 256
+    assert read_stack(tmp_path / "stack").stages[0].metrics["tokens"] == evaluated["stages"][0]["eval"]["tokens"]
+
+
+def _small(architecture: str = "jumprelu") -> dict:
+    data = {k: dict(v) for k, v in __import__("tomllib").loads(SMOKE.read_text()).items()}
+    data["sae"] = {"architecture": architecture, "expansion_factor": 2, "sparsity_coefficient": 0.01}
+    data["training"].update(token_budget=4096, checkpoint_every=4, dead_after_tokens=512)
+    data["activations"]["max_tokens"] = 2048
+    data["eval"] = {"max_tokens": 128, "ce_windows": 4}
+    return data
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):
+    config = config_from_dict(_small())
+
+    def interrupt(step: int) -> None:
+        if step == 9:  # after the checkpoint written at step 8
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config, tmp_path / "resumed", progress=False, on_step=interrupt)
+    assert json.loads((tmp_path / "resumed" / "checkpoint" / "checkpoint.json").read_text())["step"] == 8
+    resumed = run_training(config, tmp_path / "resumed", progress=False)
+    straight = run_training(config, tmp_path / "straight", progress=False)
+    for a, b in zip(read_stack(resumed.stack_dir).stages, read_stack(straight.stack_dir).stages, strict=True):
+        for name, tensor in a.sae.state_dict().items():
+            assert torch.equal(tensor, b.sae.state_dict()[name]), name
+
+
+def test_a_checkpoint_from_another_config_is_refused(tmp_path):
+    run_training(config_from_dict(_small()), tmp_path, progress=False)
+    other = _small()
+    other["training"]["lr"] = 1e-2
+    with pytest.raises(ValueError, match="different config"):
+        run_training(config_from_dict(other), tmp_path, progress=False)
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[stack]\nhookpoints = ["blocks.1.hook_resid_post"]\n[sae]\nwidht = 3\n')
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['widht'\] in \[sae\]; allowed: .*width"):
+        load_config(bad)
+    bad.write_text("[stack]\nname = 'x'\n")
+    with pytest.raises(ValueError, match="stack.hookpoints must name at least one hookpoint"):
+        load_config(bad)
+    bad.write_text('[stack]\nhookpoints = ["blocks.1.hook_resid_post"]\n[sae]\narchitecture = "magic"\n')
+    with pytest.raises(ValueError, match="unknown; choose one of relu, topk"):
+        load_config(bad)
+    assert main(["train", "--config", str(tmp_path / "missing.toml"), "--out", str(tmp_path)]) == 2
