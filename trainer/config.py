@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from trainer.sae.base import ARCHITECTURES
+from trainer.sae.base import ARCHITECTURES, SAEConfig
 
 
 @dataclass(frozen=True)
@@ -54,19 +54,26 @@ class StackSection:
 
 @dataclass(frozen=True)
 class SAESection:
+    """The SAE of every stage; defaults are SAEConfig's, so the two never drift apart."""
+
     architecture: str = "topk"
     width: int = 0
     """Latents per stage (d_sae); 0 means expansion_factor × d_in."""
     expansion_factor: int = 8
-    k: int = 32
-    sparsity_coefficient: float = 1.0
-    aux_k: int = 256
-    aux_k_coefficient: float = 1 / 32
-    threshold_init: float = 0.001
-    bandwidth: float = 0.001
-    per_side_thresholds: bool = False
-    tied_magnitude: bool = True
-    aux_reconstruction: bool = True
+    k: int = SAEConfig.k
+    sparsity_coefficient: float = SAEConfig.sparsity_coefficient
+    aux_k: int = SAEConfig.aux_k
+    aux_k_coefficient: float = SAEConfig.aux_k_coefficient
+    threshold_init: float = SAEConfig.threshold_init
+    bandwidth: float = SAEConfig.bandwidth
+    per_side_thresholds: bool = SAEConfig.per_side_thresholds
+    tied_magnitude: bool = SAEConfig.tied_magnitude
+    aux_reconstruction: bool = SAEConfig.aux_reconstruction
+
+    def sae_config(self, d_in: int) -> SAEConfig:
+        """The SAEConfig of a stage reading a d_in-wide hookpoint."""
+        shared = {f.name: getattr(self, f.name) for f in fields(SAEConfig) if hasattr(self, f.name)}
+        return SAEConfig(d_in=d_in, d_sae=self.width or self.expansion_factor * d_in, **shared)
 
 
 @dataclass(frozen=True)

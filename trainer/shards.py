@@ -15,7 +15,6 @@ collection never leaves a directory that loads.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -27,6 +26,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+
+from trainer.stack import file_sha256
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -62,14 +63,6 @@ class HookpointStats:
     d: int
     mean_squared_norm: float  # E‖x‖² over every stored row
     scale: float  # sqrt(d / E‖x‖²): multiply x by this so that E‖s·x‖² = d
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -179,7 +172,7 @@ class ActivationManifest:
             path = self.shard_path(shard)
             if not path.is_file():
                 raise ActivationStoreError(f"activation shard {path} is listed in {MANIFEST_NAME} but missing")
-            actual = _sha256(path)
+            actual = file_sha256(path)
             if actual != shard.sha256:
                 raise ActivationStoreError(
                     f"activation shard {path} is corrupt or was modified: sha256 {actual} != {shard.sha256} "
@@ -245,7 +238,7 @@ class ShardWriter:
         tmp = path.with_name(name + ".tmp")
         save_file(shard, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, path)
-        self.shards.append(ShardInfo(file=name, tokens=n, sha256=_sha256(path)))
+        self.shards.append(ShardInfo(file=name, tokens=n, sha256=file_sha256(path)))
 
     def close(self) -> dict[str, HookpointStats]:
         """Write the last partial shard; the per-hookpoint statistics over everything written."""

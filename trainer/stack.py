@@ -180,7 +180,7 @@ class StageSpec:
     extra_tensors: dict[str, Tensor] | None = None
 
 
-def _sha256_file(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
@@ -192,7 +192,7 @@ def _write_tensors(directory: Path, file: str, tensors: Mapping[str, Tensor]) ->
     copies = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
               for k, v in tensors.items()}
     save_file(copies, str(directory / file))
-    return {"file": file, "sha256": _sha256_file(directory / file), "bytes": (directory / file).stat().st_size}
+    return {"file": file, "sha256": file_sha256(directory / file), "bytes": (directory / file).stat().st_size}
 
 
 def _stage_entry(index: int, spec: StageSpec, directory: Path) -> dict[str, Any]:
@@ -282,7 +282,7 @@ def stack_digest(stack_dir: str | Path) -> str:
     path = Path(stack_dir) / MANIFEST
     if not path.is_file():
         raise StackError(f"{path} does not exist: not a stack directory")
-    return _sha256_file(path)
+    return file_sha256(path)
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -370,7 +370,7 @@ def _verify_files(root: Path, files: Mapping[str, Any]) -> None:
         if (size := path.stat().st_size) != record["bytes"]:
             raise StackError(f"stack file {name!r} has {size} bytes, stack.json says {record['bytes']}")
     for name, path in paths.items():
-        if _sha256_file(path) != files[name]["sha256"]:
+        if file_sha256(path) != files[name]["sha256"]:
             raise StackError(f"stack file {name!r} is corrupt: its sha256 does not match stack.json")
 
 

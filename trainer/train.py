@@ -37,7 +37,7 @@ from trainer.optimization import (
     sparsity_factor,
     train_step,
 )
-from trainer.sae.base import SAEConfig, build_sae
+from trainer.sae.base import build_sae
 from trainer.stack import HostModelIdentity, StageSpec, write_stack
 
 logger = logging.getLogger(__name__)
@@ -88,21 +88,11 @@ def ensure_activations(host: HostModel, documents: list[Document], cfg: TrainCon
     return manifest
 
 
-def sae_config(cfg: TrainConfig, d_in: int) -> SAEConfig:
-    s = cfg.sae
-    return SAEConfig(
-        architecture=s.architecture, d_in=d_in, d_sae=s.width or s.expansion_factor * d_in,
-        sparsity_coefficient=s.sparsity_coefficient, k=s.k, aux_k=s.aux_k, aux_k_coefficient=s.aux_k_coefficient,
-        threshold_init=s.threshold_init, bandwidth=s.bandwidth, per_side_thresholds=s.per_side_thresholds,
-        tied_magnitude=s.tied_magnitude, aux_reconstruction=s.aux_reconstruction,
-    )
-
-
 def _build_states(cfg: TrainConfig, manifest: ActivationManifest, device: torch.device) -> list[StageTrainingState]:
     torch.manual_seed(cfg.training.seed)
     states = []
     for hookpoint in cfg.stack.hookpoints:
-        sae = build_sae(sae_config(cfg, manifest.d(hookpoint))).to(device)
+        sae = build_sae(cfg.sae.sae_config(manifest.d(hookpoint))).to(device)
         tracker = DeadLatentTracker(sae.d_sae, cfg.training.dead_after_tokens, device)
         states.append(StageTrainingState(sae, make_optimizer(sae, cfg.training.lr), tracker))
     return states
