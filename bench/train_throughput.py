@@ -1,0 +1,169 @@
+"""SAE training throughput per architecture, against the machine's fp32 matmul peak measured in the same run.
+
+    python bench/train_throughput.py [--d-in 640] [--width 4096] [--batch 1024] [--steps 20] [--repeats 3] [--json]
+
+Each repeat times `steps` calls of `trainer.optimization.train_step` for every architecture and one round of
+matmuls (the SAE's encode and decode shapes and a large square one), interleaved, with the order reversed on
+every other repeat so that drift on a shared machine hits all alike. Inputs are N(0, 1) of shape (batch, d_in),
+so E‖x‖² = d_in as in training; no latent is marked dead, so AuxK costs nothing (as early in a healthy run).
+Achieved GFLOP/s counts only the dense matmuls of a step (`FLOPS_PER_NDH`); the ratio to the peak is the
+median of the per-repeat ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from trainer.optimization import make_optimizer, train_step
+from trainer.sae import ARCHITECTURES, SAEConfig, build_sae
+
+# Dense matmul FLOPs of one training step in units of N·d·H (N tokens, d = d_in, H = width). Each (N×d)@(d×H)
+# product costs 2·N·d·H forward and 2× that backward (grad of the input and of the weight).
+# relu/topk/batchtopk/jumprelu: encode + decode = 4 forward, 8 backward.
+# gated/sa_gsae: the magnitude path reuses the gate's projection (no second encoder matmul), but the auxiliary
+# reconstruction decodes once more through a frozen W_dec: 6 forward, backward 8 + 2 (input grad only).
+FLOPS_PER_NDH = {"relu": 12, "topk": 12, "batchtopk": 12, "jumprelu": 12, "gated": 16, "sa_gsae": 16}
+SQUARE = 2048
+
+
+def timed(fn: Callable[[], Any], calls: int) -> float:
+    """Seconds per call of `fn` over `calls` calls."""
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - started) / calls
+
+
+def matmul_rates(batch: int, d_in: int, width: int) -> dict[str, float]:
+    """GFLOP/s of fp32 matmuls: the encode and decode shapes of the SAE, and a SQUARE³ one."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = {"encode": (batch, d_in, width), "decode": (batch, width, d_in), "square": (SQUARE,) * 3}
+    rates = {}
+    for name, (m, k, n) in shapes.items():
+        a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+        flops = 2 * m * k * n
+        calls = max(1, int(2e10 // flops))  # ~20 GFLOP per measurement
+        rates[name] = flops / timed(lambda a=a, b=b: a @ b, calls) / 1e9
+    return rates
+
+
+def make_step(architecture: str, d_in: int, width: int, batches: list[torch.Tensor]) -> Callable[[], None]:
+    """One train_step of a fresh SAE per call, cycling through the given batches."""
+    sae = build_sae(SAEConfig(architecture=architecture, d_in=d_in, d_sae=width))
+    sae.init_b_dec_(batches[0])
+    optimizer = make_optimizer(sae, lr=1e-4)
+    dead = torch.zeros(width, dtype=torch.bool)
+    state = {"i": 0}
+
+    def step() -> None:
+        state["i"] += 1
+        train_step(sae, optimizer, batches[state["i"] % len(batches)], dead_mask=dead)
+
+    return step
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run(d_in: int, width: int, batch: int, steps: int, repeats: int) -> dict[str, Any]:
+    """Measure everything interleaved and return one JSON-able dict."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(batch, d_in, generator=gen) for _ in range(4)]
+    steps_by_arch = {arch: make_step(arch, d_in, width, batches) for arch in ARCHITECTURES}
+    for step in steps_by_arch.values():  # warm-up: allocator, Adam state, thread pool
+        timed(step, 2)
+    matmul_rates(batch, d_in, width)
+    names = [*ARCHITECTURES, "matmul"]
+    seconds: dict[str, list[float]] = {arch: [] for arch in ARCHITECTURES}
+    rates: list[dict[str, float]] = []
+    for repeat in range(repeats):
+        for name in names if repeat % 2 == 0 else reversed(names):
+            if name == "matmul":
+                rates.append(matmul_rates(batch, d_in, width))
+            else:
+                seconds[name].append(timed(steps_by_arch[name], steps))
+    peaks = [max(r.values()) for r in rates]
+    ndh = batch * d_in * width
+    results = {}
+    for arch in ARCHITECTURES:
+        gflops = [FLOPS_PER_NDH[arch] * ndh / s / 1e9 for s in seconds[arch]]
+        results[arch] = {
+            "flops_per_step": FLOPS_PER_NDH[arch] * ndh,
+            "seconds_per_step": statistics.median(seconds[arch]),
+            "tokens_per_s": statistics.median(batch / s for s in seconds[arch]),
+            "gflops": statistics.median(gflops),
+            "ratio_to_peak": statistics.median(g / p for g, p in zip(gflops, peaks, strict=True)),
+        }
+    return {
+        "benchmark": "train_throughput",
+        "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "platform": f"{platform.system()} {platform.machine()}", "python": platform.python_version(),
+                    "torch": torch.__version__},
+        "d_in": d_in, "width": width, "batch": batch, "steps": steps, "repeats": repeats,
+        "flops_per_ndh": FLOPS_PER_NDH,
+        "matmul_gflops": {name: statistics.median(r[name] for r in rates) for name in rates[0]},
+        "peak_gflops": statistics.median(peaks),
+        "architectures": results,
+        "raw_seconds_per_step": seconds,
+        "raw_matmul_gflops": rates,
+    }
+
+
+def print_table(result: dict[str, Any]) -> None:
+    m = result["machine"]
+    print(f"machine: {m['platform']}, {m['cpu']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), "
+          f"torch {m['torch']}, python {m['python']}")
+    print(f"SAE: d_in {result['d_in']}, width {result['width']}, batch {result['batch']} tokens, fp32; "
+          f"{result['steps']} steps x {result['repeats']} interleaved repeats; medians")
+    mm = result["matmul_gflops"]
+    print(f"fp32 matmul GFLOP/s: encode shape {mm['encode']:.1f}, decode shape {mm['decode']:.1f}, "
+          f"square {SQUARE}³ {mm['square']:.1f}; peak (best per repeat) {result['peak_gflops']:.1f}\n")
+    print(f"{'architecture':<13}{'FLOPs/step':>11}{'s/step':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'/peak':>7}")
+    for arch, r in result["architectures"].items():
+        flops = f"{result['flops_per_ndh'][arch]}·NdH"
+        print(f"{arch:<13}{flops:>11}{r['seconds_per_step']:>9.3f}{r['tokens_per_s']:>10.0f}"
+              f"{r['gflops']:>9.1f}{r['ratio_to_peak']:>7.2f}")
+    print("\nFLOPs/step: dense matmuls only (N tokens, d = d_in, H = width); forward 2·NdH per matmul, backward 2x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d-in", type=int, default=640, help="activation width (default 640, Gemma 3 270M)")
+    parser.add_argument("--width", type=int, default=4096, help="SAE latents d_sae (default 4096)")
+    parser.add_argument("--batch", type=int, default=1024, help="tokens per step (default 1024)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per architecture and repeat (default 20)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    if min(args.d_in, args.width, args.batch, args.steps, args.repeats) < 1:
+        parser.error("--d-in, --width, --batch, --steps and --repeats must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run(args.d_in, args.width, args.batch, args.steps, args.repeats)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
