@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from trainer.optimization import make_optimizer, train_step
 from trainer.sae import ARCHITECTURES, SAEConfig, build_sae
@@ -31,6 +32,7 @@ from trainer.sae import ARCHITECTURES, SAEConfig, build_sae
 # relu/topk/batchtopk/jumprelu: encode + decode = 4 forward, 8 backward.
 # gated/sa_gsae: the magnitude path reuses the gate's projection (no second encoder matmul), but the auxiliary
 # reconstruction decodes once more through a frozen W_dec: 6 forward, backward 8 + 2 (input grad only).
+# Every run checks these against torch's FlopCounterMode on one warm-up step and reports what it counted.
 FLOPS_PER_NDH = {"relu": 12, "topk": 12, "batchtopk": 12, "jumprelu": 12, "gated": 16, "sa_gsae": 16}
 SQUARE = 2048
 
@@ -50,9 +52,9 @@ def matmul_rates(batch: int, d_in: int, width: int) -> dict[str, float]:
     rates = {}
     for name, (m, k, n) in shapes.items():
         a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
-        flops = 2 * m * k * n
-        calls = max(1, int(2e10 // flops))  # ~20 GFLOP per measurement
-        rates[name] = flops / timed(lambda a=a, b=b: a @ b, calls) / 1e9
+        once = timed(lambda a=a, b=b: a @ b, 1)
+        calls = max(2, int(0.5 / once))  # about half a second per shape
+        rates[name] = 2 * m * k * n / timed(lambda a=a, b=b: a @ b, calls) / 1e9
     return rates
 
 
@@ -87,8 +89,12 @@ def run(d_in: int, width: int, batch: int, steps: int, repeats: int) -> dict[str
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(batch, d_in, generator=gen) for _ in range(4)]
     steps_by_arch = {arch: make_step(arch, d_in, width, batches) for arch in ARCHITECTURES}
-    for step in steps_by_arch.values():  # warm-up: allocator, Adam state, thread pool
-        timed(step, 2)
+    counted: dict[str, float] = {}
+    for arch, step in steps_by_arch.items():  # warm-up: allocator, Adam state, thread pool; count FLOPs
+        step()
+        with FlopCounterMode(display=False) as counter:
+            step()
+        counted[arch] = counter.get_total_flops() / (batch * d_in * width)
     matmul_rates(batch, d_in, width)
     names = [*ARCHITECTURES, "matmul"]
     seconds: dict[str, list[float]] = {arch: [] for arch in ARCHITECTURES}
@@ -107,7 +113,7 @@ def run(d_in: int, width: int, batch: int, steps: int, repeats: int) -> dict[str
         results[arch] = {
             "flops_per_step": FLOPS_PER_NDH[arch] * ndh,
             "seconds_per_step": statistics.median(seconds[arch]),
-            "tokens_per_s": statistics.median(batch / s for s in seconds[arch]),
+            "tokens_per_s": batch / statistics.median(seconds[arch]),
             "gflops": statistics.median(gflops),
             "ratio_to_peak": statistics.median(g / p for g, p in zip(gflops, peaks, strict=True)),
         }
@@ -118,6 +124,7 @@ def run(d_in: int, width: int, batch: int, steps: int, repeats: int) -> dict[str
                     "torch": torch.__version__},
         "d_in": d_in, "width": width, "batch": batch, "steps": steps, "repeats": repeats,
         "flops_per_ndh": FLOPS_PER_NDH,
+        "counted_flops_per_ndh": counted,
         "matmul_gflops": {name: statistics.median(r[name] for r in rates) for name in rates[0]},
         "peak_gflops": statistics.median(peaks),
         "architectures": results,
@@ -140,7 +147,11 @@ def print_table(result: dict[str, Any]) -> None:
         flops = f"{result['flops_per_ndh'][arch]}·NdH"
         print(f"{arch:<13}{flops:>11}{r['seconds_per_step']:>9.3f}{r['tokens_per_s']:>10.0f}"
               f"{r['gflops']:>9.1f}{r['ratio_to_peak']:>7.2f}")
-    print("\nFLOPs/step: dense matmuls only (N tokens, d = d_in, H = width); forward 2·NdH per matmul, backward 2x")
+    print("\nFLOPs/step: dense matmuls only (N tokens, d = d_in, H = width); forward 2·NdH per matmul, backward 2x; "
+          "checked against torch's FlopCounterMode")
+    for arch, counted in result["counted_flops_per_ndh"].items():
+        if abs(counted - result["flops_per_ndh"][arch]) > 1e-6:
+            print(f"warning: torch counted {counted:.2f}·NdH for {arch}; update FLOPS_PER_NDH")
 
 
 def main(argv: list[str] | None = None) -> int:

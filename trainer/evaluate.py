@@ -26,7 +26,7 @@ from service.engine.host_model import HostModel
 from service.engine.loading import load_host_model
 from trainer.activations import WindowBatch, batch_windows, iter_windows, special_token_ids
 from trainer.corpus import Document, load_corpus, split_documents
-from trainer.metrics import ReconstructionAccumulator, ce_loss_recovered, kl_to_clean, next_token_ce
+from trainer.metrics import NextTokenScorer, ReconstructionAccumulator, ce_loss_recovered
 from trainer.sae.base import SparseAutoencoder
 from trainer.stack import HostModelIdentity, read_stack, update_metrics
 
@@ -96,15 +96,15 @@ def splice_metrics(host: HostModel, stages: Sequence[EvalStage], documents: Iter
         ids, mask = batch.input_ids.to(host.device), batch.attention_mask.to(host.device)
         keep = keep.to(host.device)
         target_mask = mask * keep  # score only predictions of real tokens
-        clean = host.forward(ids, attention_mask=mask, logits=True).logits
-        ce_clean += float(next_token_ce(clean, ids, target_mask).sum())
-        positions += int(target_mask[:, 1:].sum())
+        scorer = NextTokenScorer(host.forward(ids, attention_mask=mask, logits=True).logits, ids, target_mask)
+        ce_clean += float(scorer.clean_ce().sum())
+        positions += scorer.positions
         for stage, acc in zip(stages, sums, strict=True):
             for kind, ce_key, kl_key in (("sae", "ce_spliced", "kl"), ("zero", "ce_zero", "kl_zero")):
                 writes = {stage.hookpoint: _masked_edit(stage, keep, kind)}
-                logits = host.forward(ids, attention_mask=mask, writes=writes, logits=True).logits
-                acc[ce_key] += float(next_token_ce(logits, ids, target_mask).sum())
-                acc[kl_key] += float(kl_to_clean(clean, logits, target_mask).sum())
+                ce, kl = scorer.score(host.forward(ids, attention_mask=mask, writes=writes, logits=True).logits)
+                acc[ce_key] += float(ce.sum())
+                acc[kl_key] += float(kl.sum())
     if positions == 0:
         raise ValueError("no held-out positions to score; give the evaluation more text")
     results = []

@@ -67,22 +67,35 @@ class ReconstructionAccumulator:
         }
 
 
-def next_token_ce(logits: Tensor, input_ids: Tensor, mask: Tensor) -> Tensor:
-    """Cross-entropy of predicting token t+1 at position t, for positions whose target is real: (M,)."""
-    targets = input_ids[:, 1:]  # (B, T-1)
-    valid = mask[:, 1:].bool()
-    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-    ce = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return ce[valid]
+class NextTokenScorer:
+    """CE and KL-to-clean of next-token predictions at the positions whose target is real.
 
+    The clean log-probabilities are computed once per batch and restricted to scored positions, so
+    each variant (spliced, ablated) costs one log-softmax over (M, vocab), not several over the batch.
+    """
 
-def kl_to_clean(clean_logits: Tensor, logits: Tensor, mask: Tensor) -> Tensor:
-    """KL(p_clean ‖ p_new) per next-token position with a real target: (M,)."""
-    valid = mask[:, 1:].bool()
-    p_log = torch.log_softmax(clean_logits[:, :-1].float(), dim=-1)
-    q_log = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    kl = (p_log.exp() * (p_log - q_log)).sum(dim=-1)  # (B, T-1)
-    return kl[valid]
+    def __init__(self, clean_logits: Tensor, input_ids: Tensor, mask: Tensor) -> None:
+        self.valid = mask[:, 1:].bool()  # (B, T-1): position t predicts token t+1
+        self.targets = input_ids[:, 1:][self.valid]  # (M,)
+        self.clean_log_probs = self._log_probs(clean_logits)  # (M, V)
+        self.clean_probs = self.clean_log_probs.exp()
+
+    def _log_probs(self, logits: Tensor) -> Tensor:
+        return torch.log_softmax(logits[:, :-1][self.valid].float(), dim=-1)  # (M, V)
+
+    @property
+    def positions(self) -> int:
+        return int(self.targets.numel())
+
+    def clean_ce(self) -> Tensor:
+        return -self.clean_log_probs.gather(-1, self.targets[:, None]).squeeze(-1)  # (M,)
+
+    def score(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """(CE (M,), KL(p_clean ‖ p) (M,)) of another forward pass over the same batch."""
+        log_probs = self._log_probs(logits)
+        ce = -log_probs.gather(-1, self.targets[:, None]).squeeze(-1)
+        kl = (self.clean_probs * (self.clean_log_probs - log_probs)).sum(dim=-1)
+        return ce, kl
 
 
 def ce_loss_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> float:
