@@ -59,7 +59,7 @@ def matmul_rates(batch: int, d_in: int, width: int) -> dict[str, float]:
 
 
 def make_step(architecture: str, d_in: int, width: int, batches: list[torch.Tensor]) -> Callable[[], None]:
-    """One train_step of a fresh SAE per call, cycling through the given batches."""
+    """Build a fresh SAE and its optimiser; each call of the result runs one train_step on the next batch."""
     sae = build_sae(SAEConfig(architecture=architecture, d_in=d_in, d_sae=width))
     sae.init_b_dec_(batches[0])
     optimizer = make_optimizer(sae, lr=1e-4)
