@@ -146,6 +146,38 @@ def _run_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "sweep", help="train every config in a directory and compare the stacks",
+        description="Run `train` for each *.toml in CONFIGS (sorted) into OUT/<config name>, then print and "
+        "write (OUT/sweep.json) one comparison table. Finished runs are not redone (each resumes).",
+    )
+    parser.add_argument("--configs", required=True, metavar="DIR", help="directory of training configs")
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=_run_sweep)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from trainer.config import load_config
+    from trainer.train import run_training
+
+    configs = sorted(Path(args.configs).glob("*.toml"))
+    if not configs:
+        raise FileNotFoundError(f"no *.toml configs in {args.configs}")
+    rows = []
+    for path in configs:
+        result = run_training(load_config(path), Path(args.out) / path.stem, progress=not args.quiet)
+        for stage in result.report["stages"]:
+            rows.append({"run": path.stem, "hookpoint": stage["hookpoint"], "architecture": stage["architecture"],
+                         "d_sae": stage["d_sae"], **stage["eval"]})
+    (Path(args.out) / "sweep.json").write_text(json.dumps(rows, indent=2))
+    print(format_metrics(rows, [f"{r['run']} {r['hookpoint']}" for r in rows]))
+    return 0
+
+
 METRIC_COLUMNS = ("fve", "l0", "dead_fraction", "cosine", "ce_loss_recovered", "delta_ce", "kl")
 
 
@@ -161,7 +193,7 @@ def format_metrics(stages: list[dict], hookpoints: list[str]) -> str:
 
 
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_corpus, _add_train, _add_eval, _add_import,
+    _add_corpus, _add_train, _add_eval, _add_import, _add_sweep,
 )
 
 

@@ -44,6 +44,9 @@ class ActivationSection:
     dtype: str = "float32"
     """Shard dtype on disk: float32, float16 or bfloat16."""
     shard_tokens: int = 65_536
+    store: str = ""
+    """Activation store directory shared by several runs (e.g. a sweep); empty means OUT/activations.
+    A store is reused only when it was collected with identical model, corpus and activation settings."""
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ def ensure_activations(host: HostModel, documents: list[Document], cfg: TrainCon
         return ActivationManifest.load(directory)
     a = cfg.activations
     manifest = collect_activations(
-        host, _shuffled(documents, cfg.training.seed), list(cfg.stack.hookpoints), out_dir=directory,
+        host, _shuffled(documents, cfg.corpus.split_seed), list(cfg.stack.hookpoints), out_dir=directory,
         context_length=a.context_length, batch_size=a.batch_size, max_tokens=a.max_tokens, dtype=a.dtype,
         shard_tokens=a.shard_tokens, overwrite=True, progress=progress,
     )
@@ -160,7 +160,8 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True
     started = time.perf_counter()
     host = load_host(cfg, cache_dir)
     splits = corpus_splits(cfg)
-    manifest = ensure_activations(host, splits.train, cfg, out_dir / "activations", progress)
+    store = Path(cfg.activations.store) if cfg.activations.store else out_dir / "activations"
+    manifest = ensure_activations(host, splits.train, cfg, store, progress)
     states = _build_states(cfg, manifest, host.device)
     summaries = fit_stages(cfg, manifest, states, out_dir / "checkpoint", progress=progress, on_step=on_step)
     trained_seconds = time.perf_counter() - started
@@ -180,8 +181,9 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True
                             specs, overwrite=True)
     report = {"stack": str(stack_dir), "model": asdict(host.summary()), "seconds": time.perf_counter() - started,
               "collect_and_fit_seconds": trained_seconds, **training,
-              "stages": [{"hookpoint": hp, "training": s, "eval": m}
-                         for hp, s, m in zip(cfg.stack.hookpoints, summaries, metrics, strict=True)]}
+              "stages": [{"hookpoint": hp, "architecture": st.sae.cfg.architecture, "d_sae": st.sae.d_sae,
+                          "training": s, "eval": m}
+                         for hp, st, s, m in zip(cfg.stack.hookpoints, states, summaries, metrics, strict=True)]}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     logger.info("stack written to %s", stack_dir)
     return TrainResult(stack_dir, report)

@@ -83,3 +83,22 @@ def test_config_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="unknown; choose one of relu, topk"):
         load_config(bad)
     assert main(["train", "--config", str(tmp_path / "missing.toml"), "--out", str(tmp_path)]) == 2
+
+
+def test_sweep_shares_one_activation_store_and_compares_runs(tmp_path, capsys):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    store = tmp_path / "store"
+    for architecture in ("topk", "sa_gsae"):
+        data = _small(architecture)
+        data["activations"]["store"] = str(store)
+        data["training"]["token_budget"] = 1024
+        lines = [f"[{section}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+                 for section, values in data.items()]
+        (configs / f"{architecture}.toml").write_text("\n".join(lines))
+    assert main(["sweep", "--configs", str(configs), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    rows = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert [(r["run"], r["architecture"]) for r in rows] == [("sa_gsae", "sa_gsae")] * 2 + [("topk", "topk")] * 2
+    assert all(r["fve"] <= 1 and r["tokens"] >= 128 and r["ce_positions"] > 0 for r in rows)
+    assert not (tmp_path / "out" / "topk" / "activations").exists()  # both runs read the shared store
+    assert "sa_gsae blocks.1.hook_resid_post" in capsys.readouterr().out
