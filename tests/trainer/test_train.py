@@ -102,3 +102,11 @@ def test_sweep_shares_one_activation_store_and_compares_runs(tmp_path, capsys):
     assert all(r["fve"] <= 1 and r["tokens"] >= 128 and r["ce_positions"] > 0 for r in rows)
     assert not (tmp_path / "out" / "topk" / "activations").exists()  # both runs read the shared store
     assert "sa_gsae blocks.1.hook_resid_post" in capsys.readouterr().out
+
+
+def test_every_shipped_config_is_valid():
+    shipped = sorted(SMOKE.parent.rglob("*.toml"))
+    assert {p.stem for p in shipped} >= {"smoke", "demo", "topk", "sa_gsae_half"}
+    for path in shipped:
+        config = load_config(path)
+        assert config.stack.hookpoints, path
