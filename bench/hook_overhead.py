@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 import transformers
+from machine import machine_info
 
 from service.config import ModelConfig
 from service.engine.devices import dtype_name
@@ -85,28 +85,11 @@ def median_ratio(times: dict[str, list[float]], variant: str, baseline: str) -> 
     return statistics.median(v / b for v, b in zip(times[variant], times[baseline], strict=True))
 
 
-def cpu_model() -> str:
-    """The CPU's model name where Linux reports it, else what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine(host: HostModel) -> dict[str, Any]:
     """Where the numbers were measured."""
     summary = host.summary()
     return {
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": f"{platform.system()} {platform.machine()}",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+        **machine_info(),
         "transformers": transformers.__version__,
         "device": str(host.device),
         "gpu": torch.cuda.get_device_name(host.device) if host.device.type == "cuda" else None,

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from machine import machine_info
 from torch.utils.flop_counter import FlopCounterMode
 
 from trainer.optimization import make_optimizer, train_step
@@ -73,17 +72,6 @@ def make_step(architecture: str, d_in: int, width: int, batches: list[torch.Tens
     return step
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def run(d_in: int, width: int, batch: int, steps: int, repeats: int) -> dict[str, Any]:
     """Measure everything interleaved and return one JSON-able dict."""
     gen = torch.Generator().manual_seed(0)
@@ -119,9 +107,7 @@ def run(d_in: int, width: int, batch: int, steps: int, repeats: int) -> dict[str
         }
     return {
         "benchmark": "train_throughput",
-        "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": f"{platform.system()} {platform.machine()}", "python": platform.python_version(),
-                    "torch": torch.__version__},
+        "machine": machine_info(),
         "d_in": d_in, "width": width, "batch": batch, "steps": steps, "repeats": repeats,
         "flops_per_ndh": FLOPS_PER_NDH,
         "counted_flops_per_ndh": counted,
