@@ -1,0 +1,30 @@
+"""The benchmark scripts keep running (tiny sizes, JSON output parsed; no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _run(script: str, *args: str) -> dict:
+    out = subprocess.run([sys.executable, str(BENCH / script), *args, "--json"], capture_output=True, text=True,
+                         check=True, timeout=300)
+    return json.loads(out.stdout)
+
+
+def test_hook_overhead_reports_every_ratio():
+    result = _run("hook_overhead.py", "--model", "tiny-random", "--tokens", "16", "--repeats", "1")
+    assert result["machine"]["model"] == "tiny-random"
+    assert set(result["median_seconds"]) == {"hf_body", "hf_logits", "read_all", "early_stop", "write_logits"}
+    assert all(c["ratio"] > 0 for c in result["comparisons"])
+
+
+def test_train_throughput_covers_every_architecture():
+    result = _run("train_throughput.py", "--d-in", "16", "--width", "32", "--batch", "32", "--steps", "1",
+                  "--repeats", "1")
+    assert result["counted_flops_per_ndh"] == result["flops_per_ndh"]
+    assert result["machine"]["cpu_count"] >= 1
