@@ -38,6 +38,7 @@ from trainer.optimization import (
     train_step,
 )
 from trainer.sae.base import build_sae
+from trainer.sae.batchtopk import BatchTopKSAE
 from trainer.stack import HostModelIdentity, StageSpec, write_stack
 
 logger = logging.getLogger(__name__)
@@ -154,6 +155,25 @@ def _mean_postfix(recent: list[list[dict[str, float]]]) -> dict[str, str]:
     return {k: f"{sum(r[k] for r in last) / len(last):.3g}" for k in ("loss", "l0", "fve")} if last else {}
 
 
+CALIBRATION_TOKENS = 16_384
+
+
+@torch.no_grad()
+def _calibrate_thresholds(cfg: TrainConfig, manifest: ActivationManifest, states: list[StageTrainingState]) -> None:
+    """BatchTopK serves with one global threshold: set it so the mean L0 on training activations is k
+    (the running estimate from training batches is only approximately that)."""
+    calibrated = [(hp, s.sae) for hp, s in zip(cfg.stack.hookpoints, states, strict=True)
+                  if isinstance(s.sae, BatchTopKSAE)]
+    if not calibrated:
+        return
+    device = states[0].tracker.tokens_since_fired.device
+    rows = min(CALIBRATION_TOKENS, manifest.total_tokens)
+    sample = next(iterate_batches(manifest, [hp for hp, _ in calibrated], rows, seed=cfg.training.seed + 1,
+                                  device=device))
+    for hookpoint, sae in calibrated:
+        sae.calibrate_threshold_(sample[hookpoint])
+
+
 def run_training(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True, cache_dir: Path | None = None,
                  on_step: Callable[[int], None] | None = None) -> TrainResult:
     out_dir = Path(out_dir)
@@ -165,6 +185,7 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True
     states = _build_states(cfg, manifest, host.device)
     summaries = fit_stages(cfg, manifest, states, out_dir / "checkpoint", progress=progress, on_step=on_step)
     trained_seconds = time.perf_counter() - started
+    _calibrate_thresholds(cfg, manifest, states)
     for state in states:
         state.sae.eval()
     eval_stages = [EvalStage(hp, s.sae, manifest.scale(hp)) for hp, s in zip(cfg.stack.hookpoints, states, strict=True)]
