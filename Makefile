@@ -32,6 +32,7 @@ hookpoints: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/hook_overhead.py
+	$(PY) bench/train_throughput.py
 
 clean-venv:
 	rm -rf $(VENV)
