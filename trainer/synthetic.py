@@ -33,28 +33,28 @@ def _sparse_codes(n: int, num_features: int, active: float, generator: torch.Gen
     return fires * magnitudes  # (N, F)
 
 
+def _make(n: int, d: int, num_features: int, active: float, noise: float, seed: int, signed: bool) -> SyntheticData:
+    generator = torch.Generator().manual_seed(seed)
+    dictionary = random_dictionary(num_features, d, generator)
+    codes = _sparse_codes(n, num_features, active, generator)
+    if signed:
+        codes = codes * torch.where(torch.rand(n, num_features, generator=generator) < 0.5, -1.0, 1.0)
+    x = codes @ dictionary + noise * torch.randn(n, d, generator=generator)
+    return SyntheticData(x, dictionary, codes)
+
+
 def sparse_dictionary_data(
     n: int, d: int, num_features: int, active: float = 4.0, noise: float = 0.0, seed: int = 0
 ) -> SyntheticData:
     """x = codes @ dictionary (+ Gaussian noise), codes non-negative with `active` features per sample on average."""
-    generator = torch.Generator().manual_seed(seed)
-    dictionary = random_dictionary(num_features, d, generator)
-    codes = _sparse_codes(n, num_features, active, generator)
-    x = codes @ dictionary + noise * torch.randn(n, d, generator=generator)
-    return SyntheticData(x, dictionary, codes)
+    return _make(n, d, num_features, active, noise, seed, signed=False)
 
 
 def antipodal_data(
     n: int, d: int, num_features: int, active: float = 4.0, noise: float = 0.0, seed: int = 0
 ) -> SyntheticData:
     """Like `sparse_dictionary_data`, but every active feature takes a random sign (x = ±a·d)."""
-    generator = torch.Generator().manual_seed(seed)
-    dictionary = random_dictionary(num_features, d, generator)
-    codes = _sparse_codes(n, num_features, active, generator)
-    signs = torch.where(torch.rand(n, num_features, generator=generator) < 0.5, -1.0, 1.0)
-    codes = codes * signs
-    x = codes @ dictionary + noise * torch.randn(n, d, generator=generator)
-    return SyntheticData(x, dictionary, codes)
+    return _make(n, d, num_features, active, noise, seed, signed=True)
 
 
 def recovered_fraction(learned: Tensor, truth: Tensor, threshold: float = 0.9, signed: bool = False) -> float:
