@@ -115,6 +115,8 @@ class HostModel:
         """One forward pass with hooks. Without `logits`, only the body runs, and it stops after the
         last layer that a read needs (writes then only matter at or before that point)."""
         input_ids = self._check_ids(input_ids)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
         stop_early = not logits and bool(reads)
         with installed_hooks(self.hookpoints, reads, writes, stop_after_reads=stop_early) as captures:
             runner = self.model if logits else self.model.base_model
