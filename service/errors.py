@@ -42,10 +42,3 @@ class DeadlineExceeded(ServiceError):
 class Unsupported(ServiceError):
     """Something this build does not implement (e.g. an unknown model architecture)."""
 
-
-def choices_text(choices: list[str] | tuple[str, ...], limit: int = 12) -> str:
-    """Render a list of valid choices for an error message, abbreviated when long."""
-    shown = ", ".join(choices[:limit])
-    if len(choices) > limit:
-        shown += f", … ({len(choices)} in all)"
-    return shown

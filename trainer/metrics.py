@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from trainer.sae.base import l0
+
 
 class ReconstructionAccumulator:
     """Streams batches of (x, x̂, z) and reports FVE, MSE, cosine, L0, shrinkage and density metrics."""
@@ -31,7 +33,7 @@ class ReconstructionAccumulator:
         x, x_hat = x.double(), x_hat.double()  # (N, d)
         err = (x - x_hat).pow(2).sum(dim=-1)  # (N,)
         self._add("sq_err", err)
-        self._add("l0", (z != 0).sum(dim=-1))
+        self._add("l0", l0(z))
         self._add("cosine", torch.nn.functional.cosine_similarity(x, x_hat, dim=-1))
         self._add("norm_ratio", x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12))
         self._add("xhat_sq", x_hat.pow(2).sum(dim=-1))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from trainer.sae.base import ForwardOutput, SparseAutoencoder
+from trainer.sae.base import ForwardOutput, SparseAutoencoder, l0
 
 
 class DeadLatentTracker:
@@ -123,5 +123,5 @@ def fit_in_memory(
         losses.append(loss)
     with torch.no_grad():
         z = sae.encode(data)
-        final = FitResult(losses, float((z != 0).sum(dim=-1).float().mean()), fve(data, sae.decode(z)))
+        final = FitResult(losses, float(l0(z).float().mean()), fve(data, sae.decode(z)))
     return final

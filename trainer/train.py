@@ -37,7 +37,7 @@ from trainer.optimization import (
     sparsity_factor,
     train_step,
 )
-from trainer.sae.base import build_sae
+from trainer.sae.base import build_sae, l0
 from trainer.sae.batchtopk import BatchTopKSAE
 from trainer.stack import HostModelIdentity, StageSpec, write_stack
 
@@ -146,7 +146,7 @@ def _step_stage(cfg: TrainConfig, state: StageTrainingState, x: torch.Tensor, st
     state.tracker.update(out.z)
     if bool(dead.any()) and state.sae.reset_dead_(dead):
         state.tracker.revived(dead)
-    return {"loss": float(out.losses["total"]), "l0": float((out.z != 0).sum(-1).float().mean()),
+    return {"loss": float(out.losses["total"]), "l0": float(l0(out.z).float().mean()),
             "fve": fve(x, out.x_hat), "dead_fraction": float(dead.float().mean())}
 
 

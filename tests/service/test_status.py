@@ -35,7 +35,3 @@ def test_domain_errors_keep_their_message(exc, code):
 def test_unexpected_errors_never_leak_their_text():
     assert to_status(KeyError("secret internals")) == (grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
-
-def test_choices_text_abbreviates_long_lists():
-    assert errors.choices_text(["a", "b"]) == "a, b"
-    assert errors.choices_text([str(i) for i in range(20)], limit=3) == "0, 1, 2, … (20 in all)"

@@ -289,3 +289,10 @@ def test_build_sae_builds_each_architecture(arch: str) -> None:
     assert type(sae) is CLASSES[arch]
     assert sae.cfg == cfg and sae.architecture == arch and not sae.signed
     assert sae.encode(torch.randn(3, D_IN)).shape == (3, WIDTH)
+
+
+def test_top_k_by_magnitude_keeps_signs():
+    from trainer.sae import top_k_by_magnitude
+
+    values, indices = top_k_by_magnitude(torch.tensor([[0.5, -3.0, 0.0, 2.0]]), 2)
+    assert values.tolist() == [[-3.0, 2.0]] and indices.tolist() == [[1, 3]]
