@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint demo bench hookpoints clean-venv
+.PHONY: venv test lint demo bench hookpoints protos clean-venv
 
 venv: $(STAMP)
 
@@ -33,6 +33,17 @@ hookpoints: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/hook_overhead.py
 	$(PY) bench/train_throughput.py
+
+# The API's generated Python code is committed into the client package; tests/clients/test_protos.py
+# regenerates it with these same flags and diffs. Only featurewire.proto defines a service.
+PROTO_OUT := clients/python
+PROTO_GEN := $(PROTO_OUT)/featurewire/v1
+
+protos: $(STAMP)
+	rm -f $(PROTO_GEN)/*_pb2.py $(PROTO_GEN)/*_pb2.pyi $(PROTO_GEN)/*_pb2_grpc.py
+	$(PY) -m grpc_tools.protoc -I protos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
+		$(sort $(wildcard protos/featurewire/v1/*.proto))
+	$(PY) -m grpc_tools.protoc -I protos --grpc_python_out=$(PROTO_OUT) protos/featurewire/v1/featurewire.proto
 
 clean-venv:
 	rm -rf $(VENV)
