@@ -9,12 +9,12 @@ by held-out R² computed from a second accumulator's moments (no second pass ove
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from trainer.stack_affine import AffineMap
 
 DEFAULT_ALPHAS: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 _PINV_RTOL = 1e-10  # α = 0: eigenvalues of C_xx below this fraction of the largest are treated as zero
@@ -93,64 +93,6 @@ class MomentAccumulator:
         """Pooled R² = 1 − SSE / Σ‖y − ȳ‖² of the map (A, c) on this accumulator's samples."""
         sst = self.total_sq_deviation()
         return 1.0 - self.sse(a, c) / sst if sst > 0 else float("nan")
-
-
-@dataclass(frozen=True, eq=False)
-class AffineMap:
-    """A frozen affine predictor y ≈ A x + c with the residual scale s that gives E‖s·r‖² = d_out."""
-
-    A: Tensor  # (d_out, d_in) float32
-    c: Tensor  # (d_out,) float32
-    alpha: float  # chosen scale-free ridge strength
-    r2_held_out: float
-    residual_scale: float  # s = 1 / RMS of the held-out residual, RMS² = SSE / (n · d_out)
-    r2_by_alpha: dict[float, float] = field(default_factory=dict)
-
-    def _prep(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        return x.to(dtype), self.A.to(x.device, dtype), self.c.to(x.device, dtype)
-
-    def predict(self, x: Tensor) -> Tensor:
-        x, a, c = self._prep(x)  # x (N, d_in)
-        return x @ a.T + c  # (N, d_out)
-
-    def residual(self, x: Tensor, y: Tensor) -> Tensor:
-        """The ReSAE input s·(y − A x − c), (N, d_out)."""
-        pred = self.predict(x)
-        return self.residual_scale * (y.to(pred.dtype) - pred)
-
-    def reconstruct(self, x: Tensor, r_hat: Tensor) -> Tensor:
-        """Map a residual-space reconstruction back to activation space: A x + c + r̂ / s, (N, d_out)."""
-        pred = self.predict(x)
-        return pred + r_hat.to(pred.dtype) / self.residual_scale
-
-    def tensors(self) -> dict[str, Tensor]:
-        """Tensors for a safetensors file; scalars are 0-d float64 tensors."""
-        scalars = {"alpha": self.alpha, "r2_held_out": self.r2_held_out, "residual_scale": self.residual_scale}
-        out = {"A": self.A.contiguous(), "c": self.c.contiguous()}
-        return out | {k: torch.tensor(v, dtype=torch.float64) for k, v in scalars.items()}
-
-    @classmethod
-    def from_tensors(cls, tensors: Mapping[str, Tensor], metadata: Mapping[str, Any] | None = None) -> AffineMap:
-        """Inverse of tensors(); r2_by_alpha comes from metadata() when given (it lives in stack.json)."""
-        by_alpha = {float(k): float(v) for k, v in (metadata or {}).get("r2_by_alpha", {}).items()}
-        return cls(
-            A=tensors["A"].to(torch.float32),
-            c=tensors["c"].to(torch.float32),
-            alpha=float(tensors["alpha"]),
-            r2_held_out=float(tensors["r2_held_out"]),
-            residual_scale=float(tensors["residual_scale"]),
-            r2_by_alpha=by_alpha,
-        )
-
-    def metadata(self) -> dict[str, Any]:
-        """JSON-ready summary for stack.json (alpha keys as strings, since JSON keys must be)."""
-        return {
-            "alpha": self.alpha,
-            "r2_held_out": self.r2_held_out,
-            "residual_scale": self.residual_scale,
-            "r2_by_alpha": {repr(a): r for a, r in self.r2_by_alpha.items()},
-        }
 
 
 def _ridge(c_xx: Tensor, c_xy: Tensor, alpha_eff: float) -> Tensor:

@@ -53,6 +53,10 @@ class ActivationSection:
 class StackSection:
     name: str = "stack"
     hookpoints: tuple[str, ...] = ()
+    residualize: bool = False
+    """ReSAE: stage m+1 trains on the scaled residual of an affine prediction from stage m's hookpoint."""
+    calibration_tokens: int = 100_000
+    """Tokens of the calibration split collected to fit the affine maps (residualize only)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,8 @@ class EvalSection:
     """Held-out tokens for reconstruction metrics."""
     ce_windows: int = 16
     """Held-out context windows for the CE/KL splice metrics."""
+    probing: bool = False
+    """Run the sparse-probing suite (trainer/probing.py) on each stage's codes."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,10 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.stack.residualize and len(self.stack.hookpoints) < 2:
+            raise ValueError("stack.residualize needs at least two hookpoints (stage 0 is plain, the rest residual)")
+        if self.stack.calibration_tokens < 1:
+            raise ValueError(f"stack.calibration_tokens must be >= 1, got {self.stack.calibration_tokens}")
         if self.training.lr <= 0:
             raise ValueError(f"training.lr must be > 0, got {self.training.lr}")
 

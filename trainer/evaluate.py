@@ -1,10 +1,10 @@
-"""Evaluate the stages of a stack on held-out text: reconstruction, sparsity, density, CE and KL.
+"""Evaluate a stack on held-out text: reconstruction, sparsity, density, single- and multi-layer splice
+CE/KL (trainer/splice.py), cross-layer decoder redundancy and, optionally, sparse probing.
 
-Reconstruction metrics are computed on every real (non-special) held-out token, in the stage's input
-space. CE/KL splice metrics replace one stage's hookpoint by its reconstruction (teacher-forced: the
-rest of the model is clean), and compare against the clean model and against zero-ablation of that
-hookpoint (the floor of "CE loss recovered"). Special-token positions (BOS) are left unspliced: SAEs
-are not trained on them, and BOS activations are outliers that would dominate the loss.
+Reconstruction metrics are computed on every real (non-special) held-out token in activation space
+(h against the stack's reconstruction ĥ, through the affine chain for residual stages), and for residual
+(ReSAE) stages also on the residual target the SAE encodes (`residual_*` keys). Everything goes through
+the stack runtime, the same code the service runs.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +19,15 @@ import torch
 from torch import Tensor
 
 from service.config import ModelConfig
-from service.engine.hooks import ActivationEdit
 from service.engine.host_model import HostModel
 from service.engine.loading import load_host_model
 from trainer.activations import WindowBatch, batch_windows, iter_windows, special_token_ids
 from trainer.corpus import Document, load_corpus, split_documents
-from trainer.metrics import NextTokenScorer, ReconstructionAccumulator, ce_loss_recovered
-from trainer.sae.base import SparseAutoencoder
+from trainer.metrics import ReconstructionAccumulator
+from trainer.redundancy import decoder_redundancy
+from trainer.splice import splice_metrics
 from trainer.stack import HostModelIdentity, read_stack, update_metrics
-
-
-@dataclass(frozen=True)
-class EvalStage:
-    """What evaluation needs of a stage: where it reads, its SAE, and its input scale."""
-
-    hookpoint: str
-    sae: SparseAutoencoder
-    input_scale: float
+from trainer.stack_runtime import StackRuntime
 
 
 def _batches(host: HostModel, documents: Iterable[Document], context_length: int,
@@ -50,87 +40,101 @@ def _batches(host: HostModel, documents: Iterable[Document], context_length: int
 
 
 @torch.no_grad()
-def reconstruction_metrics(host: HostModel, stages: Sequence[EvalStage], documents: Iterable[Document], *,
+def reconstruction_metrics(host: HostModel, runtime: StackRuntime, documents: Iterable[Document], *,
                            context_length: int, batch_size: int, max_tokens: int) -> list[dict[str, float]]:
-    """Per stage: FVE (pooled and per token), MSE, cosine, L0, shrinkage, dead and dense fractions."""
-    accumulators = [ReconstructionAccumulator(s.sae.d_sae) for s in stages]
-    names = [s.hookpoint for s in stages]
+    """Per stage: FVE (pooled and per token), MSE, cosine, L0, shrinkage, dead and dense fractions in
+    activation space; for residual stages also on the residual target and the predictor's own FVE."""
+    stages = runtime.stages
+    activation = [ReconstructionAccumulator(s.sae.d_sae) for s in stages]
+    residual = {s.index: ReconstructionAccumulator(s.sae.d_sae) for s in stages if s.is_residual}
+    predictor = {i: ReconstructionAccumulator(1) for i in residual}
     seen = 0
     for batch, keep in _batches(host, documents, context_length, batch_size):
-        captures = host.forward(batch.input_ids, reads=names, attention_mask=batch.attention_mask).captures
+        captures = host.forward(batch.input_ids, reads=runtime.hookpoints, attention_mask=batch.attention_mask).captures
         keep = keep.to(host.device)
-        for stage, acc in zip(stages, accumulators, strict=True):
-            x = captures[stage.hookpoint][keep].float() * stage.input_scale  # (n, d)
-            z = stage.sae.encode(x)
-            acc.update(x, stage.sae.decode(z), z)
+        kept = {hp: captures[hp][keep] for hp in runtime.hookpoints}  # (n, d)
+        for i, result in runtime.decompose(kept).items():
+            h = kept[stages[i].hookpoint]
+            activation[i].update(h, result.recon, result.codes)
+            if i in residual:
+                residual[i].update(result.sae_input, result.sae_recon, result.codes)
+                prediction = result.recon - result.sae_recon / stages[i].input_scale  # A h_prev + c
+                predictor[i].update(h, prediction, torch.zeros(h.shape[0], 1))
         seen += int(keep.sum())
         if seen >= max_tokens:
             break
-    return [acc.result() for acc in accumulators]
-
-
-def _masked_edit(stage: EvalStage, keep: Tensor, replace: str) -> ActivationEdit:
-    """Replace the activation at real positions by the stage's reconstruction, or by zero."""
-
-    def edit(x: Tensor) -> Tensor:  # x: (B, T, d); keep: (B, T)
-        new = x.clone()
-        if replace == "zero":
-            new[keep] = 0
-        else:
-            scaled = x[keep].float() * stage.input_scale  # (n, d)
-            new[keep] = (stage.sae.decode(stage.sae.encode(scaled)) / stage.input_scale).to(x.dtype)
-        return new
-
-    return edit
-
-
-@torch.no_grad()
-def splice_metrics(host: HostModel, stages: Sequence[EvalStage], documents: Iterable[Document], *,
-                   context_length: int, num_windows: int, batch_size: int = 4) -> list[dict[str, float]]:
-    """Per stage, teacher-forced: CE clean / spliced / zero-ablated, ΔCE, CE loss recovered, KL."""
-    sums = [{"ce_spliced": 0.0, "ce_zero": 0.0, "kl": 0.0, "kl_zero": 0.0} for _ in stages]
-    ce_clean = 0.0
-    positions = 0
-    batches = islice(_batches(host, documents, context_length, batch_size), max(1, num_windows // batch_size))
-    for batch, keep in batches:
-        ids, mask = batch.input_ids.to(host.device), batch.attention_mask.to(host.device)
-        keep = keep.to(host.device)
-        target_mask = mask * keep  # score only predictions of real tokens
-        scorer = NextTokenScorer(host.forward(ids, attention_mask=mask, logits=True).logits, ids, target_mask)
-        ce_clean += float(scorer.clean_ce().sum())
-        positions += scorer.positions
-        for stage, acc in zip(stages, sums, strict=True):
-            for kind, ce_key, kl_key in (("sae", "ce_spliced", "kl"), ("zero", "ce_zero", "kl_zero")):
-                writes = {stage.hookpoint: _masked_edit(stage, keep, kind)}
-                ce, kl = scorer.score(host.forward(ids, attention_mask=mask, writes=writes, logits=True).logits)
-                acc[ce_key] += float(ce.sum())
-                acc[kl_key] += float(kl.sum())
-    if positions == 0:
-        raise ValueError("no held-out positions to score; give the evaluation more text")
-    results = []
-    clean_mean = ce_clean / positions
-    for acc in sums:
-        spliced, zero = acc["ce_spliced"] / positions, acc["ce_zero"] / positions
-        results.append({
-            "ce_clean": clean_mean, "ce_spliced": spliced, "ce_zero_ablation": zero,
-            "delta_ce": spliced - clean_mean, "ce_loss_recovered": ce_loss_recovered(clean_mean, spliced, zero),
-            "kl": acc["kl"] / positions, "kl_zero_ablation": acc["kl_zero"] / positions,
-            "ce_positions": positions,
-        })
+    results = [acc.result() for acc in activation]
+    for i, acc in residual.items():
+        results[i] |= {f"residual_{k}": v for k, v in acc.result().items() if k in RESIDUAL_KEYS}
+        results[i]["affine_fve"] = predictor[i].result()["fve"]
     return results
 
 
-def evaluate_stages(host: HostModel, stages: Sequence[EvalStage], documents: Sequence[Document], *,
-                    context_length: int, batch_size: int, max_tokens: int, ce_windows: int) -> list[dict[str, float]]:
-    """Reconstruction and splice metrics per stage, merged into one dict each."""
-    recon = reconstruction_metrics(host, stages, documents, context_length=context_length,
+RESIDUAL_KEYS = ("fve", "fve_per_token", "mse", "cosine")
+
+
+def redundancy_metrics(runtime: StackRuntime) -> list[dict[str, float]]:
+    """Per stage after the first: decoder redundancy against the previous stage, raw and (when the stage is
+    residual on it) with the previous atoms mapped through A."""
+    results: list[dict[str, float]] = [{}]
+    for prev, stage in zip(runtime.stages[:-1], runtime.stages[1:], strict=True):
+        mapped = stage.affine.A if stage.affine is not None and stage.residual_of == prev.index else None
+        if prev.sae.d_in != stage.sae.d_in and mapped is None:
+            results.append({})
+            continue
+        results.append(decoder_redundancy(prev.sae.W_dec, stage.sae.W_dec, mapped))
+    return results
+
+
+def probing_metrics(host: HostModel, runtime: StackRuntime, *, context_length: int,
+                    batch_size: int) -> list[dict[str, float]]:
+    """The offline sparse-probing suite on each stage's mean-pooled codes."""
+    from trainer.probing import build_probe_tasks, run_probing
+
+    def encode(texts: list[str]) -> list[Tensor]:
+        return mean_pooled_codes(host, runtime, texts, context_length=context_length, batch_size=batch_size)
+
+    return run_probing(encode, build_probe_tasks())
+
+
+@torch.no_grad()
+def mean_pooled_codes(host: HostModel, runtime: StackRuntime, texts: Sequence[str], *, context_length: int,
+                      batch_size: int) -> list[Tensor]:
+    """Per stage, (len(texts), d_sae): codes averaged over each text's real (non-special) tokens."""
+    special = torch.tensor(special_token_ids(host.tokenizer), dtype=torch.int64)
+    pooled: list[list[Tensor]] = [[] for _ in runtime.stages]
+    for start in range(0, len(texts), batch_size):
+        enc = host.tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
+                             truncation=True, max_length=context_length)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        keep = (mask.bool() & ~torch.isin(ids, special)).to(host.device)  # (B, T)
+        captures = host.forward(ids, reads=runtime.hookpoints, attention_mask=mask).captures
+        weights = keep.float() / keep.sum(dim=1, keepdim=True).clamp_min(1)  # (B, T)
+        for i, result in runtime.decompose(captures).items():
+            codes = result.codes.reshape(*keep.shape, -1)  # (B, T, d_sae)
+            pooled[i].append(torch.einsum("bt,bth->bh", weights, codes.float()).cpu())
+    return [torch.cat(p) for p in pooled]
+
+
+def evaluate_runtime(host: HostModel, runtime: StackRuntime, documents: Sequence[Document], *, context_length: int,
+                     batch_size: int, max_tokens: int, ce_windows: int,
+                     probing: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(per-stage metrics, stack-level metrics such as the multi-layer splice)."""
+    recon = reconstruction_metrics(host, runtime, documents, context_length=context_length,
                                    batch_size=batch_size, max_tokens=max_tokens)
-    splice = splice_metrics(host, stages, documents, context_length=context_length, num_windows=ce_windows)
-    return [{**r, **s} for r, s in zip(recon, splice, strict=True)]
+    splice_batch = 4
+    per_stage, stack = splice_metrics(host, runtime, _batches(host, documents, context_length, splice_batch),
+                                      num_batches=max(1, ce_windows // splice_batch))
+    metrics = [{**r, **s, **d} for r, s, d in zip(recon, per_stage, redundancy_metrics(runtime), strict=True)]
+    if probing:
+        for m, p in zip(metrics, probing_metrics(host, runtime, context_length=context_length,
+                                                 batch_size=batch_size), strict=True):
+            m.update(p)
+    return metrics, stack
 
 
 def evaluate_stack_dir(stack_dir: str | Path, *, model: str | None = None, corpus: str | None = None,
-                       max_tokens: int = 8192, ce_windows: int = 16,
+                       max_tokens: int = 8192, ce_windows: int = 16, probing: bool = False,
                        report_path: str | Path | None = None) -> dict[str, Any]:
     """Evaluate a stack on the eval split of its training corpus (or `corpus`) and record the metrics in
     its stack.json. The host model defaults to the one the stack names and must match its identity."""
@@ -144,14 +148,18 @@ def evaluate_stack_dir(stack_dir: str | Path, *, model: str | None = None, corpu
     documents = load_corpus(spec, text_field=corpus_cfg.get("text_field", "text"))
     splits = split_documents(documents, calibration_fraction=corpus_cfg.get("calibration_fraction", 0.05),
                              eval_fraction=corpus_cfg.get("eval_fraction", 0.05), seed=corpus_cfg.get("split_seed", 0))
-    stages = [EvalStage(s.hookpoint, s.sae, s.input_scale) for s in stack.stages]
-    metrics = evaluate_stages(host, stages, splits.eval, context_length=activations.get("context_length", 128),
-                              batch_size=activations.get("batch_size", 8), max_tokens=max_tokens,
-                              ce_windows=ce_windows)
+    metrics, stack_metrics = evaluate_runtime(
+        host, StackRuntime.from_loaded(stack), splits.eval, context_length=activations.get("context_length", 128),
+        batch_size=activations.get("batch_size", 8), max_tokens=max_tokens, ce_windows=ce_windows, probing=probing)
     for index, stage_metrics in enumerate(metrics):
         update_metrics(stack_dir, index, stage_metrics)
-    report = {"stack": str(stack_dir), "model": host.name, "corpus": spec,
-              "stages": [{"hookpoint": s.hookpoint, "eval": m} for s, m in zip(stack.stages, metrics, strict=True)]}
+    if stack_metrics:
+        update_metrics(stack_dir, None, stack_metrics)
+    report = {"stack": str(stack_dir), "name": stack.name, "model": host.name, "corpus": spec,
+              "metrics": stack_metrics,
+              "stages": [{"name": s.name, "hookpoint": s.hookpoint, "architecture": s.sae.cfg.architecture,
+                          "d_sae": s.sae.d_sae, "residual_of": s.residual_of, "eval": m}
+                         for s, m in zip(stack.stages, metrics, strict=True)]}
     if report_path is not None:
         Path(report_path).write_text(json.dumps(report, indent=2))
     return report

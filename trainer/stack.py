@@ -3,10 +3,13 @@
     stack.json                                         manifest (format_version 1), written last
     stage_00_blocks.3.hook_resid_post.safetensors      stage 0's SAE state_dict, contiguous fp32
     stage_00_blocks.3.hook_resid_post.extra.safetensors  optional per-stage extra tensors
+    stage_01_blocks.6.hook_resid_post.affine.safetensors  a residual (ReSAE) stage's predictor A, c
 
 The manifest holds `name`, `created_by`, `host_model` (a HostModelIdentity), `stages` in forward order
 (index, name, hookpoint, architecture, d_in, d_sae, signed, input_scale, sae_config, file/sha256/bytes,
-optional extra_tensors {file, sha256, bytes, keys}, free-form extras/training/metrics) and `files`,
+optional extra_tensors {file, sha256, bytes, keys}, optional residual {from_stage, file, sha256, bytes,
+alpha, r2_held_out, residual_scale, r2_by_alpha} for a ReSAE stage that reads the residual of the stage
+`from_stage`, free-form extras/training/metrics), optional stack-level `metrics`, and `files`,
 every file of the stack with its sha256 and size. `read_stack` verifies all of it before any tensor is
 used: supported version, plain file names inside the directory (no `..`, no symlink out, never a
 pickle), sizes and hashes, safetensors headers against the shapes the SAE config implies (so hostile
@@ -35,6 +38,7 @@ from torch import Tensor
 
 from trainer import __version__
 from trainer.sae.base import ARCHITECTURES, SAEConfig, SparseAutoencoder, build_sae
+from trainer.stack_affine import AffineMap
 from trainer.stack_identity import HostModelIdentity, StackError, model_fingerprint, weights_fingerprint
 
 __all__ = [
@@ -72,6 +76,8 @@ class StageSpec:
     metrics: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
     extra_tensors: dict[str, Tensor] | None = None
+    residual_of: int | None = None  # ReSAE: the earlier stage whose activation the affine map reads
+    affine: AffineMap | None = None  # its input_scale must be affine.residual_scale
 
 
 def file_sha256(path: Path) -> str:
@@ -105,7 +111,25 @@ def _stage_entry(index: int, spec: StageSpec, directory: Path) -> dict[str, Any]
     if spec.extra_tensors:
         extra = _write_tensors(directory, f"{stem}.extra.safetensors", spec.extra_tensors)
         entry["extra_tensors"] = extra | {"keys": {k: list(v.shape) for k, v in spec.extra_tensors.items()}}
+    if (spec.residual_of is None) != (spec.affine is None):
+        raise StackError(f"stage {index}: a residual stage needs both residual_of and affine")
+    if spec.affine is not None:
+        if not (isinstance(spec.residual_of, int) and 0 <= spec.residual_of < index):
+            raise StackError(f"stage {index}: residual_of must name an earlier stage, got {spec.residual_of!r}")
+        if not math.isclose(scale, spec.affine.residual_scale, rel_tol=1e-6):
+            raise StackError(f"stage {index}: input_scale {scale} must equal the residual scale "
+                             f"{spec.affine.residual_scale}")
+        affine = _write_tensors(directory, f"{stem}.affine.safetensors", spec.affine.tensors())
+        entry["residual"] = {"from_stage": spec.residual_of, **affine, **spec.affine.metadata()}
     return entry | {"extras": spec.extras, "training": spec.training, "metrics": spec.metrics}
+
+
+def _check_residual_widths(entries: list[dict[str, Any]]) -> None:
+    for entry in entries:
+        if residual := entry.get("residual"):
+            source = entries[residual["from_stage"]]
+            if source["hookpoint"] == entry["hookpoint"]:
+                raise StackError(f"stage {entry['index']}: a residual stage must read a different hookpoint")
 
 
 def _dump_manifest(path: Path, manifest: dict[str, Any]) -> None:
@@ -126,7 +150,8 @@ def _dump_manifest(path: Path, manifest: dict[str, Any]) -> None:
 
 
 def write_stack(
-    out_dir: str | Path, name: str, identity: HostModelIdentity, stages: list[StageSpec], *, overwrite: bool = False
+    out_dir: str | Path, name: str, identity: HostModelIdentity, stages: list[StageSpec], *, overwrite: bool = False,
+    metrics: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a stack directory atomically: files go to a temporary sibling that is renamed into place
     last, so a crash never leaves a half-written stack at `out_dir`."""
@@ -142,10 +167,11 @@ def write_stack(
     tmp.mkdir()
     try:
         entries = [_stage_entry(i, spec, tmp) for i, spec in enumerate(stages)]
-        records = [r for e in entries for r in (e, e.get("extra_tensors")) if r]
+        _check_residual_widths(entries)
+        records = [r for e in entries for r in (e, e.get("extra_tensors"), e.get("residual")) if r]
         _dump_manifest(tmp / MANIFEST, {
             "format_version": FORMAT_VERSION, "name": name, "created_by": f"featurewire-trainer {__version__}",
-            "host_model": asdict(identity), "stages": entries,
+            "host_model": asdict(identity), "stages": entries, "metrics": dict(metrics or {}),
             "files": {r["file"]: {"sha256": r["sha256"], "bytes": r["bytes"]} for r in records},
         })
         if out_dir.exists():
@@ -162,12 +188,19 @@ def write_stack(
     return out_dir
 
 
-def update_metrics(stack_dir: str | Path, stage_index: int, metrics: Mapping[str, Any]) -> None:
-    """Merge `metrics` into one stage's metrics and rewrite stack.json; files and hashes are untouched."""
+def update_metrics(stack_dir: str | Path, stage_index: int | None, metrics: Mapping[str, Any]) -> None:
+    """Merge `metrics` into one stage's metrics (or the stack's, for None) and rewrite stack.json; files
+    and hashes are untouched."""
     manifest, _ = _load_manifest(Path(stack_dir))
-    if not 0 <= stage_index < len(manifest["stages"]):
+    if stage_index is None:
+        target = manifest
+    elif 0 <= stage_index < len(manifest["stages"]):
+        target = manifest["stages"][stage_index]
+    else:
         raise StackError(f"stage index {stage_index} out of range: the stack has {len(manifest['stages'])} stages")
-    manifest["stages"][stage_index].setdefault("metrics", {}).update(metrics)
+    if not isinstance(target.get("metrics", {}), dict):
+        raise StackError("stack.json: metrics must be an object")
+    target.setdefault("metrics", {}).update(metrics)
     _dump_manifest(Path(stack_dir) / MANIFEST, manifest)
 
 
@@ -194,6 +227,8 @@ class LoadedStage:
     extra_tensors: dict[str, Tensor]
     training: dict[str, Any]
     metrics: dict[str, Any]
+    residual_of: int | None = None
+    affine: AffineMap | None = None
 
 
 @dataclass
@@ -204,6 +239,7 @@ class LoadedStack:
     identity: HostModelIdentity
     stages: list[LoadedStage]
     digest: str  # sha256 of the stack.json that was read (stack_digest)
+    metrics: dict[str, Any] = field(default_factory=dict)  # stack-level, e.g. multi-layer splice
 
     def stage(self, name: str) -> LoadedStage:
         for stage in self.stages:
@@ -289,10 +325,31 @@ def _stage_config(index: int, entry: Mapping[str, Any], files: Mapping[str, Any]
     if extra is not None and not (isinstance(extra, dict) and isinstance(extra.get("keys"), dict) and all(
         isinstance(s, list) and all(type(d) is int for d in s) for s in extra["keys"].values())):
         raise StackError(f"stack.json: stages[{index}].extra_tensors must be an object with file and keys")
-    for file in (entry["file"], extra and extra.get("file")):
+    residual = entry.get("residual")
+    if residual is not None:
+        _check_residual_entry(index, entry, residual)
+    for file in (entry["file"], extra and extra.get("file"), residual and residual.get("file")):
         if file is not None and file not in files:
             raise StackError(f"stage {index}: file {file!r} is not listed in stack.json files")
     return cfg
+
+
+def _check_residual_entry(index: int, entry: Mapping[str, Any], residual: Any) -> None:
+    """A residual stage reads an earlier stage, and its input scale is the residual scale."""
+    where = f"stack.json: stages[{index}].residual"
+    if not isinstance(residual, dict) or not isinstance(residual.get("file"), str):
+        raise StackError(f"{where} must be an object with a file")
+    source = residual.get("from_stage")
+    if type(source) is not int or not 0 <= source < index:
+        raise StackError(f"{where}.from_stage must be the index of an earlier stage (0..{index - 1}), got {source!r}")
+    for key in ("alpha", "r2_held_out", "residual_scale"):
+        if isinstance(residual.get(key), bool) or not isinstance(residual.get(key), int | float):
+            raise StackError(f"{where}.{key} is missing or not a number")
+    scale = residual["residual_scale"]
+    if not (math.isfinite(scale) and scale > 0 and math.isclose(scale, entry["input_scale"], rel_tol=1e-6)):
+        raise StackError(f"{where}.residual_scale must be finite, > 0 and equal to the stage's input_scale")
+    if not isinstance(residual.get("r2_by_alpha", {}), dict):
+        raise StackError(f"{where}.r2_by_alpha must be an object")
 
 
 def _header(data: bytes, file: str) -> Header:
@@ -336,13 +393,21 @@ def _expected_state(cfg: SAEConfig) -> Header:
             for k, v in state.items()}
 
 
-def _build_stage(root: Path, index: int, entry: dict, cfg: SAEConfig, files: dict, device: str) -> LoadedStage:
+def _build_stage(root: Path, index: int, entries: list[dict], cfg: SAEConfig, files: dict, device: str) -> LoadedStage:
+    entry = entries[index]
     what = f"stage {index}'s config ({cfg.architecture} d_in={cfg.d_in} d_sae={cfg.d_sae})"
     state = _read_tensors(root, entry["file"], files[entry["file"]]["sha256"], _expected_state(cfg), what)
     extra_tensors: dict[str, Tensor] = {}
     if extra := entry.get("extra_tensors"):
         want = {k: (None, tuple(shape)) for k, shape in extra["keys"].items()}
         extra_tensors = _read_tensors(root, extra["file"], files[extra["file"]]["sha256"], want, "its declared keys")
+    affine = None
+    if residual := entry.get("residual"):
+        d_prev = entries[residual["from_stage"]]["d_in"]
+        want = {"A": ("F32", (cfg.d_in, d_prev)), "c": ("F32", (cfg.d_in,))}
+        tensors = _read_tensors(root, residual["file"], files[residual["file"]]["sha256"], want,
+                                f"an affine map from d={d_prev} to d={cfg.d_in}")
+        affine = AffineMap.from_tensors({k: v.to(device) for k, v in tensors.items()}, residual)
     with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the caller's RNG alone
         sae = build_sae(cfg)
     sae.load_state_dict(state, strict=True)
@@ -352,6 +417,7 @@ def _build_stage(root: Path, index: int, entry: dict, cfg: SAEConfig, files: dic
         signed=bool(sae.signed), extras=dict(entry.get("extras") or {}),
         extra_tensors={k: v.to(device) for k, v in extra_tensors.items()},
         training=dict(entry.get("training") or {}), metrics=dict(entry.get("metrics") or {}),
+        residual_of=residual["from_stage"] if residual else None, affine=affine,
     )
 
 
@@ -373,5 +439,12 @@ def read_stack(
     if len({s["name"] for s in stages}) != len(stages):
         raise StackError("stack.json: stage names must be unique")
     _verify_files(root, files)
-    built = [_build_stage(root, i, stages[i], cfg, files, str(device)) for i, cfg in enumerate(configs)]
-    return LoadedStack(root, name, str(manifest.get("created_by", "")), identity, built, digest)
+    try:
+        _check_residual_widths(stages)
+    except (KeyError, TypeError):
+        raise StackError("stack.json: stages need hookpoint and index fields") from None
+    built = [_build_stage(root, i, stages, cfg, files, str(device)) for i, cfg in enumerate(configs)]
+    metrics = manifest.get("metrics") or {}
+    if not isinstance(metrics, dict):
+        raise StackError("stack.json: metrics must be an object")
+    return LoadedStack(root, name, str(manifest.get("created_by", "")), identity, built, digest, dict(metrics))

@@ -2,6 +2,7 @@
 
 `run_training(cfg, out_dir)` lays out a run directory:
     out_dir/activations/   the activation store (reused when the collection settings are unchanged)
+    out_dir/calibration/   ReSAE only: calibration-split activations the affine maps are fitted on
     out_dir/checkpoint/    the latest checkpoint (a rerun resumes from it)
     out_dir/stack/         the finished stack (the contract with the service)
     out_dir/report.json    configuration, training summary and evaluation metrics per stage
@@ -28,7 +29,7 @@ from trainer.activations import ActivationManifest, collect_activations, iterate
 from trainer.checkpoint import StageTrainingState, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.corpus import Document, Splits, load_corpus, split_documents
-from trainer.evaluate import EvalStage, evaluate_stages
+from trainer.evaluate import evaluate_runtime
 from trainer.optimization import (
     DeadLatentTracker,
     fve,
@@ -37,9 +38,12 @@ from trainer.optimization import (
     sparsity_factor,
     train_step,
 )
+from trainer.residualize import fit_residual_maps
 from trainer.sae.base import build_sae, l0
 from trainer.sae.batchtopk import BatchTopKSAE
 from trainer.stack import HostModelIdentity, StageSpec, write_stack
+from trainer.stack_affine import AffineMap
+from trainer.stack_runtime import RuntimeStage, StackRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -73,16 +77,17 @@ def _shuffled(documents: list[Document], seed: int) -> list[Document]:
 
 
 def ensure_activations(host: HostModel, documents: list[Document], cfg: TrainConfig, directory: Path,
-                       progress: bool) -> ActivationManifest:
+                       progress: bool, *, max_tokens: int | None = None) -> ActivationManifest:
     """Reuse the store when it was collected with the same settings, else collect it (again)."""
     marker = directory / FINGERPRINT_FILE
-    fingerprint = cfg.collection_fingerprint()
+    a = cfg.activations
+    max_tokens = max_tokens or a.max_tokens
+    fingerprint = f"{cfg.collection_fingerprint()}:{max_tokens}"
     if marker.is_file() and marker.read_text() == fingerprint:
         return ActivationManifest.load(directory)
-    a = cfg.activations
     manifest = collect_activations(
         host, _shuffled(documents, cfg.corpus.split_seed), list(cfg.stack.hookpoints), out_dir=directory,
-        context_length=a.context_length, batch_size=a.batch_size, max_tokens=a.max_tokens, dtype=a.dtype,
+        context_length=a.context_length, batch_size=a.batch_size, max_tokens=max_tokens, dtype=a.dtype,
         shard_tokens=a.shard_tokens, overwrite=True, progress=progress,
     )
     marker.write_text(fingerprint)
@@ -99,13 +104,32 @@ def _build_states(cfg: TrainConfig, manifest: ActivationManifest, device: torch.
     return states
 
 
+def build_runtime(cfg: TrainConfig, manifest: ActivationManifest, states: list[StageTrainingState],
+                  maps: list[AffineMap]) -> StackRuntime:
+    """The stack as it trains: stage 0 (and every stage of a plain stack) scales its activation; with
+    residualize, stage m+1 reads the residual of maps[m] applied to stage m's hookpoint."""
+    stages = []
+    for i, (hookpoint, state) in enumerate(zip(cfg.stack.hookpoints, states, strict=True)):
+        affine = maps[i - 1] if maps and i > 0 else None
+        scale = affine.residual_scale if affine else manifest.scale(hookpoint)
+        stages.append(RuntimeStage(i, hookpoint, hookpoint, state.sae, scale, i - 1 if affine else None, affine))
+    return StackRuntime(stages)
+
+
+def sae_inputs(runtime: StackRuntime, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """What each stage's SAE trains on, from a batch of raw activations {hookpoint: (B, d)}."""
+    return [runtime.sae_input(stage, batch[stage.hookpoint],
+                              None if stage.residual_of is None else batch[runtime.stages[stage.residual_of].hookpoint])
+            for stage in runtime.stages]
+
+
 def total_steps(cfg: TrainConfig, manifest: ActivationManifest) -> int:
     budget = cfg.training.token_budget or manifest.total_tokens
     return max(1, budget // cfg.training.batch_size)
 
 
 def fit_stages(cfg: TrainConfig, manifest: ActivationManifest, states: list[StageTrainingState],
-               checkpoint_dir: Path, *, progress: bool = True,
+               runtime: StackRuntime, checkpoint_dir: Path, *, progress: bool = True,
                on_step: Callable[[int], None] | None = None) -> list[dict[str, float]]:
     """Train all stages on the same batches (one activation pass feeds them all); resumable."""
     t = cfg.training
@@ -114,18 +138,19 @@ def fit_stages(cfg: TrainConfig, manifest: ActivationManifest, states: list[Stag
     start = load_checkpoint(checkpoint_dir, cfg.fingerprint(), states)
     device = states[0].tracker.tokens_since_fired.device
     batches = iterate_batches(manifest, hookpoints, t.batch_size, buffer_tokens=t.buffer_tokens, seed=t.seed,
-                              device=device, epochs=None, skip_batches=start, drop_last=True)
+                              device=device, epochs=None, skip_batches=start, drop_last=True, normalize=False)
     recent: list[list[dict[str, float]]] = [[] for _ in states]
     bar = tqdm(total=steps * t.batch_size, initial=start * t.batch_size, unit="tok", unit_scale=True,
                desc="train", disable=not progress)
     with bar:
         for step in range(start, steps):
-            batch = next(batches)
+            with torch.no_grad():
+                inputs = sae_inputs(runtime, next(batches))
             if step == 0:
-                for hookpoint, state in zip(hookpoints, states, strict=True):
-                    state.sae.init_b_dec_(batch[hookpoint])
-            for hookpoint, state, log in zip(hookpoints, states, recent, strict=True):
-                log.append(_step_stage(cfg, state, batch[hookpoint], step, steps))
+                for x, state in zip(inputs, states, strict=True):
+                    state.sae.init_b_dec_(x)
+            for x, state, log in zip(inputs, states, recent, strict=True):
+                log.append(_step_stage(cfg, state, x, step, steps))
                 del log[:-50]
             bar.update(t.batch_size)
             bar.set_postfix(_mean_postfix(recent), refresh=False)
@@ -159,19 +184,27 @@ CALIBRATION_TOKENS = 16_384
 
 
 @torch.no_grad()
-def _calibrate_thresholds(cfg: TrainConfig, manifest: ActivationManifest, states: list[StageTrainingState]) -> None:
+def _calibrate_thresholds(cfg: TrainConfig, manifest: ActivationManifest, runtime: StackRuntime) -> None:
     """BatchTopK serves with one global threshold: set it so the mean L0 on training activations is k
     (the running estimate from training batches is only approximately that)."""
-    calibrated = [(hp, s.sae) for hp, s in zip(cfg.stack.hookpoints, states, strict=True)
-                  if isinstance(s.sae, BatchTopKSAE)]
-    if not calibrated:
+    if not any(isinstance(s.sae, BatchTopKSAE) for s in runtime.stages):
         return
-    device = states[0].tracker.tokens_since_fired.device
+    device = runtime.stages[0].sae.W_dec.device
     rows = min(CALIBRATION_TOKENS, manifest.total_tokens)
-    sample = next(iterate_batches(manifest, [hp for hp, _ in calibrated], rows, seed=cfg.training.seed + 1,
-                                  device=device))
-    for hookpoint, sae in calibrated:
-        sae.calibrate_threshold_(sample[hookpoint])
+    sample = next(iterate_batches(manifest, list(cfg.stack.hookpoints), rows, seed=cfg.training.seed + 1,
+                                  device=device, normalize=False))
+    for stage, x in zip(runtime.stages, sae_inputs(runtime, sample), strict=True):
+        if isinstance(stage.sae, BatchTopKSAE):
+            stage.sae.calibrate_threshold_(x)
+
+
+def fit_calibrated_maps(host: HostModel, splits: Splits, cfg: TrainConfig, out_dir: Path,
+                        progress: bool) -> list[AffineMap]:
+    """Collect the calibration split's activations (their own store) and fit the ReSAE affine maps."""
+    store = Path(f"{cfg.activations.store}-calibration") if cfg.activations.store else out_dir / "calibration"
+    calibration = ensure_activations(host, splits.calibration, cfg, store, progress,
+                                     max_tokens=cfg.stack.calibration_tokens)
+    return fit_residual_maps(calibration, list(cfg.stack.hookpoints))
 
 
 def run_training(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True, cache_dir: Path | None = None,
@@ -182,26 +215,31 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True
     splits = corpus_splits(cfg)
     store = Path(cfg.activations.store) if cfg.activations.store else out_dir / "activations"
     manifest = ensure_activations(host, splits.train, cfg, store, progress)
+    maps = fit_calibrated_maps(host, splits, cfg, out_dir, progress) if cfg.stack.residualize else []
     states = _build_states(cfg, manifest, host.device)
-    summaries = fit_stages(cfg, manifest, states, out_dir / "checkpoint", progress=progress, on_step=on_step)
+    runtime = build_runtime(cfg, manifest, states, maps)
+    summaries = fit_stages(cfg, manifest, states, runtime, out_dir / "checkpoint", progress=progress,
+                           on_step=on_step)
     trained_seconds = time.perf_counter() - started
-    _calibrate_thresholds(cfg, manifest, states)
+    _calibrate_thresholds(cfg, manifest, runtime)
     for state in states:
         state.sae.eval()
-    eval_stages = [EvalStage(hp, s.sae, manifest.scale(hp)) for hp, s in zip(cfg.stack.hookpoints, states, strict=True)]
     e, a = cfg.eval, cfg.activations
-    metrics = evaluate_stages(host, eval_stages, splits.eval, context_length=a.context_length,
-                              batch_size=a.batch_size, max_tokens=e.max_tokens, ce_windows=e.ce_windows)
+    metrics, stack_metrics = evaluate_runtime(host, runtime, splits.eval, context_length=a.context_length,
+                                              batch_size=a.batch_size, max_tokens=e.max_tokens,
+                                              ce_windows=e.ce_windows, probing=e.probing)
     training = {"config": cfg.to_dict(), "config_fingerprint": cfg.fingerprint(),
                 "activation_tokens": manifest.total_tokens, "steps": total_steps(cfg, manifest)}
     specs = [
-        StageSpec(s.sae, hp, manifest.scale(hp), training={**training, "final": summary}, metrics=m)
-        for hp, s, summary, m in zip(cfg.stack.hookpoints, states, summaries, metrics, strict=True)
+        StageSpec(st.sae, st.hookpoint, st.input_scale, training={**training, "final": summary}, metrics=m,
+                  residual_of=st.residual_of, affine=st.affine)
+        for st, summary, m in zip(runtime.stages, summaries, metrics, strict=True)
     ]
     stack_dir = write_stack(out_dir / "stack", cfg.stack.name, HostModelIdentity.from_model(host.model, host.name),
-                            specs, overwrite=True)
+                            specs, overwrite=True, metrics=stack_metrics)
     report = {"stack": str(stack_dir), "model": asdict(host.summary()), "seconds": time.perf_counter() - started,
-              "collect_and_fit_seconds": trained_seconds, **training,
+              "collect_and_fit_seconds": trained_seconds, **training, "stack_metrics": stack_metrics,
+              "affine_maps": [m.metadata() for m in maps],
               "stages": [{"hookpoint": hp, "architecture": st.sae.cfg.architecture, "d_sae": st.sae.d_sae,
                           "training": s, "eval": m}
                          for hp, st, s, m in zip(cfg.stack.hookpoints, states, summaries, metrics, strict=True)]}

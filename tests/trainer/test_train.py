@@ -118,3 +118,21 @@ def test_batchtopk_is_served_with_a_threshold_calibrated_to_k(tmp_path):
     result = run_training(config_from_dict(data), tmp_path, progress=False)
     for stage in result.report["stages"]:
         assert stage["eval"]["l0"] == pytest.approx(8, rel=0.1)  # held-out: 7.8-8.0 here, 6.5-6.8 uncalibrated
+
+
+def test_a_residualized_stack_trains_evaluates_and_round_trips(tmp_path):
+    data = _small("topk")
+    data["sae"] = {"architecture": "topk", "expansion_factor": 2, "k": 4}
+    data["stack"] = {**data["stack"], "residualize": True, "calibration_tokens": 2048}
+    result = run_training(config_from_dict(data), tmp_path, progress=False)
+    stack = read_stack(result.stack_dir)
+    first, second = stack.stages
+    assert first.residual_of is None and first.affine is None
+    assert second.residual_of == 0 and second.affine is not None
+    assert second.input_scale == pytest.approx(second.affine.residual_scale)
+    assert result.report["affine_maps"][0]["r2_held_out"] == pytest.approx(second.affine.r2_held_out)
+    for key in ("residual_fve", "affine_fve", "fve", "redundancy_mapped_mean_max_cos"):
+        assert key in second.metrics, key
+    for key in ("multi_tf_delta_ce", "multi_online_delta_ce", "multi_tf_ce_loss_recovered"):
+        assert key in stack.metrics, key
+    assert (tmp_path / "calibration" / "manifest.json").is_file()
