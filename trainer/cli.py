@@ -101,10 +101,16 @@ def _run_train(args: argparse.Namespace) -> int:
 def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval", help="evaluate a stack on held-out text and record the metrics in it",
-        description="Evaluate every stage of a stack (FVE, L0, density, CE/KL splice) on the eval split of "
-        "the corpus it was trained on (or --corpus) and record the metrics in stack.json.",
+        description="Evaluate every stage of a stack (FVE, L0, density, CE/KL splice, multi-layer splice, "
+        "decoder redundancy, optionally sparse probing) on the eval split of the corpus it was trained on (or "
+        "--corpus) and record the metrics in stack.json. With --compare, evaluate a second stack the same way "
+        "and print both side by side.",
     )
     parser.add_argument("--stack", required=True, metavar="DIR")
+    parser.add_argument("--compare", metavar="OTHER_DIR", help="a second stack to evaluate and compare with")
+    parser.add_argument("--recorded", action="store_true",
+                        help="do not evaluate; compare the metrics already recorded in the stacks")
+    parser.add_argument("--probing", action="store_true", help="also run the sparse-probing suite")
     parser.add_argument("--model", help="host model (default: the one named in the stack)")
     parser.add_argument("--corpus", metavar="SPEC", help="default: the stack's training corpus")
     parser.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens for reconstruction metrics")
@@ -114,11 +120,24 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from trainer.compare import comparison_table, stack_summary
     from trainer.evaluate import evaluate_stack_dir
 
-    report = evaluate_stack_dir(args.stack, model=args.model, corpus=args.corpus, max_tokens=args.max_tokens,
-                                ce_windows=args.ce_windows, report_path=args.report)
+    stacks = [args.stack, *([args.compare] if args.compare else [])]
+    if args.recorded and not args.compare:
+        raise ValueError("--recorded only makes sense with --compare")
+    reports = []
+    for i, stack in enumerate(stacks if not args.recorded else []):
+        report_path = args.report if i == 0 else None
+        reports.append(evaluate_stack_dir(stack, model=args.model, corpus=args.corpus, max_tokens=args.max_tokens,
+                                          ce_windows=args.ce_windows, probing=args.probing, report_path=report_path))
+    if args.compare:
+        print(comparison_table(stack_summary(args.stack), stack_summary(args.compare)))
+        return 0
+    report = reports[0]
     print(format_metrics(report["stages"], [s["hookpoint"] for s in report["stages"]]))
+    if report["metrics"]:
+        print(json.dumps(report["metrics"], indent=2))
     return 0
 
 

@@ -24,6 +24,7 @@ from service.engine.loading import load_host_model
 from trainer.activations import WindowBatch, batch_windows, iter_windows, special_token_ids
 from trainer.corpus import Document, load_corpus, split_documents
 from trainer.metrics import ReconstructionAccumulator
+from trainer.probing import ProbeTask, build_probe_tasks, run_probing
 from trainer.redundancy import decoder_redundancy
 from trainer.splice import splice_metrics
 from trainer.stack import HostModelIdentity, read_stack, update_metrics
@@ -86,15 +87,14 @@ def redundancy_metrics(runtime: StackRuntime) -> list[dict[str, float]]:
     return results
 
 
-def probing_metrics(host: HostModel, runtime: StackRuntime, *, context_length: int,
-                    batch_size: int) -> list[dict[str, float]]:
-    """The offline sparse-probing suite on each stage's mean-pooled codes."""
-    from trainer.probing import build_probe_tasks, run_probing
+def probing_metrics(host: HostModel, runtime: StackRuntime, *, context_length: int, batch_size: int,
+                    tasks: Sequence[ProbeTask] | None = None) -> list[dict[str, float]]:
+    """The offline sparse-probing suite (or `tasks`) on each stage's mean-pooled codes."""
 
     def encode(texts: list[str]) -> list[Tensor]:
         return mean_pooled_codes(host, runtime, texts, context_length=context_length, batch_size=batch_size)
 
-    return run_probing(encode, build_probe_tasks())
+    return run_probing(encode, build_probe_tasks() if tasks is None else tasks)
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@ in a residualized stack, residual stacks on disk, and the splice paths on a tiny
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -106,7 +107,7 @@ def _fit_affine(h0: torch.Tensor, h1: torch.Tensor) -> AffineMap:
 def _trained(data: torch.Tensor):
     sae = build_sae(SAEConfig("topk", D, 64, k=4))
     fit_in_memory(sae, data, steps=300)
-    return sae.eval()
+    return sae.eval().requires_grad_(False)
 
 
 def test_an_edit_is_re_expressed_by_a_plain_stack_but_not_by_a_residualized_one():
@@ -161,9 +162,8 @@ def test_residual_stacks_round_trip_and_bad_sources_are_refused(tmp_path):
         write_stack(tmp_path / "bad", "x", identity(), [StageSpec(random_sae(), "blocks.1.hook_resid_post", 2.5,
                                                                    residual_of=0, affine=random_affine())])
     with pytest.raises(StackError, match="residual scale"):
-        write_stack(tmp_path / "bad", "x", identity(), [specs[0], StageSpec(random_sae(), "blocks.2.hook_resid_post",
-                                                                            1.0, residual_of=0, affine=random_affine())])
-    import json
+        bad = StageSpec(random_sae(), "blocks.2.hook_resid_post", 1.0, residual_of=0, affine=random_affine())
+        write_stack(tmp_path / "bad", "x", identity(), [specs[0], bad])
     data = json.loads((path / "stack.json").read_text())
     data["stages"][1]["residual"]["from_stage"] = 1
     (path / "stack.json").write_text(json.dumps(data))
@@ -216,4 +216,24 @@ def test_online_splices_compound_while_teacher_forced_ones_do_not(tiny_gemma):
     # different paths, both finite; with lossy SAEs the two multi-layer variants differ
     assert math.isfinite(stack["multi_tf_delta_ce"]) and math.isfinite(stack["multi_online_delta_ce"])
     assert stack["multi_tf_ce_spliced"] != stack["multi_online_ce_spliced"]
-    assert 0 <= per_stage[0]["kl"]
+    assert per_stage[0]["kl"] >= 0
+
+
+def test_probing_runs_on_mean_pooled_stack_codes(tiny_gemma):
+    from trainer.evaluate import mean_pooled_codes, probing_metrics
+    from trainer.probing import build_probe_tasks
+
+    d = tiny_gemma.summary().d_model
+    runtime = StackRuntime([RuntimeStage(0, "a", "blocks.1.hook_resid_post", perfect_sae(d), 1.0)])
+    texts = ["def f(x):\n    return x", "The quick brown fox."]
+    (pooled,) = mean_pooled_codes(tiny_gemma, runtime, texts, context_length=16, batch_size=2)
+    assert pooled.shape == (2, 2 * d)
+    ids = tiny_gemma.tokenizer(texts[1:], return_tensors="pt").input_ids
+    h = tiny_gemma.forward(ids, reads=["blocks.1.hook_resid_post"]).captures["blocks.1.hook_resid_post"][0]
+    real = [i for i, t in enumerate(ids[0].tolist()) if t not in tiny_gemma.tokenizer.all_special_ids]
+    expected = runtime.encode(runtime.stages[0], h[real]).mean(dim=0)
+    assert torch.allclose(pooled[1], expected, atol=1e-5)
+    tasks = build_probe_tasks(per_class_train=8, per_class_test=4)[:1]
+    (metrics,) = probing_metrics(tiny_gemma, runtime, context_length=16, batch_size=16, tasks=tasks)
+    assert {f"probe_mean_k{k}" for k in (1, 2, 5, 20)} <= set(metrics)
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())

@@ -120,7 +120,7 @@ def test_batchtopk_is_served_with_a_threshold_calibrated_to_k(tmp_path):
         assert stage["eval"]["l0"] == pytest.approx(8, rel=0.1)  # held-out: 7.8-8.0 here, 6.5-6.8 uncalibrated
 
 
-def test_a_residualized_stack_trains_evaluates_and_round_trips(tmp_path):
+def test_a_residualized_stack_trains_evaluates_and_compares_with_a_plain_one(tmp_path, capsys):
     data = _small("topk")
     data["sae"] = {"architecture": "topk", "expansion_factor": 2, "k": 4}
     data["stack"] = {**data["stack"], "residualize": True, "calibration_tokens": 2048}
@@ -136,3 +136,16 @@ def test_a_residualized_stack_trains_evaluates_and_round_trips(tmp_path):
     for key in ("multi_tf_delta_ce", "multi_online_delta_ce", "multi_tf_ce_loss_recovered"):
         assert key in stack.metrics, key
     assert (tmp_path / "calibration" / "manifest.json").is_file()
+
+    plain = dict(data, stack={**data["stack"], "residualize": False, "name": "plain"})
+    plain_dir = run_training(config_from_dict(plain), tmp_path / "plain", progress=False).stack_dir
+    assert main(["eval", "--stack", str(plain_dir), "--compare", str(result.stack_dir), "--max-tokens", "128",
+                 "--ce-windows", "4"]) == 0
+    table = capsys.readouterr().out
+    assert "| metric | plain | smoke |" in table
+    assert "| **stage 1: blocks.2.hook_mlp_out** | plain | residual |" in table
+    for label in ("FVE on the residual target", "multi-layer ΔCE, online",
+                  "redundancy vs previous stage mapped through A"):
+        assert label in table, label
+    assert main(["eval", "--stack", str(plain_dir), "--compare", str(result.stack_dir), "--recorded"]) == 0
+    assert capsys.readouterr().out.strip() == table.strip()
