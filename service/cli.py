@@ -12,7 +12,7 @@ import os
 import sys
 from dataclasses import asdict
 
-from service.config import ModelConfig
+from service.config import ModelConfig, ServerConfig
 from service.errors import ServiceError
 
 
@@ -72,6 +72,57 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_model_config(args))
 
 
+def _serve_args(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--stack", action="append", dest="stacks", metavar="DIR",
+        help="SAE stack directory to serve; repeat for several, the first is the default (env FEATUREWIRE_STACKS)")
+    add("--host", help="address to bind (env FEATUREWIRE_HOST; default [::])")
+    add("--port", type=int, help="gRPC port, 0 = any free port (env FEATUREWIRE_PORT; default 50051)")
+    add("--metrics-port", type=int, help="Prometheus port, 0 = off (env FEATUREWIRE_METRICS_PORT; default 9090)")
+    add("--tls-cert", help="PEM certificate chain; TLS is on with --tls-key (env FEATUREWIRE_TLS_CERT)")
+    add("--tls-key", help="PEM private key (env FEATUREWIRE_TLS_KEY)")
+    add("--auth-token-file", help="file holding the bearer token every call must carry "
+        "(env FEATUREWIRE_AUTH_TOKEN_FILE or FEATUREWIRE_AUTH_TOKEN)")
+    add("--max-new-tokens", type=int, help="cap on Generate's max_new_tokens (env FEATUREWIRE_MAX_NEW_TOKENS)")
+    add("--queue-size", type=int, help="requests that may wait for the engine (env FEATUREWIRE_QUEUE_SIZE)")
+    add("--drain-grace", type=float, dest="drain_grace_s",
+        help="seconds in-flight calls get after SIGTERM (env FEATUREWIRE_DRAIN_GRACE_S)")
+    add("--no-self-check", action="store_true", help="serve stacks without checking FVE/L0 on calibration text")
+    add("--log-level", help="DEBUG | INFO | WARNING | ERROR (env FEATUREWIRE_LOG_LEVEL; default INFO)")
+
+
+def _server_config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig.from_env(
+        os.environ, stacks=tuple(args.stacks) if args.stacks else None, host=args.host, port=args.port,
+        metrics_port=args.metrics_port, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        auth_token_file=args.auth_token_file, max_new_tokens=args.max_new_tokens, queue_size=args.queue_size,
+        drain_grace_s=args.drain_grace_s, self_check=False if args.no_self_check else None,
+        log_level=args.log_level,
+    )
+
+
+def _configure_serve_logging(level: str, verbose: bool) -> None:
+    """Every record carries the request id of the RPC that produced it (or "-")."""
+    from service.interceptors import RequestIdFilter
+
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if verbose else level)
+    for handler in root.handlers:
+        handler.addFilter(RequestIdFilter())
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the gRPC API until SIGTERM/SIGINT, then drain and exit 0."""
+    import asyncio
+
+    from service.server import serve
+
+    model_config, server_config = _model_config(args), _server_config(args)
+    _configure_serve_logging(server_config.log_level, args.verbose)
+    return asyncio.run(serve(model_config, server_config))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featurewire-serve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -92,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int)
     generate.add_argument("--json", action="store_true", help="print JSON")
     generate.set_defaults(run=cmd_generate)
+
+    serve = commands.add_parser("serve", help="serve the gRPC API (health, reflection, Prometheus metrics)")
+    _model_args(serve)
+    _serve_args(serve)
+    serve.set_defaults(run=cmd_serve)
 
     demo = commands.add_parser("demo", help="end-to-end tour on the embedded default model")
     _model_args(demo)

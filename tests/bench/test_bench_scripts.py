@@ -28,3 +28,12 @@ def test_train_throughput_covers_every_architecture():
                   "--repeats", "1")
     assert result["counted_flops_per_ndh"] == result["flops_per_ndh"]
     assert result["machine"]["cpu_count"] >= 1
+
+
+def test_serve_overhead_reports_the_three_ratios():
+    result = _run("serve_overhead.py", "--model", "tiny-random", "--stack", "random", "--tokens", "16",
+                  "--new-tokens", "4", "--repeats", "1", "--warmup", "0")
+    assert {"decompose", "hf_body", "steered_generate", "hf_generate", "grpc_decompose",
+            "direct_decompose"} == set(result["median_seconds"])
+    assert len(result["comparisons"]) == 3 and all(c["ratio"] > 0 for c in result["comparisons"])
+    assert result["comparisons"][0]["flop_floor"] > 1

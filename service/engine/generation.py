@@ -1,0 +1,320 @@
+"""Generate: prefill and decode steps over a KV cache, with each branch's edit plan hooked into every pass.
+
+Each branch (STEERED, and DEFAULT with `with_default`) has its own KV cache, its own torch.Generator
+seeded with the request's seed and its own `EditPlan`: DEFAULT carries no interventions or steering, but
+tests the conditions on its own activations (ENABLE there enables nothing; STOP ends that branch). The
+branches advance in lock-step, one decode step each per round, STEERED first; a branch that finishes
+stops while the other goes on.
+
+Timing of features and conditions: a generated token's activations exist once the token is fed back in,
+i.e. in the decode step after it was sampled. When the request asks for per-token features or has
+conditions that can test generated positions ("lagged" mode), a TokenEvent is therefore sent one step
+after sampling, with its features, followed by the condition events that fired at its position; after
+the last token one more pass runs, cut short after the last hookpoint needed (no logits). Otherwise a
+TokenEvent is sent as soon as the token is sampled. Either way a token's text delta never splits a UTF-8
+character nor releases text that may turn out to start a stop string.
+
+Hooks are installed around each forward pass only and removed before anything is yielded (so a caller
+that stops iterating, e.g. on cancellation, leaves no hook behind), and grad mode is switched off the
+same way; nothing here outlives the generator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from service.engine.codes import stage_codes
+from service.engine.decompose import token_texts
+from service.engine.hooks import ActivationEdit, StopForward, installed_hooks
+from service.engine.host_model import HostModel
+from service.engine.interventions import Chunk, EditPlan, scope_interval
+from service.engine.served import ServedStack, predicted_error_norm
+from service.engine.specs import (
+    Branch,
+    ConditionEvent,
+    FinishEvent,
+    FinishReason,
+    GenerateHeader,
+    GenerateSpec,
+    Positions,
+    SamplingSpec,
+    StageCodes,
+    TokenEvent,
+)
+
+GenerateEvent = GenerateHeader | TokenEvent | ConditionEvent | FinishEvent
+BranchEvent = TokenEvent | ConditionEvent | FinishEvent
+CONTEXT_TOKENS = 4
+"""Prompt tokens decoded in front of the generated ones, so tokenizers that drop a leading space at the
+start of a text (SentencePiece) render the first generated token as it reads after the prompt."""
+
+
+def generate_events(host: HostModel, stack: ServedStack | None, spec: GenerateSpec) -> Iterator[GenerateEvent]:
+    """Stream a generation: the header, then per decode step each live branch's events, then its finish."""
+    branches = (Branch.STEERED, Branch.DEFAULT) if spec.with_default else (Branch.STEERED,)
+    stages = spec.decompose.stages if spec.decompose is not None else ()
+    prompt = tuple(zip(spec.prompt_ids, token_texts(host.tokenizer, spec.prompt_ids), strict=True))
+    yield GenerateHeader(stack.name if stack else "", stack.digest if stack else "", tuple(stages), prompt,
+                         spec.sampling.seed, spec.sampling.max_new_tokens, branches)
+    lagged = _lagged(spec)
+    runs = [_BranchRun(host, stack, spec, branch, lagged).steps() for branch in branches]
+    try:
+        live = list(runs)
+        while live:
+            for run in list(live):
+                events = next(run, None)
+                if events is None:
+                    live.remove(run)
+                    continue
+                yield from events
+    finally:
+        for run in runs:
+            run.close()
+
+
+def _lagged(spec: GenerateSpec) -> bool:
+    """Whether tokens are reported one step late: their features or conditions need their own pass."""
+    prompt_len = len(spec.prompt_ids)
+
+    def reaches_generated(positions: Positions) -> bool:
+        end = scope_interval(positions, prompt_len)[1]
+        return end is None or end > prompt_len
+
+    return spec.decompose is not None or any(reaches_generated(c.positions) for c in spec.conditions)
+
+
+def eos_ids(host: HostModel) -> set[int]:
+    """End-of-sequence ids: the tokenizer's and the model's generation config's."""
+    ids: set[int] = set()
+    configured = getattr(host.model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, Sequence):
+        ids.update(int(i) for i in configured)
+    if host.tokenizer.eos_token_id is not None:
+        ids.add(int(host.tokenizer.eos_token_id))
+    return ids
+
+
+def sample(logits: Tensor, sampling: SamplingSpec, generator: torch.Generator | None) -> tuple[int, float]:
+    """Pick the next token from raw logits (V,): greedy at temperature 0, else temperature, top-k, top-p.
+    Returns the token and its log-probability under the raw (untempered) distribution."""
+    logits = logits.float()
+    if sampling.temperature == 0:
+        token = logits.argmax()
+    else:
+        scores = logits / sampling.temperature  # (V,)
+        if 0 < sampling.top_k < scores.shape[0]:
+            kth = scores.topk(sampling.top_k).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if sampling.top_p < 1:
+            ordered, order = scores.sort(descending=True)  # (V,)
+            probs = ordered.softmax(-1)
+            drop = probs.cumsum(-1) - probs > sampling.top_p  # the top token always stays
+            scores = scores.masked_fill(torch.empty_like(drop).scatter_(0, order, drop), float("-inf"))
+        token = torch.multinomial(scores.softmax(-1), 1, generator=generator)[0]
+    logprob = logits.log_softmax(-1)[token]
+    token_id, value = torch.stack([token.float(), logprob]).tolist()
+    return int(token_id), value
+
+
+def forward(host: HostModel, ids: Tensor, cache: Any, writes: dict[str, ActivationEdit], *,
+            logits: bool) -> tuple[Tensor | None, Any]:
+    """One cached forward pass over ids (1, T) with the writes hooked in; the next-token logits (V,).
+
+    Without `logits` the pass stops after the last hookpoint written (nothing runs when there is none).
+    """
+    reads: list[str] = []
+    if not logits:
+        if not writes:
+            return None, cache
+        reads = [host.hookpoints.resolve(list(writes))[-1].name]
+    kwargs: dict[str, Any] = {"past_key_values": cache, "use_cache": True}
+    if "logits_to_keep" in inspect.signature(host.model.forward).parameters:
+        kwargs["logits_to_keep"] = 1  # the unembedding of the last position only
+    out = None
+    hooks = installed_hooks(host.hookpoints, reads, writes, stop_after_reads=not logits)
+    with torch.inference_mode(), hooks, contextlib.suppress(StopForward):
+        out = host.model(input_ids=ids, **kwargs)
+    if out is None or not logits:
+        return None, cache
+    return out.logits[0, -1], out.past_key_values
+
+
+class _BranchRun:
+    """One branch: its plan, cache, generator and text; `steps()` yields its events once per step."""
+
+    def __init__(self, host: HostModel, stack: ServedStack | None, spec: GenerateSpec, branch: Branch,
+                 lagged: bool) -> None:
+        self.host, self.stack, self.spec, self.branch, self.lagged = host, stack, spec, branch, lagged
+        self.prompt_len = len(spec.prompt_ids)
+        self.plan = _plan(host, stack, spec, branch)
+        sampling = spec.sampling
+        self.generator = None
+        if sampling.temperature > 0:
+            self.generator = torch.Generator(device=host.device).manual_seed(sampling.seed)
+        self.eos = set() if sampling.ignore_eos else eos_ids(host)
+        self.text = TextStream(host.tokenizer, sampling.stop, spec.prompt_ids)
+        self.cache: Any = None
+        self.chunk: Chunk | None = None
+        self.generated = 0
+
+    def _pass(self, ids: list[int], offset: int, *, logits: bool) -> Tensor | None:
+        """Run positions [offset, offset + len(ids)) through the model with this branch's hooks."""
+        tokens = torch.tensor([ids], dtype=torch.int64, device=self.host.device)  # (1, T)
+        while True:
+            chunk = self.plan.chunk(offset, len(ids), self.prompt_len) if self.plan else None
+            out, cache = forward(self.host, tokens, self.cache, chunk.writes if chunk else {}, logits=logits)
+            rerun = chunk.rerun_from() if chunk else None
+            if rerun is None:
+                break
+            assert self.plan is not None and self.cache is None  # only the prefill spans several positions
+            self.plan.forget_after(rerun)
+        self.cache, self.chunk = cache, chunk
+        return out
+
+    def _features(self, position: int) -> tuple[StageCodes, ...]:
+        decompose = self.spec.decompose
+        if decompose is None or self.chunk is None:
+            return ()
+        out = []
+        for stage in decompose.stages:
+            kept = self.chunk.codes.get(stage)
+            if kept is None or kept.start != position:
+                continue
+            always = decompose.feature_filter.get(stage, ())
+            out += stage_codes(stage, kept.codes, decompose.top_k, always=always, error_norm=kept.error_norm,
+                               predicted=kept.predicted)
+        return tuple(out)
+
+    def _events(self) -> list[ConditionEvent]:
+        return self.plan.take_events() if self.plan else []
+
+    def _finish(self, reason: FinishReason, trigger: ConditionEvent | None = None, stop: str = "") -> FinishEvent:
+        return FinishEvent(self.branch, reason, self.prompt_len, self.generated, self.text.emitted, trigger, stop)
+
+    def _status(self, token: int) -> tuple[FinishReason | None, str]:
+        """Feed a sampled token to the text and say whether it ends the branch (before any condition)."""
+        stop = self.text.add(token)
+        if token in self.eos:
+            return FinishReason.EOS, ""
+        if stop:
+            return FinishReason.STOP_STRING, stop
+        if self.generated + 1 >= self.spec.sampling.max_new_tokens:
+            return FinishReason.LENGTH, ""
+        return None, ""
+
+    def steps(self) -> Iterator[list[BranchEvent]]:
+        """Prefill, then one list of events per decode step; the last list ends with the FinishEvent."""
+        logits = self._pass(list(self.spec.prompt_ids), 0, logits=True)
+        pending: list[BranchEvent] = list(self._events())
+        if self.plan is not None and (trigger := self.plan.stop) is not None:
+            yield [e for e in pending if e.position <= trigger.position] + [
+                self._finish(FinishReason.FEATURE_CONDITION, trigger)]
+            return
+        while True:
+            assert logits is not None
+            token, logprob = sample(logits, self.spec.sampling, self.generator)
+            position = self.prompt_len + self.generated
+            reason, stop = self._status(token)
+            if self.lagged:
+                logits = self._pass([token], position, logits=reason is None)
+                conditions = self._events()
+                trigger = self.plan.stop if self.plan else None
+                if trigger is not None:
+                    reason, stop = FinishReason.FEATURE_CONDITION, ""
+                features = self._features(position)
+            else:
+                conditions, trigger, features = [], None, ()
+            delta = self.text.release(final=reason is not None)
+            pending += [TokenEvent(self.branch, self.generated, position, token, delta, logprob, features),
+                        *conditions]
+            self.generated += 1
+            if reason is not None:
+                yield [*pending, self._finish(reason, trigger, stop)]
+                return
+            yield pending
+            pending = []
+            if not self.lagged:
+                logits = self._pass([token], position, logits=True)
+
+
+def _plan(host: HostModel, stack: ServedStack | None, spec: GenerateSpec, branch: Branch) -> EditPlan | None:
+    """The branch's edit plan, or None when it has nothing to hook (a plain forward pass)."""
+    steered = branch is Branch.STEERED
+    interventions = spec.interventions if steered else ()
+    steering = spec.steering if steered else ()
+    decompose = spec.decompose
+    if not (interventions or steering or spec.conditions or decompose is not None):
+        return None
+    runtime = stack.runtime if stack is not None else None
+    return EditPlan(
+        runtime, branch=branch, interventions=interventions, steering=steering, conditions=spec.conditions,
+        decompose=decompose.stages if decompose is not None else (),
+        include_error=decompose is not None and decompose.include_error,
+        predict_error=partial(predicted_error_norm, stack) if stack is not None else None,
+        keep_from=len(spec.prompt_ids), device=host.device,
+    )
+
+
+class TextStream:
+    """Incremental detokenisation of one branch: text deltas that never end inside a UTF-8 character
+    (a trailing U+FFFD is held back) nor release text that may be the start of a stop string, so the
+    deltas always concatenate to the branch's final text (cut before the stop string)."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_ids: Sequence[int]) -> None:
+        self.tokenizer = tokenizer
+        self.stops = tuple(s for s in stops if s)
+        self.context = list(prompt_ids[-CONTEXT_TOKENS:])
+        self.prefix = self._decode(self.context)
+        self.ids: list[int] = []
+        self.text = ""  # all generated text decoded so far; may end inside a character
+        self.emitted = ""  # what the deltas released; the branch's text at the end
+        self.final: str | None = None  # the text cut before the first stop string, once one appeared
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token: int) -> str:
+        """Append a token; returns the stop string that now appears in the text ("" when none)."""
+        self.ids.append(token)
+        full = self._decode(self.context + self.ids)
+        self.text = full[len(self.prefix):] if full.startswith(self.prefix) else self._decode(self.ids)
+        if self.final is not None:
+            return ""
+        hits = [(index, stop) for stop in self.stops if (index := self.text.find(stop)) >= 0]
+        if not hits:
+            return ""
+        index, stop = min(hits, key=lambda hit: hit[0])
+        self.final = self.text[:index]
+        return stop
+
+    def _held_back(self) -> int:
+        """Characters at the end of the text that cannot be released yet."""
+        complete = self.text.rstrip("\ufffd")
+        hold = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(complete)), hold, -1):
+                if complete.endswith(stop[:k]):
+                    hold = k
+                    break
+        return len(self.text) - len(complete) + hold
+
+    def release(self, *, final: bool) -> str:
+        """The text delta to send now; `final` releases everything (the branch ends with this token)."""
+        if self.final is not None:
+            target = self.final
+        else:
+            target = self.text if final else self.text[: len(self.text) - self._held_back()]
+        if not target.startswith(self.emitted):  # a decoder that rewrote earlier text: keep what was sent
+            return ""
+        delta = target[len(self.emitted):]
+        self.emitted = target
+        return delta

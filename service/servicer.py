@@ -1,0 +1,218 @@
+"""The Featurewire gRPC servicer: converts and delegates, nothing else.
+
+Each RPC is request → `convert.*_spec` (validation) → `engine.stream/call` (the worker thread) →
+`convert.*_response`. Errors are raised as `ServiceError` subclasses and mapped to status codes by the
+ErrorInterceptor, so no method here touches status codes. Until `attach` is called (model and stacks
+loading) and after `drain` (shutting down), every RPC answers UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from featurewire.v1 import featurewire_pb2 as pb
+from featurewire.v1 import featurewire_pb2_grpc as pb_grpc
+
+from service import convert
+from service.config import ServerConfig
+from service.engine.decompose import decompose_events
+from service.engine.engine import Engine, deadline_after
+from service.engine.features import feature_info
+from service.engine.generation import generate_events
+from service.engine.host_model import HostModel
+from service.engine.score import score
+from service.engine.served import ServedStack
+from service.engine.specs import (
+    DecomposeChunk,
+    DecomposeHeader,
+    FinishEvent,
+    GenerateHeader,
+    InterventionSpec,
+    SteeringSpec,
+    TokenEvent,
+    TokenFeatures,
+)
+from service.engine.validation import RequestValidator
+from service.errors import NotReady, Unsupported
+from service.metrics import Metrics
+
+MODE_FULL = "full"
+ENCODE_UNSUPPORTED = ("EncodeActivations is served only in the activation-only (ONNX Runtime) mode, which this "
+                      "server does not offer yet; use Decompose to get codes from text")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What exists once loading has finished."""
+
+    host: HostModel
+    stacks: Mapping[str, ServedStack]
+    engine: Engine
+    validator: RequestValidator
+
+
+class FeaturewireServicer(pb_grpc.FeaturewireServicer):
+    """featurewire.v1.Featurewire on top of an Engine."""
+
+    def __init__(self, config: ServerConfig, metrics: Metrics | None = None, *, mode: str = MODE_FULL) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.mode = mode
+        self._runtime: Runtime | None = None
+        self._draining = False
+
+    def attach(self, host: HostModel, stacks: Mapping[str, ServedStack], engine: Engine) -> None:
+        """Start serving: the model and stacks are loaded and the engine runs."""
+        self._runtime = Runtime(host, dict(stacks), engine, RequestValidator(host, stacks, self.config))
+
+    def drain(self) -> None:
+        """Refuse new calls (UNAVAILABLE); calls already running continue."""
+        self._draining = True
+
+    @property
+    def ready(self) -> bool:
+        return self._runtime is not None and not self._draining
+
+    def _rt(self) -> Runtime:
+        if self._draining:
+            raise NotReady("the server is shutting down; retry on another replica")
+        if self._runtime is None:
+            raise NotReady("the server is starting (loading the model and stacks); retry shortly")
+        return self._runtime
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        return deadline_after(self.config.request_timeout_s if remaining is None else remaining)
+
+    # -- metadata -------------------------------------------------------------------------------
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext):
+        rt = self._rt()
+        return convert.server_info(rt.host, list(rt.stacks.values()), self.config, self.mode)
+
+    async def ListStacks(self, request: pb.ListStacksRequest, context: grpc.aio.ServicerContext):
+        rt = self._rt()
+        return convert.list_stacks_response(list(rt.stacks.values()))
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext):
+        """Runs on the event loop: the fast tokenizer is read-only here and cheap next to a queue wait."""
+        rt = self._rt()
+        text, add_special = convert.tokenize_request(request, rt.validator)
+        ids = rt.host.tokenizer(text, add_special_tokens=add_special).input_ids
+        tokens = [rt.host.decode([i], skip_special_tokens=False) for i in ids]
+        return convert.tokenize_response(ids, tokens)
+
+    async def GetFeature(self, request: pb.GetFeatureRequest, context: grpc.aio.ServicerContext):
+        rt = self._rt()
+        stack, stage, feature, top_n = convert.feature_request(request, rt.validator)
+        info = await rt.engine.call(lambda: feature_info(rt.host, stack, stage, feature, top_n),
+                                    deadline=self._deadline(context), method="GetFeature")
+        return convert.feature_response(info, stack)
+
+    # -- compute --------------------------------------------------------------------------------
+    async def Decompose(self, request: pb.DecomposeRequest,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecomposeResponse]:
+        started = time.perf_counter()
+        rt = self._rt()
+        spec = convert.decompose_spec(request, rt.validator)
+        stack = rt.stacks[spec.stack]
+        observe = _Observer(self.metrics, "Decompose", stack, started)
+        events = rt.engine.stream(lambda: decompose_events(rt.host, stack, spec),
+                                  deadline=self._deadline(context), method="Decompose")
+        async with contextlib.aclosing(events):  # closing this stream stops the engine job at once
+            async for event in events:
+                observe(event)
+                yield convert.decompose_response(event, stack)
+
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        started = time.perf_counter()
+        rt = self._rt()
+        spec = convert.generate_spec(request, rt.validator)
+        stack = rt.stacks.get(spec.stack) if spec.stack else None
+        self._count_edits(spec.interventions, spec.steering)
+        observe = _Observer(self.metrics, "Generate", stack, started)
+        events = rt.engine.stream(lambda: generate_events(rt.host, stack, spec),
+                                  deadline=self._deadline(context), method="Generate")
+        async with contextlib.aclosing(events):
+            async for event in events:
+                observe(event)
+                yield convert.generate_response(event, stack)
+
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext):
+        rt = self._rt()
+        spec = convert.score_spec(request, rt.validator)
+        stack = rt.stacks.get(spec.stack) if spec.stack else None
+        self._count_edits(spec.interventions, spec.steering)
+        if self.metrics is not None:
+            self.metrics.count_prompt_tokens("Score", len(spec.token_ids))
+        result = await rt.engine.call(lambda: score(rt.host, stack, spec), deadline=self._deadline(context),
+                                      method="Score")
+        return convert.score_response(result)
+
+    async def EncodeActivations(self, request_iterator: Any, context: grpc.aio.ServicerContext):
+        """Needs the activation-only serving mode (ONNX Runtime, no host model): a later issue."""
+        self._rt()
+        raise Unsupported(ENCODE_UNSUPPORTED)
+
+    def _count_edits(self, interventions: Iterable[InterventionSpec], steering: Iterable[SteeringSpec]) -> None:
+        if self.metrics is None:
+            return
+        ops: dict[str, int] = {}
+        for intervention in interventions:
+            ops[str(intervention.op)] = ops.get(str(intervention.op), 0) + 1
+        ops["vector"] = sum(1 for _ in steering)
+        self.metrics.count_interventions(ops)
+
+
+class _Observer:
+    """Turns a stream's events into metrics: prompt tokens, time to first token, decode speed, stage stats."""
+
+    def __init__(self, metrics: Metrics | None, method: str, stack: ServedStack | None, started: float) -> None:
+        self.metrics, self.method, self.stack, self.started = metrics, method, stack, started
+        self.first_at: float | None = None
+
+    def __call__(self, event: object) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        if isinstance(event, DecomposeHeader):
+            m.count_prompt_tokens(self.method, event.num_tokens)
+        elif isinstance(event, GenerateHeader):
+            m.count_prompt_tokens(self.method, len(event.prompt))
+        elif isinstance(event, DecomposeChunk):
+            self._first()
+            self._stages(event.tokens)
+        elif isinstance(event, TokenEvent):
+            self._first()
+            if event.features:
+                self._stages([event])
+        elif isinstance(event, FinishEvent):
+            elapsed = time.perf_counter() - (self.first_at or self.started)
+            m.observe_generation(event.generated_tokens, elapsed)
+
+    def _first(self) -> None:
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+            if self.metrics is not None:
+                self.metrics.observe_first_token(self.method, self.first_at - self.started)
+
+    def _stages(self, tokens: Iterable[TokenFeatures | TokenEvent]) -> None:
+        """One numpy binning call per stage per chunk, never one per token."""
+        if self.stack is None or self.metrics is None:
+            return
+        l0s: dict[int, list[int]] = {}
+        errors: dict[int, list[float]] = {}
+        for token in tokens:
+            for codes in token.features:
+                l0s.setdefault(codes.stage, []).append(codes.l0)
+                if codes.error_norm is not None:
+                    errors.setdefault(codes.stage, []).append(codes.error_norm)
+        names = self.stack.stage_names
+        for stage, values in l0s.items():
+            name = names[stage] if 0 <= stage < len(names) else str(stage)
+            self.metrics.observe_stage(self.stack.name, name, values, errors.get(stage))
