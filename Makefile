@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint demo bench hookpoints protos clean-venv
+.PHONY: venv test lint demo demo-stack tour bench hookpoints protos clean-venv
 
 venv: $(STAMP)
 
@@ -24,15 +24,27 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
-demo: $(STAMP)
-	$(PY) -m service demo
+# The demo stack is built once (about 15 minutes on 2 CPU cores) and reused; delete runs/demo to rebuild it.
+DEMO_STACK := runs/demo/stack/stack.json
+
+$(DEMO_STACK): | $(STAMP)
+	$(VENV)/bin/featurewire-train train --config trainer/configs/demo.toml --out runs/demo
+
+demo-stack: $(DEMO_STACK)
+
+demo: $(DEMO_STACK)
+	$(PY) -m service demo --model default --stack runs/demo/stack
+
+tour: $(STAMP)
+	$(PY) -m service tour
 
 hookpoints: $(STAMP)
 	$(PY) -m service hookpoints --model default
 
-bench: $(STAMP)
+bench: $(DEMO_STACK)
 	$(PY) bench/hook_overhead.py
 	$(PY) bench/train_throughput.py
+	$(PY) bench/serve_overhead.py --stack runs/demo/stack
 
 # The API's generated Python code is committed into the client package; tests/clients/test_protos.py
 # regenerates it with these same flags and diffs. Only featurewire.proto defines a service.

@@ -66,10 +66,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tour(args: argparse.Namespace) -> int:
+    from service.tour import run_tour
+
+    return run_tour(_model_config(args))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from service.demo import run_demo
 
-    return run_demo(_model_config(args))
+    return run_demo(args.stack, _model_config(args))
 
 
 def _serve_args(parser: argparse.ArgumentParser) -> None:
@@ -149,8 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_args(serve)
     serve.set_defaults(run=cmd_serve)
 
-    demo = commands.add_parser("demo", help="end-to-end tour on the embedded default model")
+    tour = commands.add_parser("tour", help="tour of the host model runtime on the embedded default model")
+    _model_args(tour)
+    tour.set_defaults(run=cmd_tour)
+
+    demo = commands.add_parser("demo", help="serve a stack, then decompose, steer and read metrics as a client")
     _model_args(demo)
+    demo.add_argument("--stack", required=True, metavar="DIR", help="the stack to serve (make demo builds one)")
     demo.set_defaults(run=cmd_demo)
     return parser
 

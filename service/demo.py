@@ -1,102 +1,179 @@
-"""`make demo`: a tour of the host model runtime on the embedded default model.
+"""`make demo`: the service end to end, as an operator and a client would see it.
 
-Shows the model and its hookpoints, reads the residual stream at every layer in one pass, cuts a
-pass short after the layer it needs, continues a prompt, and steers the continuation by adding a
-direction to the residual stream ("Love" minus "Hate", the activation-addition recipe) through a
-write hook. Decompositions into SAE features join this tour when the service and stacks exist.
+Starts `featurewire-serve serve` in a subprocess with a stack, waits for readiness over grpc.health.v1,
+then, as a client using only the generated stubs: reads the server info, decomposes a prompt (top
+features per token and stage, actual vs predicted error norm), picks a feature of a residual stage that
+a concept text activates, steers a generation with it (error-preserving, residualized) next to the
+unsteered DEFAULT branch in the same call, scores a sentence with that stage spliced, prints a few
+Prometheus metrics, and shuts the server down with SIGTERM (graceful drain).
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
 
-import torch
+import grpc
+from featurewire.v1 import featurewire_pb2 as pb
+from featurewire.v1 import featurewire_pb2_grpc as pb_grpc
+from featurewire.v1 import types_pb2 as t
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.config import ModelConfig
-from service.engine.hooks import add_vector
-from service.engine.host_model import HostModel, SamplingParams
-from service.engine.loading import load_host_model
 
 PROMPT = "I think that dogs are"
-STEER_HOOKPOINT_LAYER_FRACTION = 1 / 3  # early-middle layers carry concepts that steer well
-STEER_STRENGTH = 0.2  # fraction of the prompt's mean residual norm
+CONCEPT = "We celebrated the wedding with love, joy, kisses and happiness. Love, love and more love."
+NEUTRAL = "The table lists the function arguments, their types and their default values."
+READY_TIMEOUT_S = 600
 
 
 def _section(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 70 - len(title)))
 
 
-def _show_model(host: HostModel) -> None:
-    summary = host.summary()
-    _section("host model")
-    print(f"{summary.name}: {summary.model_type}, {summary.num_layers} layers, d_model {summary.d_model}, "
-          f"vocab {summary.vocab_size}, {summary.num_parameters / 1e6:.0f}M parameters, "
-          f"{summary.dtype} on {summary.device}")
-    names = host.hookpoints.names()
-    print(f"{len(names)} hookpoints, e.g. {', '.join(names[:4])}, …, {names[-1]}")
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def _show_residual_norms(host: HostModel, ids: torch.Tensor) -> None:
-    _section("residual stream, every layer, one forward pass")
-    reads = [f"blocks.{i}.hook_resid_post" for i in range(host.hookpoints.num_layers)]
-    result = host.forward(ids, reads=reads)
-    tokens = host.tokenizer.convert_ids_to_tokens(ids[0].tolist())
-    print("layer  " + " ".join(f"{t[:8]:>8}" for t in tokens))
-    for i, name in enumerate(reads):
-        norms = result.captures[name][0].norm(dim=-1)  # (T,)
-        print(f"{i:>5}  " + " ".join(f"{n:8.1f}" for n in norms.tolist()))
+def _wait_ready(channel: grpc.Channel, server: subprocess.Popen) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited with code {server.returncode} before it was ready")
+        try:
+            status = health.Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=2).status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"the server was not ready within {READY_TIMEOUT_S} s")
 
 
-def _show_early_stop(host: HostModel, ids: torch.Tensor) -> None:
-    _section("early stop: read one layer, skip the rest")
-    layer = host.hookpoints.num_layers // 3
-    calls = {"layers": 0}
-    layers = host.hookpoints.layers
-    handles = [m.register_forward_pre_hook(lambda *_: calls.__setitem__("layers", calls["layers"] + 1))
-               for m in layers]
+def _show_info(stub: pb_grpc.FeaturewireStub) -> pb.GetServerInfoResponse:
+    info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
+    m = info.model
+    _section("server")
+    print(f"{m.name}: {m.architecture}, {m.num_layers} layers, d_model {m.d_model}, {m.dtype} on {m.device}")
+    for stack in info.stacks:
+        print(f"stack {stack.name!r} ({stack.digest[:12]}):")
+        for s in stack.stages:
+            source = f"residual of stage {s.residual_of}" if s.HasField("residual_of") else "plain"
+            print(f"  {s.index} {s.name:<26} {s.architecture:<8} d_sae {s.d_sae:<5} {source:<20} "
+                  f"FVE {s.metrics.get('fve', float('nan')):.3f}  L0 {s.metrics.get('l0', float('nan')):.1f}")
+    return info
+
+
+def _decompose(stub: pb_grpc.FeaturewireStub, text: str, top_k: int, stages: list[str] | None = None
+               ) -> tuple[list[pb.DecomposeHeader | t.Token], list[t.TokenFeatures]]:
+    request = pb.DecomposeRequest(input=t.Input(text=text), options=t.DecomposeOptions(
+        top_k=top_k, include_error=True, stages=stages or []))
+    header, tokens = None, []
+    for message in stub.Decompose(request, timeout=120):
+        if message.HasField("header"):
+            header = message.header
+        else:
+            tokens.extend(message.chunk.tokens)
+    return header, tokens
+
+
+def _show_decomposition(stub: pb_grpc.FeaturewireStub) -> None:
+    header, tokens = _decompose(stub, PROMPT, top_k=3)
+    _section(f"Decompose {PROMPT!r}: top 3 features per stage, error norm (actual / predicted)")
+    for token in tokens[1:]:  # BOS is not decomposed meaningfully
+        cells = []
+        for codes in token.features:
+            feats = " ".join(f"{i}:{v:+.1f}" for i, v in zip(codes.ids, codes.values, strict=True))
+            predicted = f"{codes.predicted_error_norm:.1f}" if codes.HasField("predicted_error_norm") else "n/a"
+            cells.append(f"[{header.stages[codes.stage].name.split('.')[1]}] {feats} | err {codes.error_norm:.1f}"
+                         f"/{predicted}")
+        print(f"{token.token.text!r:>10}  " + "   ".join(cells))
+
+
+def _concept_feature(stub: pb_grpc.FeaturewireStub, stage: str) -> tuple[int, float]:
+    """The feature at `stage` most specific to CONCEPT against NEUTRAL, and its typical signed value."""
+    scores: dict[str, dict[int, float]] = {}
+    for name, text in (("concept", CONCEPT), ("neutral", NEUTRAL)):
+        _, tokens = _decompose(stub, text, top_k=16, stages=[stage])
+        totals: dict[int, float] = defaultdict(float)
+        for token in tokens[1:]:
+            for i, v in zip(token.features[0].ids, token.features[0].values, strict=True):
+                totals[i] += v / (len(tokens) - 1)
+        scores[name] = totals
+    best = max(scores["concept"], key=lambda i: abs(scores["concept"][i]) - abs(scores["neutral"].get(i, 0.0)))
+    return best, scores["concept"][best]
+
+
+def _show_steering(stub: pb_grpc.FeaturewireStub, info: pb.GetServerInfoResponse) -> None:
+    stages = info.stacks[0].stages
+    stage = next((s for s in stages if s.HasField("residual_of")), stages[len(stages) // 2])
+    feature, mean_value = _concept_feature(stub, stage.name)
+    value = 8 * mean_value
+    _section(f"Generate: ADD {value:+.1f} to feature {feature} of {stage.name} (picked by the concept text)")
+    request = pb.GenerateRequest(
+        prompt=t.Input(text=PROMPT), sampling=pb.SamplingParams(max_new_tokens=24, temperature=0.0, seed=0),
+        interventions=[t.Intervention(stage=stage.name, feature=feature, op=t.INTERVENTION_OP_ADD, value=value,
+                                      positions=t.Positions(scope=t.POSITION_SCOPE_ALL))],
+        decompose=t.DecomposeOptions(stages=[stage.name], top_k=1, include_error=True), with_default=True)
+    texts: dict[int, str] = defaultdict(str)
+    errors: list[tuple[float, str]] = []
+    for message in stub.Generate(request, timeout=600):
+        if message.HasField("token"):
+            texts[message.token.branch] += message.token.text
+            if message.token.branch == t.BRANCH_STEERED and message.token.features:
+                codes = message.token.features[0]
+                predicted = f"{codes.predicted_error_norm:.2f}" if codes.HasField("predicted_error_norm") else "n/a"
+                errors.append((codes.error_norm, predicted))
+    print(f"steered: {PROMPT}|{texts[t.BRANCH_STEERED]!r}")
+    print(f"default: {PROMPT}|{texts[t.BRANCH_DEFAULT]!r}")
+    print("steered tokens' error norm at that stage (actual / predicted): "
+          + ", ".join(f"{a:.1f}/{p}" for a, p in errors[:8]) + (" …" if len(errors) > 8 else ""))
+    sentence = "The quick brown fox jumps over the lazy dog because it wants to play."
+    score = stub.Score(pb.ScoreRequest(input=t.Input(text=sentence), splice_stages=[stage.name]), timeout=120)
+    print(f"Score with {stage.name} spliced: CE {score.clean_ce:.3f} → {score.edited_ce:.3f} nats/token, "
+          f"KL {score.kl:.3f} over {score.scored_tokens} tokens")
+
+
+def _show_metrics(metrics_port: int) -> None:
+    _section("Prometheus metrics (a few)")
+    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    wanted = ("featurewire_rpcs_total{", "featurewire_generated_tokens_total", "featurewire_interventions_total{",
+              "featurewire_time_to_first_token_seconds_count", "featurewire_stack_self_check_passed")
+    for line in body.splitlines():
+        if line.startswith(wanted) and not line.endswith(" 0.0"):
+            print(line)
+
+
+def run_demo(stack: str | Path, model: ModelConfig) -> int:
+    port, metrics_port = _free_port(), _free_port()
+    command = [sys.executable, "-m", "service", "serve", "--model", model.name, "--stack", str(stack),
+               "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port)]
+    print("$ featurewire-serve " + " ".join(command[3:]))
+    started = time.perf_counter()
+    server = subprocess.Popen(command, env={**os.environ, "FEATUREWIRE_DEVICE": model.device})
     try:
-        result = host.forward(ids, reads=[f"blocks.{layer}.hook_resid_post"])
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            _wait_ready(channel, server)
+            print(f"ready (SERVING) after {time.perf_counter() - started:.1f}s: model loaded, stack self-checked, "
+                  "warmed up")
+            stub = pb_grpc.FeaturewireStub(channel)
+            info = _show_info(stub)
+            _show_decomposition(stub)
+            _show_steering(stub, info)
+            _show_metrics(metrics_port)
     finally:
-        for handle in handles:
-            handle.remove()
-    print(f"read blocks.{layer}.hook_resid_post: {calls['layers']} of {len(layers)} layers ran, "
-          f"no logits computed (completed={result.completed})")
-
-
-def _steering_vector(host: HostModel, hookpoint: str, ids: torch.Tensor) -> torch.Tensor:
-    def last(text: str) -> torch.Tensor:
-        captured = host.forward(host.encode(text, add_special_tokens=False), reads=[hookpoint]).captures
-        return captured[hookpoint][0, -1]  # (d,)
-
-    direction = last(" Love") - last(" Hate")
-    scale = host.forward(ids, reads=[hookpoint]).captures[hookpoint][0, 1:].norm(dim=-1).mean()
-    return direction / direction.norm() * scale * STEER_STRENGTH  # (d,)
-
-
-def _show_generation(host: HostModel, ids: torch.Tensor) -> None:
-    sampling = SamplingParams(max_new_tokens=24)
-    _section("generation (greedy)")
-    started = time.perf_counter()
-    plain, _ = host.generate(ids, sampling)
-    seconds = time.perf_counter() - started
-    print(f"{PROMPT}|{host.decode(plain[0])!r}   ({plain.shape[1] / seconds:.1f} tokens/s)")
-
-    layer = round(host.hookpoints.num_layers * STEER_HOOKPOINT_LAYER_FRACTION)
-    hookpoint = f"blocks.{layer}.hook_resid_post"
-    _section(f"steered: + (Love - Hate) at {hookpoint}")
-    vector = _steering_vector(host, hookpoint, ids)
-    steered, _ = host.generate(ids, sampling, writes={hookpoint: add_vector(vector)})
-    print(f"default: {PROMPT}|{host.decode(plain[0])!r}")
-    print(f"steered: {PROMPT}|{host.decode(steered[0])!r}")
-
-
-def run_demo(config: ModelConfig) -> int:
-    started = time.perf_counter()
-    host = load_host_model(config)
-    print(f"loaded in {time.perf_counter() - started:.1f}s")
-    ids = host.encode(PROMPT)
-    _show_model(host)
-    _show_residual_norms(host, ids)
-    _show_early_stop(host, ids)
-    _show_generation(host, ids)
+        _section("shutdown")
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=120)
+        print(f"SIGTERM: drained and exited with code {code}")
     return 0
