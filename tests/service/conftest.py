@@ -111,8 +111,8 @@ def make_server(loop: ServerLoop, config: ServerConfig, model: ModelConfig = TIN
 
 
 def start_server(loop: ServerLoop, config: ServerConfig, *, credentials: grpc.ChannelCredentials | None = None,
-                 host_override: str | None = None) -> Running:
-    server = make_server(loop, config)
+                 host_override: str | None = None, model: ModelConfig = TINY) -> Running:
+    server = make_server(loop, config, model)
     loop.run(server.start())
     if credentials is None:
         channel = grpc.insecure_channel(server.target)
