@@ -132,7 +132,9 @@ def _run_eval(args: argparse.Namespace) -> int:
         reports.append(evaluate_stack_dir(stack, model=args.model, corpus=args.corpus, max_tokens=args.max_tokens,
                                           ce_windows=args.ce_windows, probing=args.probing, report_path=report_path))
     if args.compare:
-        print(comparison_table(stack_summary(args.stack), stack_summary(args.compare)))
+        left = stack_summary(args.stack, borrow_maps_from=args.compare)
+        right = stack_summary(args.compare, borrow_maps_from=args.stack)
+        print(comparison_table(left, right))
         return 0
     report = reports[0]
     print(format_metrics(report["stages"], [s["hookpoint"] for s in report["stages"]]))
@@ -197,6 +199,54 @@ def _run_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export_onnx(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export-onnx", help="write one ONNX graph per stage next to a stack, parity-checked",
+        description="Export every stage of a stack (or --stage NAME ...) as a self-contained ONNX graph (encode with "
+        "top-k or full codes, decode, error norms; ReSAE stages take the previous stage's activation too), check "
+        "ONNX Runtime against torch on random and real activations (within 1e-4, fp32), and list the graphs with "
+        "their sha256 in stack.json. Nothing is written when a stage fails its check.",
+    )
+    parser.add_argument("--stack", required=True, metavar="DIR")
+    parser.add_argument("--stage", action="append", dest="stages", default=[], metavar="NAME",
+                        help="export only this stage (repeat for several; default: every stage)")
+    parser.add_argument("--codes", choices=("top_k", "full"), default="top_k",
+                        help="graph output: the top-k codes by |value| with k an input, or every code "
+                        "(default: %(default)s)")
+    parser.add_argument("--random-rows", type=int, default=512, metavar="N",
+                        help="random activations per stage for the parity check (default: %(default)s)")
+    parser.add_argument("--no-real", action="store_true",
+                        help="skip the parity check on real activations (which loads the host model)")
+    parser.add_argument("--model", help="host model for real activations (default: the one named in the stack)")
+    parser.add_argument("--corpus", metavar="SPEC", help="text for real activations (default: the stack's corpus)")
+    parser.add_argument("--real-tokens", type=int, default=512, metavar="N",
+                        help="real tokens for the parity check (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random activations (default: %(default)s)")
+    parser.set_defaults(handler=_run_export_onnx)
+
+
+def _run_export_onnx(args: argparse.Namespace) -> int:
+    from trainer.onnx_export import export_stack
+    from trainer.onnx_parity import real_activations
+    from trainer.stack import read_stack
+
+    if args.random_rows < 2 or args.real_tokens < 1:
+        raise ValueError("--random-rows must be at least 2 and --real-tokens at least 1")
+
+    def real():
+        return real_activations(read_stack(args.stack), model=args.model, corpus=args.corpus, tokens=args.real_tokens)
+
+    exports = export_stack(args.stack, codes=args.codes, stages=args.stages, real=None if args.no_real else real,
+                           random_rows=args.random_rows, seed=args.seed)
+    width = max(len(e.name) for e in exports)
+    print(f"{'stage':<{width}}  {'MiB':>7}  parity (ONNX Runtime vs torch)")
+    for e in exports:
+        print(f"{e.name:<{width}}  {len(e.data) / 2**20:>7.2f}  " + "; ".join(f"{r.source}: {r.describe()}"
+                                                                            for r in e.parity))
+    print(f"stack: {args.stack} ({len(exports)} graphs, codes {args.codes})")
+    return 0
+
+
 METRIC_COLUMNS = ("fve", "l0", "dead_fraction", "cosine", "ce_loss_recovered", "delta_ce", "kl")
 
 
@@ -212,7 +262,7 @@ def format_metrics(stages: list[dict], hookpoints: list[str]) -> str:
 
 
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_corpus, _add_train, _add_eval, _add_import, _add_sweep,
+    _add_corpus, _add_train, _add_eval, _add_import, _add_sweep, _add_export_onnx,
 )
 
 

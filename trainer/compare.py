@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from trainer.stack import read_stack
+from trainer.redundancy import decoder_redundancy
+from trainer.stack import LoadedStack, read_stack
 
 STAGE_ROWS: tuple[tuple[str, str], ...] = (
     ("fve", "FVE (activation space)"),
@@ -22,7 +23,7 @@ STAGE_ROWS: tuple[tuple[str, str], ...] = (
     ("ce_loss_recovered", "CE recovered, this stage spliced"),
     ("redundancy_raw_mean_max_cos", "redundancy vs previous stage, raw (mean max |cos|)"),
     ("redundancy_raw_frac_above", "  fraction of atoms above 0.9, raw"),
-    ("redundancy_mapped_mean_max_cos", "redundancy vs previous stage mapped through A"),
+    ("redundancy_mapped_mean_max_cos", "redundancy vs previous stage mapped through A (the ReSAE's A)"),
     ("redundancy_mapped_frac_above", "  fraction of atoms above 0.9, mapped"),
     ("probe_mean_k1", "sparse probing accuracy, k=1"),
     ("probe_mean_k2", "sparse probing accuracy, k=2"),
@@ -47,13 +48,28 @@ def _cell(value: Any) -> str:
     return f"{value:.4f}" if abs(value) < 1000 else f"{value:.0f}"
 
 
-def stack_summary(stack_dir: str | Path) -> dict[str, Any]:
-    """The recorded metrics of a stack: {name, stages: [{name, hookpoint, residual_of, metrics}], metrics}."""
+def stack_summary(stack_dir: str | Path, *, borrow_maps_from: str | Path | None = None) -> dict[str, Any]:
+    """The recorded metrics of a stack: {name, stages: [{name, hookpoint, residual_of, metrics}], metrics}.
+
+    With `borrow_maps_from` (a residualized stack over the same hookpoints), a plain stack's stages also get
+    the mapped redundancy computed with that stack's affine maps, so both columns compare atoms in the
+    same mapped space."""
     stack = read_stack(stack_dir)
-    return {"name": stack.name, "metrics": stack.metrics,
-            "stages": [{"name": s.name, "hookpoint": s.hookpoint, "architecture": s.sae.cfg.architecture,
-                        "d_sae": s.sae.d_sae, "residual_of": s.residual_of, "metrics": s.metrics}
-                       for s in stack.stages]}
+    stages = [{"name": s.name, "hookpoint": s.hookpoint, "architecture": s.sae.cfg.architecture,
+               "d_sae": s.sae.d_sae, "residual_of": s.residual_of, "metrics": dict(s.metrics)} for s in stack.stages]
+    if borrow_maps_from is not None:
+        _borrow_mapped_redundancy(stack, read_stack(borrow_maps_from), stages)
+    return {"name": stack.name, "metrics": stack.metrics, "stages": stages}
+
+
+def _borrow_mapped_redundancy(stack: LoadedStack, other: LoadedStack, stages: list[dict[str, Any]]) -> None:
+    if [s.hookpoint for s in stack.stages] != [s.hookpoint for s in other.stages]:
+        return
+    for i, (mine, theirs) in enumerate(zip(stack.stages, other.stages, strict=True)):
+        if mine.affine is not None or theirs.affine is None or theirs.residual_of != i - 1:
+            continue
+        mapped = decoder_redundancy(stack.stages[i - 1].sae.W_dec, mine.sae.W_dec, theirs.affine.A)
+        stages[i]["metrics"].update({k: v for k, v in mapped.items() if k.startswith("redundancy_mapped")})
 
 
 def _rows(label: str, key: str, left: Mapping[str, Any], right: Mapping[str, Any]) -> str | None:

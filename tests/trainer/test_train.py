@@ -147,5 +147,7 @@ def test_a_residualized_stack_trains_evaluates_and_compares_with_a_plain_one(tmp
     for label in ("FVE on the residual target", "multi-layer ΔCE, online",
                   "redundancy vs previous stage mapped through A"):
         assert label in table, label
+    mapped = next(line for line in table.splitlines() if "mapped through A" in line)
+    assert "–" not in mapped  # the plain stack is measured with the ReSAE's maps too
     assert main(["eval", "--stack", str(plain_dir), "--compare", str(result.stack_dir), "--recorded"]) == 0
     assert capsys.readouterr().out.strip() == table.strip()
