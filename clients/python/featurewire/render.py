@@ -1,0 +1,149 @@
+"""Terminal rendering for the CLI: per-token feature tables, side-by-side continuations, server summaries.
+
+Pure functions from results to lines of text, so the CLI stays argument handling and the layout can be
+tested without a server. JSON output is `to_json` of the same dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import textwrap
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from featurewire.events import DecomposeHeader, Finished, StageCodes, TokenFeatures
+from featurewire.results import Feature, ScoreResult, ServerInfo, StackInfo, Tokens
+
+
+def to_json(value: Any, **extra: Any) -> str:
+    """One line of JSON for a result dataclass (plus `extra` keys first, e.g. {"type": "token"})."""
+    body = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    if isinstance(body, dict):
+        body = {**extra, **body}
+    return json.dumps(body, ensure_ascii=False, default=str)
+
+
+def token_text(text: str, width: int = 12) -> str:
+    """A token as a short quoted literal (whitespace and control characters visible)."""
+    shown = repr(text)
+    return shown if len(shown) <= width else shown[: width - 2] + "…" + shown[-1]
+
+
+def _norm(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3g}"
+
+
+def codes_line(codes: StageCodes, top: int) -> str:
+    features = "  ".join(f"{i}:{v:+.2f}" for i, v in codes.top(top))
+    return (f"{codes.name:<12.12} {codes.l0:>4}  {_norm(codes.error_norm):>6}  "
+            f"{_norm(codes.predicted_error_norm):>9}  | {features}")
+
+
+def decompose_header(header: DecomposeHeader) -> list[str]:
+    stages = ", ".join(f"{s.name} ({s.hookpoint}, d_sae {s.d_sae}{', signed' if s.signed else ''})"
+                       for s in header.stages)
+    return [f"stack {header.stack} ({header.stack_digest[:12]}), {header.num_tokens} tokens, top {header.top_k}",
+            f"stages: {stages}",
+            f"{'pos':>4} {'token':<14} {'stage':<12} {'L0':>4}  {'error':>6}  {'predicted':>9}  | "
+            "feature:value, largest |value| first"]
+
+
+def token_rows(token: TokenFeatures, top: int) -> list[str]:
+    """One line per stage; the first carries the position and the token."""
+    lines = []
+    for n, codes in enumerate(token.features):
+        lead = f"{token.position:>4} {token_text(token.text, 14):<14}" if n == 0 else " " * 19
+        lines.append(f"{lead} {codes_line(codes, top)}")
+    if not token.features:
+        lines.append(f"{token.position:>4} {token_text(token.text, 14)}")
+    return lines
+
+
+def side_by_side(left: str, right: str, titles: tuple[str, str] = ("steered", "default"),
+                 width: int | None = None) -> list[str]:
+    """Two texts in wrapped columns, for comparing a steered continuation with the default one."""
+    total = width or shutil.get_terminal_size((100, 24)).columns
+    column = max(20, (total - 3) // 2)
+
+    def wrap(text: str) -> list[str]:
+        lines: list[str] = []
+        for paragraph in text.split("\n"):
+            lines += textwrap.wrap(paragraph, column, replace_whitespace=False, drop_whitespace=False) or [""]
+        return lines
+
+    a, b = wrap(left), wrap(right)
+    rows = [f"{titles[0]:<{column}} | {titles[1]}", f"{'-' * column}-+-{'-' * column}"]
+    rows += [f"{x:<{column}} | {y}" for x, y in zip(a + [""] * (len(b) - len(a)), b + [""] * (len(a) - len(b)),
+                                                       strict=True)]
+    return rows
+
+
+def finish_line(finished: Finished) -> str:
+    detail = {"STOP_STRING": f" {finished.stop_string!r}",
+              "FEATURE_CONDITION": f" {finished.trigger.condition_id} at position {finished.trigger.position} "
+                                   f"(value {finished.trigger.value:+.3g})" if finished.trigger else ""}
+    return (f"[{finished.branch.lower()}: {finished.reason}{detail.get(finished.reason, '')}, "
+            f"{finished.generated_tokens} tokens]")
+
+
+def _metric(metrics: dict[str, float], key: str) -> str:
+    value = metrics.get(key)
+    return "—" if value is None or not math.isfinite(value) else f"{value:.3g}"
+
+
+def stacks_lines(stacks: Iterable[StackInfo]) -> list[str]:
+    lines = []
+    for n, stack in enumerate(stacks):
+        default = " (default)" if n == 0 else ""
+        lines.append(f"stack {stack.name}{default}: {stack.digest[:12]}, {len(stack.stages)} stages, "
+                     f"host {stack.host_model}")
+        for s in stack.stages:
+            source = f"residual of {s.residual_of}" if s.residual_of is not None else ""
+            flags = ", ".join(x for x in ("signed" if s.signed else "", source,
+                                          "error predictor" if s.has_error_predictor else "") if x)
+            lines.append(f"  {s.index} {s.name:<24} {s.hookpoint:<26} {s.architecture:<9} d_sae {s.d_sae:<6} "
+                         f"FVE {_metric(s.metrics, 'fve'):<6} L0 {_metric(s.metrics, 'l0'):<6} {flags}".rstrip())
+    return lines
+
+
+def info_lines(info: ServerInfo) -> list[str]:
+    c, lim, v = info.capabilities, info.limits, info.versions
+    lines = [f"server {v.server} (api {v.api}) on {info.instance}, mode {c.mode}"
+             + (", auth required" if c.auth_required else "")]
+    if info.model is not None:
+        m = info.model
+        lines.append(f"model {m.name}: {m.architecture}, {m.num_layers} layers, d_model {m.d_model}, "
+                     f"vocab {m.vocab_size}, {m.dtype} on {m.device}; {len(info.hookpoints)} hookpoints")
+    lines += stacks_lines(info.stacks) or ["no stacks loaded"]
+    lines.append(f"rpcs: {', '.join(c.rpcs)}")
+    lines.append(f"limits: prompt {lim.max_prompt_tokens} tokens, new tokens {lim.default_max_new_tokens} "
+                 f"(max {lim.max_new_tokens}), top_k {lim.default_top_k} (max {lim.max_top_k}), "
+                 f"queue {lim.queue_size}")
+    return lines
+
+
+def feature_lines(f: Feature) -> list[str]:
+    def scores(items: Sequence[Any]) -> str:
+        return ", ".join(f"{token_text(s.text)} {s.score:+.3g}" for s in items) or "—"
+
+    density = "—" if f.density is None else f"{f.density:.4g}"
+    lines = [f"feature {f.feature} of stage {f.stage} (index {f.stage_index}) in stack {f.stack}",
+             f"decoder norm {f.decoder_norm:.4g}, density {density}",
+             f"promotes:   {scores(f.top_tokens)}", f"suppresses: {scores(f.bottom_tokens)}"]
+    lines += [f"example ({x.value:+.3g} at token {x.position}): {x.text!r}" for x in f.top_examples]
+    return lines
+
+
+def score_lines(s: ScoreResult) -> list[str]:
+    lines = [f"tokens {s.num_tokens} ({s.scored_tokens} scored)", f"clean CE   {s.clean_ce:.4f} nats/token"]
+    if s.edited:
+        lines += [f"edited CE  {s.edited_ce:.4f} nats/token ({s.delta_ce:+.4f})", f"KL         {s.kl:.4f} nats/token"]
+    return lines
+
+
+def tokens_lines(tokens: Tokens) -> list[str]:
+    return [f"{n:>4} {i:>7}  {token_text(s, 40)}" for n, (i, s) in enumerate(zip(tokens.ids, tokens.tokens,
+                                                                                   strict=True))]
