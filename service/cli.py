@@ -94,6 +94,9 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     add("--drain-grace", type=float, dest="drain_grace_s",
         help="seconds in-flight calls get after SIGTERM (env FEATUREWIRE_DRAIN_GRACE_S)")
     add("--no-self-check", action="store_true", help="serve stacks without checking FVE/L0 on calibration text")
+    add("--no-model", action="store_true",
+        help="activation-only mode: load no host model (nor torch) and serve EncodeActivations, GetServerInfo and "
+        "ListStacks through the stacks' ONNX graphs (featurewire-train export-onnx); --device picks CPU or CUDA")
     add("--log-level", help="DEBUG | INFO | WARNING | ERROR (env FEATUREWIRE_LOG_LEVEL; default INFO)")
 
 
@@ -122,11 +125,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the gRPC API until SIGTERM/SIGINT, then drain and exit 0."""
     import asyncio
 
-    from service.server import serve
-
     model_config, server_config = _model_config(args), _server_config(args)
     _configure_serve_logging(server_config.log_level, args.verbose)
+    if args.no_model:
+        return asyncio.run(_serve_without_model(args, model_config, server_config))
+    from service.server import serve  # torch and transformers: only for the full mode
+
     return asyncio.run(serve(model_config, server_config))
+
+
+async def _serve_without_model(args: argparse.Namespace, model_config: ModelConfig, server_config: ServerConfig) -> int:
+    """The activation-only server; imports nothing that loads torch."""
+    from service.activation_server import serve_activation_only
+
+    if args.model:
+        raise ValueError("--no-model serves without a host model; leave out --model")
+    if not server_config.stacks:
+        raise ValueError("--no-model needs at least one --stack DIR (with ONNX graphs: featurewire-train export-onnx)")
+    return await serve_activation_only(server_config, device=model_config.device)
 
 
 def build_parser() -> argparse.ArgumentParser:

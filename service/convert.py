@@ -4,10 +4,14 @@ Requests: plain values are pulled out of the messages (presence kept where the p
 enums mapped by name to the spec enums, UNSPECIFIED -> None, an unknown enum number -> InvalidRequest
 naming the field) and handed to `RequestValidator`, which checks them and builds the specs. Responses:
 spec events become messages with features as packed parallel arrays (ids uint32, values float).
+
+Torch-free at import: the activation-only server uses this module without torch or transformers, so
+what needs them (hookpoint kinds, the model fingerprint) is imported where a host model is described.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import platform
 import socket
@@ -22,7 +26,7 @@ from featurewire.v1 import types_pb2 as t
 
 import service
 from service.config import ServerConfig
-from service.engine.hookpoints import HookKind
+from service.engine.encode_spec import RAW_DTYPES, EncodeSpec, MatrixIn
 from service.engine.inputs import (
     ConditionIn,
     DecomposeOptionsIn,
@@ -54,10 +58,12 @@ from service.engine.specs import (
     TokenEvent,
 )
 from service.errors import InvalidRequest
-from trainer.stack import model_fingerprint
+from trainer.stack_manifest import StackSummary
 
 if TYPE_CHECKING:
+    from service.engine.encode_spec import EncodeValidator
     from service.engine.host_model import HostModel
+    from service.engine.onnx_runtime import OnnxStack
     from service.engine.served import ServedStack
     from service.engine.validation import RequestValidator
 
@@ -76,7 +82,7 @@ ACTIONS = _table(t.ConditionAction, "CONDITION_ACTION_", Action)
 BRANCHES = {m: n for n, m in _table(t.Branch, "BRANCH_", Branch).items()}
 FINISH_REASONS = {m: n for n, m in _table(pb.FinishReason, "FINISH_REASON_", FinishReason).items()}
 ACTION_NUMBERS = {m: n for n, m in ACTIONS.items()}
-HOOK_KINDS = {m: n for n, m in _table(pb.HookpointKind, "HOOKPOINT_KIND_", HookKind).items()}
+DTYPES = {t.DType.Value(f"DTYPE_{name}"): name for name in RAW_DTYPES}
 SERVING_MODES = {"full": pb.SERVING_MODE_FULL, "activation_only": pb.SERVING_MODE_ACTIVATION_ONLY}
 FULL_RPCS = ("GetServerInfo", "ListStacks", "GetFeature", "Tokenize", "Decompose", "Generate", "Score")
 ACTIVATION_ONLY_RPCS = ("GetServerInfo", "ListStacks")
@@ -179,6 +185,21 @@ def feature_request(req: pb.GetFeatureRequest, v: RequestValidator) -> tuple[Ser
     return v.get_feature(req.stack, req.stage, req.feature, req.top_n)
 
 
+def _matrix(msg: t.Matrix, present: bool, field: str) -> MatrixIn | None:
+    if not present:
+        return None
+    if msg.dtype and msg.dtype not in DTYPES:
+        valid = ", ".join(t.DType.Name(n) for n in DTYPES)
+        raise InvalidRequest(f"{field}.dtype has unknown value {msg.dtype}; valid: {valid}")
+    return MatrixIn(rows=msg.rows, cols=msg.cols, values=msg.values, raw=msg.raw, dtype=DTYPES.get(msg.dtype))
+
+
+def encode_spec(req: pb.EncodeActivationsRequest, v: EncodeValidator) -> EncodeSpec:
+    return v.encode(req.sequence, req.stack, req.stage, _matrix(req.activations, req.HasField("activations"),
+                                                                "activations"),
+                    _matrix(req.previous, req.HasField("previous"), "previous"), req.top_k, req.include_error)
+
+
 def tokenize_request(req: pb.TokenizeRequest, v: RequestValidator) -> tuple[str, bool]:
     """(text, add_special_tokens)."""
     return v.tokenize(req.text, req.add_special_tokens if req.HasField("add_special_tokens") else None)
@@ -269,6 +290,10 @@ def feature_response(info: FeatureInfo, stack: ServedStack) -> pb.GetFeatureResp
     return msg
 
 
+def encode_response(sequence: int, rows: Sequence[StageCodes]) -> pb.EncodeActivationsResponse:
+    return pb.EncodeActivationsResponse(sequence=sequence, rows=[stage_codes(c) for c in rows])
+
+
 def tokenize_response(ids: Sequence[int], tokens: Sequence[str]) -> pb.TokenizeResponse:
     return pb.TokenizeResponse(ids=ids, tokens=tokens)
 
@@ -292,7 +317,26 @@ def _stage_record(stage: Any, key: str) -> bool:
     return key in (stage.extras or {}) or key in (stage.extra_tensors or {})
 
 
-def stack_info(stack: ServedStack) -> pb.StackInfo:
+def _summary_info(summary: StackSummary, has_error_predictor: Any) -> pb.StackInfo:
+    """StackInfo from the torch-free manifest summary (the activation-only server)."""
+    stages = []
+    for s in summary.stages:
+        info = pb.StageInfo(
+            index=s.index, name=s.name, hookpoint=s.hookpoint, architecture=s.architecture, d_in=s.d_in,
+            d_sae=s.d_sae, signed=s.signed, input_scale=s.input_scale, has_error_predictor=has_error_predictor(s.index),
+            has_density="density" in s.records, has_top_examples="top_examples" in s.records,
+            metrics=numeric_metrics(s.metrics))
+        if s.residual_of is not None:
+            info.residual_of = s.residual_of
+        stages.append(info)
+    return pb.StackInfo(name=summary.name, digest=summary.digest, path=summary.path.name,
+                        host_model=summary.host_model, created_by=summary.created_by, stages=stages)
+
+
+def stack_info(stack: ServedStack | OnnxStack) -> pb.StackInfo:
+    summary = getattr(stack, "summary", None)
+    if isinstance(summary, StackSummary):
+        return _summary_info(summary, stack.has_error_predictor)
     loaded = stack.loaded
     stages = []
     for s in loaded.stages:
@@ -308,11 +352,20 @@ def stack_info(stack: ServedStack) -> pb.StackInfo:
                         created_by=loaded.created_by, stages=stages)
 
 
-def list_stacks_response(stacks: Sequence[ServedStack]) -> pb.ListStacksResponse:
+def list_stacks_response(stacks: Sequence[ServedStack | OnnxStack]) -> pb.ListStacksResponse:
     return pb.ListStacksResponse(stacks=[stack_info(s) for s in stacks])
 
 
+@functools.cache
+def _hook_kinds() -> dict[Any, int]:
+    from service.engine.hookpoints import HookKind  # torch: only where a host model is described
+
+    return {m: n for n, m in _table(pb.HookpointKind, "HOOKPOINT_KIND_", HookKind).items()}
+
+
 def _model_info(host: HostModel) -> pb.ModelInfo:
+    from trainer.stack import model_fingerprint
+
     summary = host.summary()
     return pb.ModelInfo(name=summary.name, architecture=summary.model_type, num_layers=summary.num_layers,
                         d_model=summary.d_model, vocab_size=summary.vocab_size, dtype=summary.dtype,
@@ -340,7 +393,7 @@ def versions() -> pb.Versions:
                        grpc=grpc_version, python=platform.python_version())
 
 
-def server_info(host: HostModel | None, stacks: Sequence[ServedStack], config: ServerConfig, mode: str, *,
+def server_info(host: HostModel | None, stacks: Sequence[ServedStack | OnnxStack], config: ServerConfig, mode: str, *,
                 encode_backend: str = "") -> pb.GetServerInfoResponse:
     """`mode` is "full" or "activation_only"; EncodeActivations is listed only when `encode_backend` names
     what serves it (until then it answers UNIMPLEMENTED)."""
@@ -357,6 +410,7 @@ def server_info(host: HostModel | None, stacks: Sequence[ServedStack], config: S
         versions=versions(), instance=socket.gethostname())
     if host is not None:
         response.model.CopyFrom(_model_info(host))
-        response.hookpoints.extend(pb.HookpointInfo(name=p.name, layer=p.layer, kind=HOOK_KINDS[p.kind], d=p.dim)
+        kinds = _hook_kinds()
+        response.hookpoints.extend(pb.HookpointInfo(name=p.name, layer=p.layer, kind=kinds[p.kind], d=p.dim)
                                    for p in host.hookpoints)
     return response

@@ -3,7 +3,9 @@
 Each RPC is request → `convert.*_spec` (validation) → `engine.stream/call` (the worker thread) →
 `convert.*_response`. Errors are raised as `ServiceError` subclasses and mapped to status codes by the
 ErrorInterceptor, so no method here touches status codes. Until `attach` is called (model and stacks
-loading) and after `drain` (shutting down), every RPC answers UNAVAILABLE.
+loading) and after `drain` (shutting down), every RPC answers UNAVAILABLE. EncodeActivations runs the
+captured activations through the torch stack runtime on the engine (the activation-only server runs the
+same stream over ONNX Runtime: service/activation_servicer.py).
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from featurewire.v1 import featurewire_pb2 as pb
 from featurewire.v1 import featurewire_pb2_grpc as pb_grpc
 
 from service import convert
+from service.activation_servicer import encode_stream
 from service.config import ServerConfig
+from service.engine.activations import encode_batch, encode_targets
 from service.engine.decompose import decompose_events
+from service.engine.encode_spec import EncodeSpec, EncodeValidator
 from service.engine.engine import Engine, deadline_after
 from service.engine.features import feature_info
 from service.engine.generation import generate_events
@@ -33,17 +38,17 @@ from service.engine.specs import (
     FinishEvent,
     GenerateHeader,
     InterventionSpec,
+    StageCodes,
     SteeringSpec,
     TokenEvent,
     TokenFeatures,
 )
 from service.engine.validation import RequestValidator
-from service.errors import NotReady, Unsupported
+from service.errors import NotReady
 from service.metrics import Metrics
 
 MODE_FULL = "full"
-ENCODE_UNSUPPORTED = ("EncodeActivations is served only in the activation-only (ONNX Runtime) mode, which this "
-                      "server does not offer yet; use Decompose to get codes from text")
+ENCODE_BACKEND = "torch"
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class Runtime:
     stacks: Mapping[str, ServedStack]
     engine: Engine
     validator: RequestValidator
+    encode_validator: EncodeValidator
 
 
 class FeaturewireServicer(pb_grpc.FeaturewireServicer):
@@ -68,7 +74,8 @@ class FeaturewireServicer(pb_grpc.FeaturewireServicer):
 
     def attach(self, host: HostModel, stacks: Mapping[str, ServedStack], engine: Engine) -> None:
         """Start serving: the model and stacks are loaded and the engine runs."""
-        self._runtime = Runtime(host, dict(stacks), engine, RequestValidator(host, stacks, self.config))
+        encode = EncodeValidator({name: encode_targets(s) for name, s in stacks.items()}, self.config)
+        self._runtime = Runtime(host, dict(stacks), engine, RequestValidator(host, stacks, self.config), encode)
 
     def drain(self) -> None:
         """Refuse new calls (UNAVAILABLE); calls already running continue."""
@@ -92,7 +99,8 @@ class FeaturewireServicer(pb_grpc.FeaturewireServicer):
     # -- metadata -------------------------------------------------------------------------------
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext):
         rt = self._rt()
-        return convert.server_info(rt.host, list(rt.stacks.values()), self.config, self.mode)
+        return convert.server_info(rt.host, list(rt.stacks.values()), self.config, self.mode,
+                                   encode_backend=ENCODE_BACKEND)
 
     async def ListStacks(self, request: pb.ListStacksRequest, context: grpc.aio.ServicerContext):
         rt = self._rt()
@@ -154,10 +162,19 @@ class FeaturewireServicer(pb_grpc.FeaturewireServicer):
                                       method="Score")
         return convert.score_response(result)
 
-    async def EncodeActivations(self, request_iterator: Any, context: grpc.aio.ServicerContext):
-        """Needs the activation-only serving mode (ONNX Runtime, no host model): a later issue."""
-        self._rt()
-        raise Unsupported(ENCODE_UNSUPPORTED)
+    async def EncodeActivations(self, request_iterator: Any,
+                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EncodeActivationsResponse]:
+        """Batches of captured activations through the torch stack runtime, one engine job per batch."""
+        rt = self._rt()
+
+        async def encode(spec: EncodeSpec) -> list[StageCodes]:
+            stack = rt.stacks[spec.stack]
+            return await rt.engine.call(lambda: encode_batch(stack, spec), deadline=self._deadline(context),
+                                        method="EncodeActivations")
+
+        names = {name: stack.stage_names for name, stack in rt.stacks.items()}
+        async for response in encode_stream(request_iterator, rt.encode_validator, encode, self.metrics, names):
+            yield response
 
     def _count_edits(self, interventions: Iterable[InterventionSpec], steering: Iterable[SteeringSpec]) -> None:
         if self.metrics is None:

@@ -9,12 +9,14 @@ The manifest holds `name`, `created_by`, `host_model` (a HostModelIdentity), `st
 (index, name, hookpoint, architecture, d_in, d_sae, signed, input_scale, sae_config, file/sha256/bytes,
 optional extra_tensors {file, sha256, bytes, keys}, optional residual {from_stage, file, sha256, bytes,
 alpha, r2_held_out, residual_scale, r2_by_alpha} for a ReSAE stage that reads the residual of the stage
-`from_stage`, free-form extras/training/metrics), optional stack-level `metrics`, and `files`,
-every file of the stack with its sha256 and size. `read_stack` verifies all of it before any tensor is
-used: supported version, plain file names inside the directory (no `..`, no symlink out, never a
+`from_stage`, optional onnx {file, sha256, bytes, codes, inputs, outputs, source, ...} written by
+`export-onnx` (see trainer/stack_manifest.py), free-form extras/training/metrics), optional stack-level
+`metrics`, and `files`, every file of the stack with its sha256 and size. `read_stack` verifies all of
+it before any tensor is used: supported version, plain file names inside the directory (no `..`, no symlink out, never a
 pickle), sizes and hashes, safetensors headers against the shapes the SAE config implies (so hostile
 shapes never allocate), and the host model when the caller names it. Failures raise `StackError`.
-Imports only torch, safetensors and the standard library: the service imports this module.
+Imports only torch, safetensors and the standard library: the service imports this module. The
+torch-free parts (manifest, names, hashes, ONNX records) live in trainer/stack_manifest.py.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -39,25 +40,32 @@ from torch import Tensor
 from trainer import __version__
 from trainer.sae.base import ARCHITECTURES, SAEConfig, SparseAutoencoder, build_sae
 from trainer.stack_affine import AffineMap
-from trainer.stack_identity import HostModelIdentity, StackError, model_fingerprint, weights_fingerprint
+from trainer.stack_identity import HostModelIdentity, model_fingerprint, weights_fingerprint
+from trainer.stack_manifest import (
+    MANIFEST,
+    SUPPORTED_FORMAT_VERSIONS,
+    StackError,
+    attach_onnx,
+    check_onnx_entry,
+    dump_manifest,
+    file_sha256,
+    load_manifest,
+    safe_name,
+    verify_files,
+)
 
 __all__ = [
-    "FORMAT_VERSION", "HostModelIdentity", "LoadedStack", "LoadedStage", "StackError", "StageSpec", "file_sha256",
-    "model_fingerprint", "read_stack", "stack_digest", "update_metrics", "weights_fingerprint", "write_stack",
+    "FORMAT_VERSION", "HostModelIdentity", "LoadedStack", "LoadedStage", "StackError", "StageSpec", "attach_onnx",
+    "file_sha256", "model_fingerprint", "read_stack", "stack_digest", "update_metrics", "weights_fingerprint",
+    "write_stack",
 ]
 
 FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
-MANIFEST = "stack.json"
-MAX_MANIFEST_BYTES = 16 << 20
+assert FORMAT_VERSION in SUPPORTED_FORMAT_VERSIONS
 MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
-ALLOWED_SUFFIXES = (".safetensors", ".json")
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
               torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 Header = dict[str, tuple[str, tuple[int, ...]]]  # tensor name -> (safetensors dtype, shape)
-
 
 
 
@@ -80,14 +88,6 @@ class StageSpec:
     affine: AffineMap | None = None  # its input_scale must be affine.residual_scale
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_tensors(directory: Path, file: str, tensors: Mapping[str, Tensor]) -> dict[str, Any]:
     copies = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
               for k, v in tensors.items()}
@@ -96,7 +96,7 @@ def _write_tensors(directory: Path, file: str, tensors: Mapping[str, Tensor]) ->
 
 
 def _stage_entry(index: int, spec: StageSpec, directory: Path) -> dict[str, Any]:
-    if not _SAFE_NAME.match(spec.hookpoint) or len(spec.hookpoint) > 120:
+    if not safe_name(spec.hookpoint) or len(spec.hookpoint) > 120:
         raise StackError(f"stage {index}: hookpoint {spec.hookpoint!r} must be a plain name (blocks.3.hook_resid_post)")
     scale = spec.input_scale
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale <= 0:
@@ -132,23 +132,6 @@ def _check_residual_widths(entries: list[dict[str, Any]]) -> None:
                 raise StackError(f"stage {entry['index']}: a residual stage must read a different hookpoint")
 
 
-def _dump_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    """JSON to a temporary name, fsync, rename: readers see the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
-    except (TypeError, ValueError) as exc:
-        raise StackError(f"stack.json: training, metrics and extras must be plain JSON: {exc}") from None
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_stack(
     out_dir: str | Path, name: str, identity: HostModelIdentity, stages: list[StageSpec], *, overwrite: bool = False,
     metrics: Mapping[str, Any] | None = None,
@@ -169,7 +152,7 @@ def write_stack(
         entries = [_stage_entry(i, spec, tmp) for i, spec in enumerate(stages)]
         _check_residual_widths(entries)
         records = [r for e in entries for r in (e, e.get("extra_tensors"), e.get("residual")) if r]
-        _dump_manifest(tmp / MANIFEST, {
+        dump_manifest(tmp / MANIFEST, {
             "format_version": FORMAT_VERSION, "name": name, "created_by": f"featurewire-trainer {__version__}",
             "host_model": asdict(identity), "stages": entries, "metrics": dict(metrics or {}),
             "files": {r["file"]: {"sha256": r["sha256"], "bytes": r["bytes"]} for r in records},
@@ -191,7 +174,7 @@ def write_stack(
 def update_metrics(stack_dir: str | Path, stage_index: int | None, metrics: Mapping[str, Any]) -> None:
     """Merge `metrics` into one stage's metrics (or the stack's, for None) and rewrite stack.json; files
     and hashes are untouched."""
-    manifest, _ = _load_manifest(Path(stack_dir))
+    manifest, _ = load_manifest(Path(stack_dir))
     if stage_index is None:
         target = manifest
     elif 0 <= stage_index < len(manifest["stages"]):
@@ -201,7 +184,7 @@ def update_metrics(stack_dir: str | Path, stage_index: int | None, metrics: Mapp
     if not isinstance(target.get("metrics", {}), dict):
         raise StackError("stack.json: metrics must be an object")
     target.setdefault("metrics", {}).update(metrics)
-    _dump_manifest(Path(stack_dir) / MANIFEST, manifest)
+    dump_manifest(Path(stack_dir) / MANIFEST, manifest)
 
 
 def stack_digest(stack_dir: str | Path) -> str:
@@ -248,62 +231,6 @@ class LoadedStack:
         raise KeyError(f"stack {self.name!r} has no stage {name!r}; stages: {[s.name for s in self.stages]}")
 
 
-def _load_manifest(stack_dir: Path) -> tuple[dict[str, Any], str]:
-    """The parsed, shape-checked manifest and the sha256 of the bytes that were parsed."""
-    if not stack_dir.is_dir():
-        raise StackError(f"{stack_dir} is not a directory")
-    path = _checked_path(stack_dir, MANIFEST, manifest=True)
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise StackError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; refusing to parse it")
-    raw = path.read_bytes()
-    try:
-        manifest = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise StackError(f"{path} is not valid JSON: {exc!s:.200}") from None
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if type(version) is not int or version not in SUPPORTED_FORMAT_VERSIONS:
-        readable = ", ".join(map(str, SUPPORTED_FORMAT_VERSIONS))
-        raise StackError(f"stack format_version {version!r} is not supported (this featurewire reads version "
-                         f"{readable}); upgrade featurewire or re-export the stack")
-    stages, files = manifest.get("stages"), manifest.get("files")
-    if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
-        raise StackError("stack.json: stages must be a non-empty list of objects")
-    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
-        raise StackError("stack.json: files must map file names to {sha256, bytes}")
-    return manifest, hashlib.sha256(raw).hexdigest()
-
-
-def _checked_path(root: Path, name: Any, *, manifest: bool = False) -> Path:
-    """A listed file must be a plain file name directly inside the stack directory, of an allowed kind."""
-    if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith(".") or not _SAFE_NAME.match(name):
-        raise StackError(f"refusing stack file {name!r}: only plain file names inside the stack directory are allowed")
-    suffix = Path(name).suffix.lower()
-    if suffix in PICKLE_SUFFIXES:
-        raise StackError(f"refusing stack file {name!r}: pickle-based formats are never loaded; use safetensors")
-    if suffix not in ALLOWED_SUFFIXES or (name == MANIFEST) != manifest:
-        raise StackError(f"refusing stack file {name!r}: only safetensors and JSON data files may be listed")
-    path = root / name
-    if path.is_symlink() and root.resolve() not in path.resolve().parents:
-        raise StackError(f"refusing stack file {name!r}: it is a symlink pointing outside the stack directory")
-    if not path.is_file():
-        raise StackError(f"stack file {name!r} is missing from {root}")
-    return path
-
-
-def _verify_files(root: Path, files: Mapping[str, Any]) -> None:
-    """Names and sizes of every listed file first (cheap), then their sha256."""
-    paths = {}
-    for name, record in files.items():
-        paths[name] = path = _checked_path(root, name)
-        if type(record.get("bytes")) is not int or not isinstance(record.get("sha256"), str):
-            raise StackError(f"stack.json: files[{name!r}] needs an integer bytes and a sha256 string")
-        if (size := path.stat().st_size) != record["bytes"]:
-            raise StackError(f"stack file {name!r} has {size} bytes, stack.json says {record['bytes']}")
-    for name, path in paths.items():
-        if file_sha256(path) != files[name]["sha256"]:
-            raise StackError(f"stack file {name!r} is corrupt: its sha256 does not match stack.json")
-
-
 def _stage_config(index: int, entry: Mapping[str, Any], files: Mapping[str, Any]) -> SAEConfig:
     kinds = {"name": str, "hookpoint": str, "architecture": str, "file": str, "sae_config": dict, "d_in": int,
              "d_sae": int, "input_scale": (int, float)}
@@ -331,6 +258,7 @@ def _stage_config(index: int, entry: Mapping[str, Any], files: Mapping[str, Any]
     for file in (entry["file"], extra and extra.get("file"), residual and residual.get("file")):
         if file is not None and file not in files:
             raise StackError(f"stage {index}: file {file!r} is not listed in stack.json files")
+    check_onnx_entry(index, entry, files)
     return cfg
 
 
@@ -426,7 +354,7 @@ def read_stack(
 ) -> LoadedStack:
     """Verify a stack directory completely, then build its SAEs (eval mode, no grad, on `device`)."""
     root = Path(stack_dir)
-    manifest, digest = _load_manifest(root)
+    manifest, digest = load_manifest(root)
     identity = HostModelIdentity.from_dict(manifest.get("host_model"))
     name = manifest.get("name")
     if not isinstance(name, str):
@@ -438,7 +366,7 @@ def read_stack(
     configs = [_stage_config(i, entry, files) for i, entry in enumerate(stages)]
     if len({s["name"] for s in stages}) != len(stages):
         raise StackError("stack.json: stage names must be unique")
-    _verify_files(root, files)
+    verify_files(root, files)
     try:
         _check_residual_widths(stages)
     except (KeyError, TypeError):

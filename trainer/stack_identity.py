@@ -17,10 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-
-class StackError(ValueError):
-    """A stack that cannot be written or must not be loaded; the message says what and why."""
-
+from trainer.stack_manifest import StackError
 
 _CONFIG_FIELDS: dict[str, tuple[str, ...]] = {  # canonical key -> HF config attributes, first one set wins
     "model_type": ("model_type",), "hidden_size": ("hidden_size", "n_embd", "d_model"),

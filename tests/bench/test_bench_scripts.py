@@ -37,3 +37,12 @@ def test_serve_overhead_reports_the_three_ratios():
             "direct_decompose"} == set(result["median_seconds"])
     assert len(result["comparisons"]) == 3 and all(c["ratio"] > 0 for c in result["comparisons"])
     assert result["comparisons"][0]["flop_floor"] > 1
+
+
+def test_onnx_encode_reports_kernels_memory_and_grpc():
+    result = _run("onnx_encode.py", "--stack", "random", "--model", "tiny-random", "--rows", "16", "--batches", "2",
+                  "--repeats", "1", "--threads", "1")
+    assert [s["architecture"] for s in result["stages"]] == ["sa_gsae", "sa_gsae"] and result["stages"][1]["residual"]
+    assert set(result["servers"]) == {"activation_only", "full"}
+    assert all(s["rss_mib"] > 0 and s["grpc_vectors_per_s"] > 0 for s in result["servers"].values())
+    assert len(result["comparisons"]) == 4 and all(c["ratio"] > 0 for c in result["comparisons"])

@@ -78,10 +78,10 @@ def test_get_feature(served):
     assert response.top_tokens[0].score >= response.top_tokens[-1].score
 
 
-def test_encode_activations_is_unimplemented_for_now(served):
+def test_encode_activations_names_the_missing_stage(served):
     code, message = status_of(lambda: served.stub.EncodeActivations(iter([pb.EncodeActivationsRequest()]),
                                                                      timeout=10))
-    assert code == grpc.StatusCode.UNIMPLEMENTED and "activation-only" in message
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "stage is required" in message
 
 
 # ------------------------------------------------------------------------------------------ Decompose
