@@ -2,7 +2,8 @@
 
 The check runs the graph in ONNX Runtime (CPU) and the same `StageGraph` in torch on identical fp32 inputs,
 and compares codes, L0, error norms and predicted error norms element by element: |onnx − torch| must be
-at most TOLERANCE · max(1, |torch|) (1e-4; fp32 with different summation orders lands near 1e-6).
+at most TOLERANCE · max(1, |torch|) (1e-4; fp32 with different summation orders lands near 1e-6); error
+norms relative to max(1, |torch|, ‖h‖), since they are differences of activation-sized vectors.
 
 One thing legitimately differs: a pre-activation within rounding of a threshold (JumpReLU, gated, SA-GSAE,
 BatchTopK's calibrated threshold) or a tie at TopK's k-th place may fall on either side in the two
@@ -91,8 +92,14 @@ def float64_twin(graph: StageGraph) -> StageGraph:
     return StageGraph(StackRuntime(stages), graph.stage.index, predictor).eval()
 
 
-def _relative(onnx_value: np.ndarray, torch_value: np.ndarray) -> np.ndarray:
-    return np.abs(onnx_value - torch_value) / np.maximum(1.0, np.abs(torch_value))
+def _relative(onnx_value: np.ndarray, torch_value: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    """|Δ| / max(1, |torch|[, scale]). Error norms pass scale = ‖h‖: the error h − ĥ is a difference of two
+    vectors of that size (for a residual stage ĥ holds A h_prev), so fp32 rounding is relative to ‖h‖, not
+    to the (much smaller) error itself."""
+    denominator = np.maximum(1.0, np.abs(torch_value))
+    if scale is not None:
+        denominator = np.maximum(denominator, scale)
+    return np.abs(onnx_value - torch_value) / denominator
 
 
 def _max(values: np.ndarray) -> float:
@@ -131,7 +138,8 @@ def check_parity(data: bytes, graph: StageGraph, h: Tensor, prev: Tensor | None,
     return ParityReport(
         source=source, rows=int(h.shape[0]), codes=int(z_ref.size), flipped_codes=int(flipped.sum()),
         rounding_flips=int(((exact != 0) != (z_ref != 0)).sum()), boundary_rows=int((~same).sum()),
-        max_code_diff=_max(_relative(z, z_ref)[same]), max_error_diff=_max(_relative(rest[1], reference[2])[same]),
+        max_code_diff=_max(_relative(z, z_ref)[same]),
+        max_error_diff=_max(_relative(rest[1], reference[2], scale=np.linalg.norm(h.numpy(), axis=1))[same]),
         max_predicted_diff=_max(_relative(rest[2], reference[3])[same]) if predicted else None,
         top_k_matches=top_k_matches)
 
