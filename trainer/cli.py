@@ -247,6 +247,35 @@ def _run_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_report(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "report", help="run the research comparisons and write docs/results.md with plots",
+        description="Train what is missing (runs are reused when their settings match), measure, and write "
+        "the report: 1 architectures sweep, 2 ReSAE vs plain, 3 error-norm prediction and ITO, 4 meta-SAE, "
+        "5 the demo stack. Plots go to img/ next to OUT.",
+    )
+    parser.add_argument("--out", required=True, metavar="FILE", help="markdown file, e.g. docs/results.md")
+    parser.add_argument("--runs", default="runs/report", metavar="DIR", help="where report runs live")
+    parser.add_argument("--sections", default="", metavar="LIST",
+                        help="comma-separated sections to regenerate (default all); others come from the cache")
+    parser.add_argument("--progress", action="store_true", help="progress bars while training")
+    parser.set_defaults(handler=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    from trainer.report import build_report
+    from trainer.report.runs import ReportSettings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    only = [s.strip() for s in args.sections.split(",") if s.strip()] or None
+    out = build_report(Path(args.out), ReportSettings(runs_dir=Path(args.runs), progress=args.progress), only)
+    print(f"report: {out}")
+    return 0
+
+
 METRIC_COLUMNS = ("fve", "l0", "dead_fraction", "cosine", "ce_loss_recovered", "delta_ce", "kl")
 
 
@@ -262,7 +291,7 @@ def format_metrics(stages: list[dict], hookpoints: list[str]) -> str:
 
 
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_corpus, _add_train, _add_eval, _add_import, _add_sweep, _add_export_onnx,
+    _add_corpus, _add_train, _add_eval, _add_import, _add_sweep, _add_export_onnx, _add_report,
 )
 
 

@@ -21,7 +21,7 @@ STAGE_ROWS: tuple[tuple[str, str], ...] = (
     ("dead_fraction", "dead fraction"),
     ("delta_ce", "ΔCE, this stage spliced (nats)"),
     ("ce_loss_recovered", "CE recovered, this stage spliced"),
-    ("redundancy_raw_mean_max_cos", "redundancy vs previous stage, raw (mean max |cos|)"),
+    ("redundancy_raw_mean_max_cos", "redundancy vs previous stage, raw (mean max \\|cos\\|)"),
     ("redundancy_raw_frac_above", "  fraction of atoms above 0.9, raw"),
     ("redundancy_mapped_mean_max_cos", "redundancy vs previous stage mapped through A (the ReSAE's A)"),
     ("redundancy_mapped_frac_above", "  fraction of atoms above 0.9, mapped"),

@@ -1,0 +1,194 @@
+"""Report section 1: SA-GSAE at width H against a Gated SAE at 2H and JumpReLU / TopK at H, over a
+sparsity sweep at three mid-depth hookpoints (residual stream, MLP out, attention out).
+
+Every run trains one plain stack whose three stages read the three hookpoints from one shared activation
+store, so all architectures see identical batches. Outputs: the FVE-vs-L0 Pareto table and plot per
+hookpoint, the dead fraction interpolated at matched L0, and SA-GSAE without its auxiliary loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.report.markdown import Table, fmt
+from trainer.report.runs import ReportSettings, base_config, train_or_reuse
+
+LAYER = 9
+HOOKPOINTS = [f"blocks.{LAYER}.hook_resid_post", f"blocks.{LAYER}.hook_mlp_out", f"blocks.{LAYER}.hook_attn_out"]
+WIDTH = 1024
+MATCHED_L0 = (16.0, 32.0)
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    family: str
+    """Row label shared by a sparsity sweep, e.g. 'SA-GSAE (H)'."""
+    architecture: str
+    width: int
+    knob: str
+    value: float
+    aux: bool = True
+
+    @property
+    def name(self) -> str:
+        tag = "" if self.aux else "-noaux"
+        knob = "lambda" if self.knob == "λ" else self.knob
+        return f"{self.architecture}{tag}-w{self.width}-{knob}{self.value:g}"
+
+    def sae(self) -> dict[str, Any]:
+        sae: dict[str, Any] = {"architecture": self.architecture, "width": self.width}
+        if self.knob == "k":
+            sae["k"] = int(self.value)
+        else:
+            sae["sparsity_coefficient"] = self.value
+        if self.architecture == "jumprelu":
+            sae |= {"threshold_init": 0.5, "bandwidth": 0.05}
+        if not self.aux:
+            sae["aux_reconstruction"] = False
+        return sae
+
+
+def sweep_runs() -> list[SweepRun]:
+    runs = [SweepRun("SA-GSAE (H)", "sa_gsae", WIDTH, "λ", v) for v in (1.0, 2.0, 4.0)]
+    runs += [SweepRun("Gated (2H)", "gated", 2 * WIDTH, "λ", v) for v in (1.0, 2.0, 4.0)]
+    runs += [SweepRun("JumpReLU (H)", "jumprelu", WIDTH, "λ", v) for v in (0.25, 0.5, 1.0)]
+    runs += [SweepRun("TopK (H)", "topk", WIDTH, "k", v) for v in (16, 32, 64)]
+    runs.append(SweepRun("SA-GSAE (H), no aux loss", "sa_gsae", WIDTH, "λ", 2.0, aux=False))
+    return runs
+
+
+def run_sweep(settings: ReportSettings) -> list[dict[str, Any]]:
+    """One row per (run, hookpoint) with the stage's evaluation metrics."""
+    root = settings.runs_dir / "architectures"
+    rows = []
+    for run in sweep_runs():
+        cfg = base_config(settings, name=run.name, hookpoints=HOOKPOINTS, store=str(root / "activations"),
+                          sae=run.sae())
+        report = train_or_reuse(cfg, root / run.name, settings)
+        for stage in report["stages"]:
+            rows.append({"family": run.family, "run": run.name, "knob": run.knob, "value": run.value,
+                         "aux": run.aux, "width": run.width, "hookpoint": stage["hookpoint"], **stage["eval"]})
+    return rows
+
+
+def interpolate_at(points: list[tuple[float, float]], x: float) -> float:
+    """Linear interpolation in log(L0) between the two sweep points around x; NaN outside their range."""
+    points = sorted(p for p in points if p[0] > 0 and not math.isnan(p[1]))
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if x0 <= x <= x1:
+            t = 0.0 if x1 == x0 else (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + t * (y1 - y0)
+    return math.nan
+
+
+def families(rows: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(r["family"] for r in rows if r["aux"]))
+
+
+def matched(rows: list[dict[str, Any]], hookpoint: str, family: str, key: str, l0: float) -> float:
+    points = [(r["l0"], r[key]) for r in rows if r["hookpoint"] == hookpoint and r["family"] == family]
+    return interpolate_at(points, l0)
+
+
+def pareto_table(rows: list[dict[str, Any]], hookpoint: str) -> Table:
+    table = Table(["architecture", "width", "sparsity", "L0", "FVE", "dead", "ΔCE (nats)", "CE recovered"])
+    for r in rows:
+        if r["hookpoint"] == hookpoint:
+            table.add([r["family"], r["width"], f"{r['knob']} {r['value']:g}", fmt(r["l0"], 1), fmt(r["fve"]),
+                       fmt(r["dead_fraction"]), fmt(r["delta_ce"]), fmt(r["ce_loss_recovered"])])
+    return table
+
+
+def matched_table(rows: list[dict[str, Any]]) -> Table:
+    header = ["hookpoint", "architecture"]
+    for l0 in MATCHED_L0:
+        header += [f"FVE @ L0 {l0:g}", f"dead @ L0 {l0:g}"]
+    table = Table(header)
+    for hookpoint in HOOKPOINTS:
+        for family in families(rows):
+            cells: list[Any] = [hookpoint, family]
+            for l0 in MATCHED_L0:
+                cells += [fmt(matched(rows, hookpoint, family, "fve", l0)),
+                          fmt(matched(rows, hookpoint, family, "dead_fraction", l0))]
+            table.add(cells)
+    return table
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """Claim-by-claim comparison with the paper, computed from the rows (never written by hand)."""
+    lines = []
+    for hookpoint in HOOKPOINTS:
+        for l0 in MATCHED_L0:
+            sa = {k: matched(rows, hookpoint, "SA-GSAE (H)", k, l0) for k in ("fve", "dead_fraction")}
+            gated = {k: matched(rows, hookpoint, "Gated (2H)", k, l0) for k in ("fve", "dead_fraction")}
+            if any(math.isnan(v) for v in (*sa.values(), *gated.values())):
+                lines.append(f"- `{hookpoint}` at L0 {l0:g}: not covered by both sweeps (no verdict).")
+                continue
+            fve_word = "matches or beats" if sa["fve"] >= gated["fve"] - 0.005 else "falls short of"
+            dead_gap = gated["dead_fraction"] - sa["dead_fraction"]
+            lines.append(
+                f"- `{hookpoint}` at L0 {l0:g}: SA-GSAE (H) {fve_word} Gated (2H) on FVE "
+                f"({sa['fve']:.3f} vs {gated['fve']:.3f}); dead fraction {sa['dead_fraction']:.3f} vs "
+                f"{gated['dead_fraction']:.3f} ({dead_gap:+.3f} in SA-GSAE's favour; paper: 0.35–0.62 lower).")
+    for r in rows:
+        if not r["aux"]:
+            with_aux = [x for x in rows if x["run"] == r["run"].replace("-noaux", "") and
+                        x["hookpoint"] == r["hookpoint"]]
+            if with_aux:
+                w = with_aux[0]
+                lines.append(
+                    f"- No-aux ablation, `{r['hookpoint']}`: dead fraction {r['dead_fraction']:.3f} vs "
+                    f"{w['dead_fraction']:.3f} with the auxiliary loss, FVE {r['fve']:.3f} vs {w['fve']:.3f}, "
+                    f"L0 {r['l0']:.1f} vs {w['l0']:.1f} (paper: ~98% dead without it).")
+    return lines
+
+
+def plot_pareto(rows: list[dict[str, Any]], out: Path) -> None:
+    """FVE against L0, one panel per hookpoint, one line per architecture family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(HOOKPOINTS), figsize=(5 * len(HOOKPOINTS), 4), sharey=False)
+    for ax, hookpoint in zip(axes, HOOKPOINTS, strict=True):
+        for family in dict.fromkeys(r["family"] for r in rows):
+            pts = sorted((r["l0"], r["fve"]) for r in rows if r["hookpoint"] == hookpoint and r["family"] == family)
+            ax.plot(*zip(*pts, strict=True), marker="o" if len(pts) > 1 else "x", label=family)
+        ax.set_xscale("log")
+        ax.set_xlabel("L0")
+        ax.set_ylabel("FVE")
+        ax.set_title(hookpoint)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def section(settings: ReportSettings, img_dir: Path, img_rel: str) -> str:
+    rows = run_sweep(settings)
+    plot_pareto(rows, img_dir / "architectures_pareto.png")
+    parts = [
+        "## 1. SA-GSAE vs Gated (2H) vs JumpReLU / TopK: sparsity sweep at three mid-depth hookpoints",
+        "",
+        f"Gemma 3 270M, `{'`, `'.join(HOOKPOINTS)}`; one plain 3-stage stack per run (all runs read one shared "
+        f"activation store, identical batches); {settings.train_tokens:,} training tokens "
+        f"({settings.train_tokens // 512} steps of 512), width H = {WIDTH} (Gated 2H = {2 * WIDTH}), seed "
+        f"{settings.seed}, one seed per point; evaluation on {settings.eval_tokens:,} held-out tokens, CE/KL on "
+        f"{settings.ce_windows} windows. Published comparison (methods.md §B): half-width SA-GSAE matches or "
+        "Pareto-dominates full-width Gated SAEs with 0.35–0.62 lower dead fraction (Pythia/SmolLM3), and ~98% "
+        "dead latents without the auxiliary loss.",
+        "",
+        f"![FVE vs L0]({img_rel}/architectures_pareto.png)",
+        "",
+    ]
+    for hookpoint in HOOKPOINTS:
+        parts += [f"### `{hookpoint}`", "", pareto_table(rows, hookpoint).render(), ""]
+    parts += ["### At matched L0 (interpolated in log L0 between sweep points; – = outside the sweep)", "",
+              matched_table(rows).render(), "", "### Against the paper", "", *verdicts(rows), ""]
+    return "\n".join(parts)
