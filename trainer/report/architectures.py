@@ -52,12 +52,15 @@ class SweepRun:
 
 
 def sweep_runs() -> list[SweepRun]:
-    runs = [SweepRun("SA-GSAE (H)", "sa_gsae", WIDTH, "λ", v) for v in (1.0, 2.0, 4.0)]
-    runs += [SweepRun("Gated (2H)", "gated", 2 * WIDTH, "λ", v) for v in (1.0, 2.0, 4.0)]
-    runs += [SweepRun("JumpReLU (H)", "jumprelu", WIDTH, "λ", v) for v in (0.25, 0.5, 1.0)]
-    runs += [SweepRun("TopK (H)", "topk", WIDTH, "k", v) for v in (16, 32, 64)]
-    runs.append(SweepRun("SA-GSAE (H), no aux loss", "sa_gsae", WIDTH, "λ", 2.0, aux=False))
-    return runs
+    """The grid, mid-sparsity points first so that a partial run already compares every family."""
+    sa = [SweepRun("SA-GSAE (H)", "sa_gsae", WIDTH, "λ", v) for v in (2.0, 1.0, 4.0)]
+    gated = [SweepRun("Gated (2H)", "gated", 2 * WIDTH, "λ", v) for v in (2.0, 1.0, 4.0)]
+    jump = [SweepRun("JumpReLU (H)", "jumprelu", WIDTH, "λ", v) for v in (0.5, 0.25, 1.0)]
+    topk = [SweepRun("TopK (H)", "topk", WIDTH, "k", v) for v in (32, 16, 64)]
+    noaux = [SweepRun("SA-GSAE (H), no aux loss", "sa_gsae", WIDTH, "λ", 2.0, aux=False)]
+    middle = [family[0] for family in (sa, gated, topk, jump)]
+    ends = [run for family in (sa, gated, topk, jump) for run in family[1:]]
+    return middle + noaux + ends
 
 
 def run_sweep(settings: ReportSettings) -> list[dict[str, Any]]:
