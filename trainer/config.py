@@ -1,6 +1,7 @@
 """Training configuration: frozen dataclasses loaded from a TOML file, validated, fingerprinted.
 
-A config file has the sections [model], [corpus], [activations], [sae], [training], [eval]; every
+A config file has the sections [model], [corpus], [activations], [sae], [training], [eval] and the
+optional [meta_sae] (meta-SAE regularised training; absent means off); every
 key is optional except `stack.hookpoints`. Unknown sections or keys are refused with the list of
 valid ones, so a typo never silently falls back to a default.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -57,6 +59,11 @@ class StackSection:
     """ReSAE: stage m+1 trains on the scaled residual of an affine prediction from stage m's hookpoint."""
     calibration_tokens: int = 100_000
     """Tokens of the calibration split collected to fit the affine maps (residualize only)."""
+    error_predictors: bool = False
+    """Fit per-stage error-norm probes on held-out calibration tokens after training and store them in the
+    stack (trainer/error_predictors.py), so the service reports predicted error norms."""
+    error_predictor_tokens: int = 0
+    """Calibration tokens for the probes; 0 means calibration_tokens (the ReSAE calibration store is reused)."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,52 @@ class EvalSection:
 
 
 @dataclass(frozen=True)
+class DistributedSection:
+    """How `torchrun` ranks share the work (trainer/distributed.py); ignored by a single process."""
+
+    mode: str = "data"
+    """"data": each rank trains every stage on its share of each batch (gradients all-reduced);
+    "stages": rank r trains stages r, r+N, ... on full batches."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("data", "stages"):
+            raise ValueError(f"distributed.mode must be 'data' or 'stages', got {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class MetaSAESection:
+    """Meta-SAE regularised training (reference/methods.md §D), for every stage; the section's presence
+    switches it on. The TOML key for `lambda_` is `lambda` (a Python keyword)."""
+
+    width: int = 256
+    """Meta-latents m (≪ the primary width; the paper uses ≈9%)."""
+    k: int = 4
+    """Mean active meta-latents per decoder row (BatchTopK)."""
+    lambda_: float = 0.3
+    """λ₂: weight of mean_i exp(−‖d_i − meta(d_i)‖²/σ²) in the primary loss."""
+    sigma2: float = 1.0
+    """σ² of the penalty's kernel."""
+    primary_steps: int = 10
+    """Primary optimiser steps per phase (the meta-SAE is a frozen critic meanwhile)."""
+    meta_steps: int = 5
+    """Meta-SAE steps per phase, each on all current decoder rows."""
+
+    def __post_init__(self) -> None:
+        for name in ("width", "k", "primary_steps", "meta_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"meta_sae.{name} must be an integer >= 1, got {value!r}")
+        if self.k > self.width:
+            raise ValueError(f"meta_sae.k must be <= meta_sae.width ({self.width}), got {self.k}")
+        finite = [isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                  for v in (self.lambda_, self.sigma2)]
+        if not finite[0] or self.lambda_ < 0:
+            raise ValueError(f"meta_sae.lambda must be a finite number >= 0, got {self.lambda_!r}")
+        if not finite[1] or self.sigma2 <= 0:
+            raise ValueError(f"meta_sae.sigma2 must be a finite number > 0, got {self.sigma2!r}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     corpus: CorpusSection = field(default_factory=CorpusSection)
@@ -119,6 +172,10 @@ class TrainConfig:
     sae: SAESection = field(default_factory=SAESection)
     training: TrainingSection = field(default_factory=TrainingSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    meta_sae: MetaSAESection | None = field(default=None, metadata={"section": MetaSAESection})
+    """Absent (None) unless the config has a [meta_sae] table."""
+    distributed: DistributedSection | None = field(default=None, metadata={"section": DistributedSection})
+    """Absent (None: data mode) unless the config has a [distributed] table."""
 
     def __post_init__(self) -> None:
         if not self.stack.hookpoints:
@@ -143,11 +200,17 @@ class TrainConfig:
             raise ValueError("stack.residualize needs at least two hookpoints (stage 0 is plain, the rest residual)")
         if self.stack.calibration_tokens < 1:
             raise ValueError(f"stack.calibration_tokens must be >= 1, got {self.stack.calibration_tokens}")
+        if self.stack.error_predictor_tokens < 0:
+            raise ValueError(f"stack.error_predictor_tokens must be >= 0, got {self.stack.error_predictor_tokens}")
         if self.training.lr <= 0:
             raise ValueError(f"training.lr must be > 0, got {self.training.lr}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        for optional in ("meta_sae", "distributed"):
+            if data.get(optional) is None:
+                data.pop(optional, None)  # configs without it keep their fingerprint
+        return data
 
     def fingerprint(self) -> str:
         """Hash of the canonical JSON: a resumed run must match the config it started with."""
@@ -160,13 +223,17 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-_SECTIONS = {f.name: f.default_factory for f in fields(TrainConfig)}  # type: ignore[misc]
+_SECTIONS = {f.name: f.metadata.get("section", f.default_factory) for f in fields(TrainConfig)}  # type: ignore[misc]
+_KEY_ALIASES = {"meta_sae": {"lambda": "lambda_"}}  # TOML key -> field name
 
 
 def _section(name: str, values: dict[str, Any]) -> Any:
     cls = _SECTIONS[name]
+    aliases = _KEY_ALIASES.get(name, {})
+    values = {aliases.get(k, k): v for k, v in values.items()}
     allowed = {f.name for f in fields(cls)}
     unknown = set(values) - allowed
+    allowed = allowed - set(aliases.values()) | set(aliases)  # name keys as the TOML file spells them
     if unknown:
         raise ValueError(f"unknown key(s) {sorted(unknown)} in [{name}]; allowed: {', '.join(sorted(allowed))}")
     if name == "stack" and "hookpoints" in values:

@@ -44,6 +44,7 @@ from trainer import __version__
 from trainer.onnx_parity import ParityReport, check_parity, random_inputs
 from trainer.sae.base import l0
 from trainer.stack import LoadedStage, StackError, attach_onnx, read_stack
+from trainer.stack_error import NormProbe
 from trainer.stack_runtime import StackRuntime
 
 OPSET = 17
@@ -55,13 +56,13 @@ ErrorPredictor = nn.Module
 
 
 def error_predictor(stage: LoadedStage) -> ErrorPredictor | None:
-    """The stage's error-norm predictor as a traceable module; None while stacks carry none.
-
-    Stacks get per-stage error probes with the error-predictor issue; this is the one place the exporter
-    asks for them (like `service.engine.served.predicted_error_norm` on the torch path), so the graphs grow
-    a `predicted_error_norm` output and the ONNX server reports it without further change.
+    """The stage's stored norm probe as a traceable module (trainer/stack_error.py: relu(x·w + b) on the
+    stage's SAE input), or None when the stage has none; the graph then has a `predicted_error_norm` output.
+    The one place the exporter asks for it, like `service.engine.served.predicted_error_norm` on the torch path.
     """
-    return None
+    if stage.error_predictor is None:
+        return None
+    return NormProbe(stage.error_predictor, stage.input_scale, stage.affine).to(stage.sae.W_dec.device)
 
 
 class StageGraph(nn.Module):

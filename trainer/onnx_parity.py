@@ -3,7 +3,8 @@
 The check runs the graph in ONNX Runtime (CPU) and the same `StageGraph` in torch on identical fp32 inputs,
 and compares codes, L0, error norms and predicted error norms element by element: |onnx − torch| must be
 at most TOLERANCE · max(1, |torch|) (1e-4; fp32 with different summation orders lands near 1e-6); error
-norms relative to max(1, |torch|, ‖h‖), since they are differences of activation-sized vectors.
+norms and predicted error norms relative to max(1, |torch|, ‖h‖), since they are computed from differences of
+activation-sized vectors (the norm probe reads the SAE input, for a residual stage s·(h − A h_prev − c)).
 
 One thing legitimately differs: a pre-activation within rounding of a threshold (JumpReLU, gated, SA-GSAE,
 BatchTopK's calibrated threshold) or a tie at TopK's k-th place may fall on either side in the two
@@ -119,6 +120,7 @@ def check_parity(data: bytes, graph: StageGraph, h: Tensor, prev: Tensor | None,
     feeds = {name: t.numpy() for name, t in zip(("activations", *(["previous"] if prev is not None else []),
                                                  "error_rows"), args, strict=True)}
     z_ref, d_sae = reference[0], reference[0].shape[1]
+    h_norm = np.linalg.norm(h.numpy(), axis=1)  # (N,) the rounding scale of error norms and their predictions
     predicted = ["predicted_error_norm"] if len(reference) > 3 else []
     small = None
     if codes == "top_k":
@@ -139,8 +141,8 @@ def check_parity(data: bytes, graph: StageGraph, h: Tensor, prev: Tensor | None,
         source=source, rows=int(h.shape[0]), codes=int(z_ref.size), flipped_codes=int(flipped.sum()),
         rounding_flips=int(((exact != 0) != (z_ref != 0)).sum()), boundary_rows=int((~same).sum()),
         max_code_diff=_max(_relative(z, z_ref)[same]),
-        max_error_diff=_max(_relative(rest[1], reference[2], scale=np.linalg.norm(h.numpy(), axis=1))[same]),
-        max_predicted_diff=_max(_relative(rest[2], reference[3])[same]) if predicted else None,
+        max_error_diff=_max(_relative(rest[1], reference[2], scale=h_norm)[same]),
+        max_predicted_diff=_max(_relative(rest[2], reference[3], scale=h_norm)[same]) if predicted else None,
         top_k_matches=top_k_matches)
 
 

@@ -8,6 +8,7 @@ gradient clipping and dead-latent handling exist once.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +25,11 @@ class DeadLatentTracker:
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
 
     def update(self, z: Tensor) -> None:
-        fired = (z != 0).any(dim=0)  # (d_sae,)
-        self.tokens_since_fired += z.shape[0]
+        self.record((z != 0).any(dim=0), z.shape[0])
+
+    def record(self, fired: Tensor, tokens: int) -> None:
+        """`fired` (d_sae,) bool over a batch of `tokens` tokens (data-parallel: the global batch)."""
+        self.tokens_since_fired += tokens
         self.tokens_since_fired[fired] = 0
 
     def dead_mask(self) -> Tensor:
@@ -63,11 +67,22 @@ def train_step(
     sparsity_scale: float = 1.0,
     dead_mask: Tensor | None = None,
     max_grad_norm: float = 1.0,
+    penalty: Callable[[SparseAutoencoder], Tensor] | None = None,
+    sync_grads: Callable[[SparseAutoencoder], None] | None = None,
 ) -> ForwardOutput:
-    """Forward, backward, keep decoder rows unit norm, step. Returns the (detached) forward output."""
+    """Forward, backward, keep decoder rows unit norm, step. Returns the (detached) forward output.
+
+    `penalty(sae)`, when given, is a scalar added to the loss (e.g. the meta-SAE decomposability term,
+    trainer/meta_sae.py) and reported as losses["penalty"]; it goes through the same decoder-norm upkeep.
+    `sync_grads(sae)` runs right after backward (data-parallel training averages gradients over ranks there)."""
     out = sae(x, sparsity_scale=sparsity_scale, dead_mask=dead_mask)
+    if penalty is not None:
+        term = penalty(sae)
+        out = ForwardOutput(out.x_hat, out.z, {**out.losses, "penalty": term, "total": out.losses["total"] + term})
     optimizer.zero_grad(set_to_none=True)
     out.losses["total"].backward()
+    if sync_grads is not None:
+        sync_grads(sae)
     sae.remove_parallel_decoder_grad_()
     torch.nn.utils.clip_grad_norm_(sae.parameters(), max_grad_norm)
     optimizer.step()

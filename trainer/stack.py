@@ -4,12 +4,17 @@
     stage_00_blocks.3.hook_resid_post.safetensors      stage 0's SAE state_dict, contiguous fp32
     stage_00_blocks.3.hook_resid_post.extra.safetensors  optional per-stage extra tensors
     stage_01_blocks.6.hook_resid_post.affine.safetensors  a residual (ReSAE) stage's predictor A, c
+    stage_01_blocks.6.hook_resid_post.error.safetensors   optional error-norm probes (trainer/stack_error.py)
+    stage_00_blocks.3.hook_resid_post.meta.safetensors    optional meta-SAE over the decoder rows
 
 The manifest holds `name`, `created_by`, `host_model` (a HostModelIdentity), `stages` in forward order
 (index, name, hookpoint, architecture, d_in, d_sae, signed, input_scale, sae_config, file/sha256/bytes,
 optional extra_tensors {file, sha256, bytes, keys}, optional residual {from_stage, file, sha256, bytes,
 alpha, r2_held_out, residual_scale, r2_by_alpha} for a ReSAE stage that reads the residual of the stage
-`from_stage`, optional onnx {file, sha256, bytes, codes, inputs, outputs, source, ...} written by
+`from_stage`, optional error_predictor {file, sha256, bytes, target, input, from_stage, prev_input_scale,
+held-out R² and error split; see trainer/stack_error.py},
+optional meta_sae {file, sha256, bytes, width, k, sae_config, metrics} (trainer/meta_sae.py),
+optional onnx {file, sha256, bytes, codes, inputs, outputs, source, ...} written by
 `export-onnx` (see trainer/stack_manifest.py), free-form extras/training/metrics), optional stack-level
 `metrics`, and `files`, every file of the stack with its sha256 and size. `read_stack` verifies all of
 it before any tensor is used: supported version, plain file names inside the directory (no `..`, no symlink out, never a
@@ -40,12 +45,15 @@ from torch import Tensor
 from trainer import __version__
 from trainer.sae.base import ARCHITECTURES, SAEConfig, SparseAutoencoder, build_sae
 from trainer.stack_affine import AffineMap
+from trainer.stack_error import ErrorPredictor
 from trainer.stack_identity import HostModelIdentity, model_fingerprint, weights_fingerprint
 from trainer.stack_manifest import (
     MANIFEST,
     SUPPORTED_FORMAT_VERSIONS,
     StackError,
     attach_onnx,
+    check_dimensions,
+    check_meta_entry,
     check_onnx_entry,
     dump_manifest,
     file_sha256,
@@ -86,6 +94,9 @@ class StageSpec:
     extra_tensors: dict[str, Tensor] | None = None
     residual_of: int | None = None  # ReSAE: the earlier stage whose activation the affine map reads
     affine: AffineMap | None = None  # its input_scale must be affine.residual_scale
+    error_predictor: ErrorPredictor | None = None  # error-norm probes (trainer/stack_error.py)
+    meta_sae: SparseAutoencoder | None = None  # a meta-SAE over the decoder rows (trainer/meta_sae.py)
+    meta_metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def _write_tensors(directory: Path, file: str, tensors: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -121,6 +132,18 @@ def _stage_entry(index: int, spec: StageSpec, directory: Path) -> dict[str, Any]
                              f"{spec.affine.residual_scale}")
         affine = _write_tensors(directory, f"{stem}.affine.safetensors", spec.affine.tensors())
         entry["residual"] = {"from_stage": spec.residual_of, **affine, **spec.affine.metadata()}
+    if (probes := spec.error_predictor) is not None:
+        source = probes.from_stage
+        if source is not None and not (isinstance(source, int) and 0 <= source < index):
+            raise StackError(f"stage {index}: the error predictor's from_stage must name an earlier stage")
+        written = _write_tensors(directory, f"{stem}.error.safetensors", probes.tensors())
+        entry["error_predictor"] = probes.metadata() | written
+    if (meta := spec.meta_sae) is not None:
+        if meta.d_in != cfg.d_in:
+            raise StackError(f"stage {index}: the meta-SAE reads d_in={meta.d_in} rows, the decoder has {cfg.d_in}")
+        written = _write_tensors(directory, f"{stem}.meta.safetensors", meta.state_dict())
+        entry["meta_sae"] = written | {"width": meta.d_sae, "k": meta.cfg.k, "sae_config": meta.cfg.to_dict(),
+                                       "metrics": dict(spec.meta_metrics)}
     return entry | {"extras": spec.extras, "training": spec.training, "metrics": spec.metrics}
 
 
@@ -151,7 +174,9 @@ def write_stack(
     try:
         entries = [_stage_entry(i, spec, tmp) for i, spec in enumerate(stages)]
         _check_residual_widths(entries)
-        records = [r for e in entries for r in (e, e.get("extra_tensors"), e.get("residual")) if r]
+        records = [r for e in entries for r in (e, e.get("extra_tensors"), e.get("residual"), e.get("error_predictor"))
+                   if r]
+        records += [e["meta_sae"] for e in entries if e.get("meta_sae")]
         dump_manifest(tmp / MANIFEST, {
             "format_version": FORMAT_VERSION, "name": name, "created_by": f"featurewire-trainer {__version__}",
             "host_model": asdict(identity), "stages": entries, "metrics": dict(metrics or {}),
@@ -212,6 +237,8 @@ class LoadedStage:
     metrics: dict[str, Any]
     residual_of: int | None = None
     affine: AffineMap | None = None
+    error_predictor: ErrorPredictor | None = None
+    meta_sae: SparseAutoencoder | None = None  # meta-latents of its features (trainer/stack_meta.py)
 
 
 @dataclass
@@ -237,6 +264,7 @@ def _stage_config(index: int, entry: Mapping[str, Any], files: Mapping[str, Any]
     for key, kind in kinds.items():
         if not isinstance(entry.get(key), kind) or isinstance(entry.get(key), bool):
             raise StackError(f"stack.json: stages[{index}].{key} is missing or has the wrong type")
+    check_dimensions(index, entry)
     if not math.isfinite(entry["input_scale"]) or entry["input_scale"] <= 0:
         raise StackError(f"stack.json: stages[{index}].input_scale must be finite and > 0")
     if entry["architecture"] not in ARCHITECTURES:
@@ -255,10 +283,15 @@ def _stage_config(index: int, entry: Mapping[str, Any], files: Mapping[str, Any]
     residual = entry.get("residual")
     if residual is not None:
         _check_residual_entry(index, entry, residual)
-    for file in (entry["file"], extra and extra.get("file"), residual and residual.get("file")):
+    probes = entry.get("error_predictor")
+    if probes is not None:
+        _check_error_predictor_entry(index, probes)
+    for file in (entry["file"], extra and extra.get("file"), residual and residual.get("file"),
+                 probes and probes.get("file")):
         if file is not None and file not in files:
             raise StackError(f"stage {index}: file {file!r} is not listed in stack.json files")
     check_onnx_entry(index, entry, files)
+    _meta_config(index, entry, files)
     return cfg
 
 
@@ -278,6 +311,22 @@ def _check_residual_entry(index: int, entry: Mapping[str, Any], residual: Any) -
         raise StackError(f"{where}.residual_scale must be finite, > 0 and equal to the stage's input_scale")
     if not isinstance(residual.get("r2_by_alpha", {}), dict):
         raise StackError(f"{where}.r2_by_alpha must be an object")
+
+
+def _check_error_predictor_entry(index: int, record: Any) -> None:
+    """A stage's error probes: a file, an earlier stage for the previous probe, numbers where numbers go."""
+    where = f"stack.json: stages[{index}].error_predictor"
+    if not isinstance(record, dict) or not isinstance(record.get("file"), str):
+        raise StackError(f"{where} must be an object with a file")
+    source = record.get("from_stage")
+    if source is not None and not (type(source) is int and 0 <= source < index):
+        raise StackError(f"{where}.from_stage must be null or the index of an earlier stage, got {source!r}")
+    scale = record.get("prev_input_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not (math.isfinite(scale) and scale > 0):
+        raise StackError(f"{where}.prev_input_scale must be a finite number > 0")
+    for key in ("norm_r2", "vector_r2", "prev_r2", "nonlinear_share"):
+        if record.get(key) is not None and (isinstance(record[key], bool) or not isinstance(record[key], int | float)):
+            raise StackError(f"{where}.{key} must be a number or null")
 
 
 def _header(data: bytes, file: str) -> Header:
@@ -336,6 +385,14 @@ def _build_stage(root: Path, index: int, entries: list[dict], cfg: SAEConfig, fi
         tensors = _read_tensors(root, residual["file"], files[residual["file"]]["sha256"], want,
                                 f"an affine map from d={d_prev} to d={cfg.d_in}")
         affine = AffineMap.from_tensors({k: v.to(device) for k, v in tensors.items()}, residual)
+    error_predictor = None
+    if probes := entry.get("error_predictor"):
+        d_prev = None if probes.get("from_stage") is None else entries[probes["from_stage"]]["d_in"]
+        want = {k: ("F32", shape) for k, shape in ErrorPredictor.expected_shapes(cfg.d_in, d_prev).items()}
+        what = f"error probes for d={cfg.d_in}" + (f" and a previous stage of d={d_prev}" if d_prev else "")
+        tensors = _read_tensors(root, probes["file"], files[probes["file"]]["sha256"], want, what)
+        error_predictor = ErrorPredictor.from_tensors({k: v.to(device) for k, v in tensors.items()}, probes)
+    meta_sae = _load_meta_sae(root, index, entry, files, device)
     with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the caller's RNG alone
         sae = build_sae(cfg)
     sae.load_state_dict(state, strict=True)
@@ -345,8 +402,38 @@ def _build_stage(root: Path, index: int, entries: list[dict], cfg: SAEConfig, fi
         signed=bool(sae.signed), extras=dict(entry.get("extras") or {}),
         extra_tensors={k: v.to(device) for k, v in extra_tensors.items()},
         training=dict(entry.get("training") or {}), metrics=dict(entry.get("metrics") or {}),
-        residual_of=residual["from_stage"] if residual else None, affine=affine,
+        residual_of=residual["from_stage"] if residual else None, affine=affine, error_predictor=error_predictor,
+        meta_sae=meta_sae,
     )
+
+
+def _meta_config(index: int, entry: Mapping[str, Any], files: Mapping[str, Any]) -> SAEConfig | None:
+    """The config of the stage's meta-SAE, which must read the stage's d_in-wide rows with its width and k."""
+    record = check_meta_entry(index, entry, files)
+    if record is None:
+        return None
+    try:
+        cfg = SAEConfig.from_dict(record["sae_config"])
+    except (TypeError, ValueError) as exc:
+        raise StackError(f"stage {index}: invalid meta_sae.sae_config: {exc}") from None
+    if (cfg.d_in, cfg.d_sae, cfg.k) != (entry["d_in"], record["width"], record["k"]):
+        raise StackError(f"stage {index}: meta_sae.sae_config (d_in={cfg.d_in}, d_sae={cfg.d_sae}, k={cfg.k}) "
+                         f"disagrees with the stage's d_in {entry['d_in']} and the record's width and k")
+    return cfg
+
+
+def _load_meta_sae(root: Path, index: int, entry: Mapping[str, Any], files: Mapping[str, Any],
+                   device: str) -> SparseAutoencoder | None:
+    cfg = _meta_config(index, entry, files)
+    if cfg is None:
+        return None
+    file = entry["meta_sae"]["file"]
+    state = _read_tensors(root, file, files[file]["sha256"], _expected_state(cfg),
+                          f"stage {index}'s meta-SAE config ({cfg.architecture} d_in={cfg.d_in} d_sae={cfg.d_sae})")
+    with torch.random.fork_rng(devices=[]):
+        meta = build_sae(cfg)
+    meta.load_state_dict(state, strict=True)
+    return meta.requires_grad_(False).eval().to(device)
 
 
 def read_stack(

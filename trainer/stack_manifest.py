@@ -36,6 +36,9 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".npy", ".
 SUPPORTED_FORMAT_VERSIONS = (1,)
 ONNX_CODES = ("top_k", "full")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
+MAX_DIMENSION = 2**31 - 1
+"""Largest d_in or d_sae a stack may declare: widths and feature ids travel as uint32 in the API, and a
+larger declared shape is refused before anything is built (torch overflows building 2**62 features)."""
 
 
 class StackError(ValueError):
@@ -137,7 +140,7 @@ def verify_files(root: Path, files: Mapping[str, Any]) -> None:
 
 def stage_sources(entry: Mapping[str, Any], files: Mapping[str, Any]) -> dict[str, str]:
     """The weight files a stage's graph is computed from, with their sha256: {file: sha256}."""
-    records = (entry.get("residual"), entry.get("extra_tensors"))
+    records = (entry.get("residual"), entry.get("extra_tensors"), entry.get("error_predictor"))
     names = [entry.get("file"), *(r.get("file") for r in records if isinstance(r, dict))]
     return {n: files[n]["sha256"] for n in names if isinstance(n, str) and isinstance(files.get(n), dict)}
 
@@ -167,6 +170,25 @@ def check_onnx_entry(index: int, entry: Mapping[str, Any], files: Mapping[str, A
 def onnx_file_name(index: int, hookpoint: str, data: bytes) -> str:
     """`stage_00_<hookpoint>.<12 hex of sha256>.onnx`: new content, new name (see the module docstring)."""
     return f"stage_{index:02d}_{hookpoint}.{hashlib.sha256(data).hexdigest()[:12]}.onnx"
+
+
+def check_meta_entry(index: int, entry: Mapping[str, Any], files: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The stage's `meta_sae` record (a meta-SAE over its decoder rows, trainer/meta_sae.py) after checking
+    its shape and that its file is listed; None when the stage has none."""
+    record = entry.get("meta_sae")
+    if record is None:
+        return None
+    where = f"stack.json: stages[{index}].meta_sae"
+    if not isinstance(record, dict) or not isinstance(record.get("file"), str):
+        raise StackError(f"{where} must be an object with a file")
+    if record["file"] not in files:
+        raise StackError(f"{where}: file {record['file']!r} is not listed in stack.json files")
+    for key in ("width", "k"):
+        if type(record.get(key)) is not int or record[key] < 1:
+            raise StackError(f"{where}.{key} must be an integer >= 1")
+    if not isinstance(record.get("sae_config"), dict) or not isinstance(record.get("metrics", {}), dict):
+        raise StackError(f"{where} needs an sae_config object (and metrics, if any, must be an object)")
+    return record
 
 
 def attach_onnx(stack_dir: str | Path, graphs: Mapping[int, tuple[bytes, Mapping[str, Any]]]) -> list[str]:
@@ -234,14 +256,22 @@ class StackSummary:
     stages: tuple[StageSummary, ...]
 
 
+def check_dimensions(index: int, entry: Mapping[str, Any]) -> None:
+    """d_in and d_sae (already known to be ints) within 1..MAX_DIMENSION."""
+    for key in ("d_in", "d_sae"):
+        if not 1 <= entry[key] <= MAX_DIMENSION:
+            raise StackError(f"stack.json: stages[{index}].{key} {entry[key]} is out of range: 1..{MAX_DIMENSION}")
+
+
 def _stage_summary(index: int, entry: Mapping[str, Any], files: Mapping[str, Any]) -> StageSummary:
     kinds = {"name": str, "hookpoint": str, "architecture": str, "d_in": int, "d_sae": int, "input_scale": (int, float)}
     for key, kind in kinds.items():
         if not isinstance(entry.get(key), kind) or isinstance(entry.get(key), bool):
             raise StackError(f"stack.json: stages[{index}].{key} is missing or has the wrong type")
     scale = entry["input_scale"]
-    if entry["d_in"] < 1 or entry["d_sae"] < 1 or not (math.isfinite(scale) and scale > 0):
-        raise StackError(f"stack.json: stages[{index}] needs d_in, d_sae >= 1 and a finite input_scale > 0")
+    check_dimensions(index, entry)
+    if not (math.isfinite(scale) and scale > 0):
+        raise StackError(f"stack.json: stages[{index}] needs a finite input_scale > 0")
     residual = entry.get("residual")
     source = residual.get("from_stage") if isinstance(residual, dict) else None
     if residual is not None and not (type(source) is int and 0 <= source < index):

@@ -26,6 +26,7 @@ from torch import Tensor
 from trainer.sae.base import SparseAutoencoder
 from trainer.stack import LoadedStack
 from trainer.stack_affine import AffineMap
+from trainer.stack_error import ErrorPredictor
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,6 +40,7 @@ class RuntimeStage:
     input_scale: float  # s: the activation scale (plain) or the residual scale (residual)
     residual_of: int | None = None  # index of the stage whose flowed activation feeds the predictor
     affine: AffineMap | None = None  # h ≈ A h_prev + c, for residual stages
+    error_predictor: ErrorPredictor | None = None  # probes of ‖h − ĥ‖ from the SAE input (trainer/stack_error.py)
 
     @property
     def is_residual(self) -> bool:
@@ -54,6 +56,7 @@ class StageResult:
     sae_recon: Tensor  # (N, d) the SAE's reconstruction in its input space
     recon: Tensor  # (N, d) reconstruction in activation space
     error: Tensor  # (N, d) h − recon, in activation space
+    predicted_error_norm: Tensor | None = None  # (N,) the stage's norm probe, when it has one
 
     def error_norm(self) -> Tensor:
         return self.error.norm(dim=-1)  # (N,)
@@ -88,8 +91,8 @@ class StackRuntime:
 
     @classmethod
     def from_loaded(cls, stack: LoadedStack) -> StackRuntime:
-        return cls([RuntimeStage(s.index, s.name, s.hookpoint, s.sae, s.input_scale, s.residual_of, s.affine)
-                    for s in stack.stages])
+        return cls([RuntimeStage(s.index, s.name, s.hookpoint, s.sae, s.input_scale, s.residual_of, s.affine,
+                                 s.error_predictor) for s in stack.stages])
 
     # ------------------------------------------------------------------------------------- per stage
 
@@ -142,7 +145,15 @@ class StackRuntime:
         z = stage.sae.encode(x)  # (N, d_sae)
         x_hat = stage.sae.decode(z)  # (N, d)
         recon = self.to_activation(stage, x_hat, prev)
-        return StageResult(z, x, x_hat, recon, _flat(h).to(recon.device, recon.dtype) - recon)
+        predicted = stage.error_predictor.predict_norm(x) if stage.error_predictor is not None else None
+        return StageResult(z, x, x_hat, recon, _flat(h).to(recon.device, recon.dtype) - recon, predicted)
+
+    def predict_error_norm(self, stage: RuntimeStage, h: Tensor, prev: Tensor | None = None) -> Tensor | None:
+        """The stage's predicted ‖h − ĥ‖ (N,) from the activation that flowed, without encoding; None when
+        the stage has no error predictor. The same number `run_stage` reports."""
+        if stage.error_predictor is None:
+            return None
+        return stage.error_predictor.predict_norm(self.sae_input(stage, h, prev))
 
     def edit_delta(self, stage: RuntimeStage, z: Tensor, z_new: Tensor) -> Tensor:
         """The activation change of an error-preserving edit z → z': (z' − z) W_dec / s, (N, d)."""

@@ -28,8 +28,12 @@ from service.engine.loading import load_host_model
 from trainer.activations import ActivationManifest, collect_activations, iterate_batches
 from trainer.checkpoint import StageTrainingState, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
+from trainer.cooccurrence import cooccurrence_metrics
 from trainer.corpus import Document, Splits, load_corpus, split_documents
+from trainer.distributed import LOCAL, Distributed
+from trainer.error_predictors import fit_error_predictors
 from trainer.evaluate import evaluate_runtime
+from trainer.meta_sae import build_meta_state, meta_metrics, meta_phase, meta_phase_due, penalty_term
 from trainer.optimization import (
     DeadLatentTracker,
     fve,
@@ -43,6 +47,7 @@ from trainer.sae.base import build_sae, l0
 from trainer.sae.batchtopk import BatchTopKSAE
 from trainer.stack import HostModelIdentity, StageSpec, write_stack
 from trainer.stack_affine import AffineMap
+from trainer.stack_error import ErrorPredictor
 from trainer.stack_runtime import RuntimeStage, StackRuntime
 
 logger = logging.getLogger(__name__)
@@ -101,6 +106,8 @@ def _build_states(cfg: TrainConfig, manifest: ActivationManifest, device: torch.
         sae = build_sae(cfg.sae.sae_config(manifest.d(hookpoint))).to(device)
         tracker = DeadLatentTracker(sae.d_sae, cfg.training.dead_after_tokens, device)
         states.append(StageTrainingState(sae, make_optimizer(sae, cfg.training.lr), tracker))
+    for state in states if cfg.meta_sae else []:  # built after every primary: same primaries as a solo run
+        state.meta = build_meta_state(cfg.meta_sae, state.sae.W_dec, cfg.training.lr)
     return states
 
 
@@ -130,15 +137,18 @@ def total_steps(cfg: TrainConfig, manifest: ActivationManifest) -> int:
 
 def fit_stages(cfg: TrainConfig, manifest: ActivationManifest, states: list[StageTrainingState],
                runtime: StackRuntime, checkpoint_dir: Path, *, progress: bool = True,
-               on_step: Callable[[int], None] | None = None) -> list[dict[str, float]]:
-    """Train all stages on the same batches (one activation pass feeds them all); resumable."""
+               on_step: Callable[[int], None] | None = None, parallel: Distributed = LOCAL) -> list[dict[str, float]]:
+    """Train all stages on the same batches (one activation pass feeds them all); resumable. Under torchrun,
+    `parallel` splits each batch's rows or the stages across ranks (trainer/distributed.py)."""
     t = cfg.training
     hookpoints = list(cfg.stack.hookpoints)
     steps = total_steps(cfg, manifest)
     start = load_checkpoint(checkpoint_dir, cfg.fingerprint(), states)
+    parallel.prepare(states)
     device = states[0].tracker.tokens_since_fired.device
     batches = iterate_batches(manifest, hookpoints, t.batch_size, buffer_tokens=t.buffer_tokens, seed=t.seed,
                               device=device, epochs=None, skip_batches=start, drop_last=True, normalize=False)
+    batches = parallel.local_rows(batches)
     recent: list[list[dict[str, float]]] = [[] for _ in states]
     bar = tqdm(total=steps * t.batch_size, initial=start * t.batch_size, unit="tok", unit_scale=True,
                desc="train", disable=not progress)
@@ -148,31 +158,42 @@ def fit_stages(cfg: TrainConfig, manifest: ActivationManifest, states: list[Stag
                 inputs = sae_inputs(runtime, next(batches))
             if step == 0:
                 for x, state in zip(inputs, states, strict=True):
-                    state.sae.init_b_dec_(x)
-            for x, state, log in zip(inputs, states, recent, strict=True):
-                log.append(_step_stage(cfg, state, x, step, steps))
-                del log[:-50]
+                    state.sae.init_b_dec_(parallel.gather_rows(x))
+            for i, (x, state, log) in enumerate(zip(inputs, states, recent, strict=True)):
+                if parallel.owns(i):
+                    log.append(_step_stage(cfg, state, x, step, steps, parallel))
+                    del log[:-50]
             bar.update(t.batch_size)
             bar.set_postfix(_mean_postfix(recent), refresh=False)
             if (step + 1) % t.checkpoint_every == 0 or step + 1 == steps:
-                save_checkpoint(checkpoint_dir, step + 1, cfg.fingerprint(), states)
+                parallel.collect_stages(states)
+                if parallel.is_main:
+                    save_checkpoint(checkpoint_dir, step + 1, cfg.fingerprint(), states)
             if on_step is not None:
                 on_step(step)
-    return [{k: sum(r[k] for r in log) / len(log) for k in log[0]} if log else {} for log in recent]
+    return parallel.finish(states, [{k: sum(r[k] for r in log) / len(log) for k in log[0]} if log else {}
+                                    for log in recent])
 
 
-def _step_stage(cfg: TrainConfig, state: StageTrainingState, x: torch.Tensor, step: int, steps: int) -> dict:
+def _step_stage(cfg: TrainConfig, state: StageTrainingState, x: torch.Tensor, step: int, steps: int,
+                parallel: Distributed = LOCAL) -> dict:
     t = cfg.training
     for group in state.optimizer.param_groups:
         group["lr"] = t.lr * lr_factor(step, t.warmup_steps, steps, t.lr_decay_fraction)
     dead = state.tracker.dead_mask()
+    penalty = penalty_term(state.meta, cfg.meta_sae) if state.meta and cfg.meta_sae else None
     out = train_step(state.sae, state.optimizer, x, sparsity_scale=sparsity_factor(step, t.sparsity_warmup_steps),
-                     dead_mask=dead)
-    state.tracker.update(out.z)
+                     dead_mask=dead, sync_grads=parallel.gradient_sync, penalty=penalty)
+    state.tracker.record(*parallel.firing(out.z))
     if bool(dead.any()) and state.sae.reset_dead_(dead):
         state.tracker.revived(dead)
-    return {"loss": float(out.losses["total"]), "l0": float(l0(out.z).float().mean()),
-            "fve": fve(x, out.x_hat), "dead_fraction": float(dead.float().mean())}
+    log = {"loss": float(out.losses["total"]), "l0": float(l0(out.z).float().mean()),
+           "fve": fve(x, out.x_hat), "dead_fraction": float(dead.float().mean())}
+    if state.meta and cfg.meta_sae:  # meta-SAE regularisation: alternate with a meta phase
+        log["meta_penalty"] = float(out.losses["penalty"])
+        if meta_phase_due(step, cfg.meta_sae):
+            meta_phase(state.sae.W_dec, state.meta, cfg.meta_sae.meta_steps)
+    return log
 
 
 def _mean_postfix(recent: list[list[dict[str, float]]]) -> dict[str, str]:
@@ -207,19 +228,41 @@ def fit_calibrated_maps(host: HostModel, splits: Splits, cfg: TrainConfig, out_d
     return fit_residual_maps(calibration, list(cfg.stack.hookpoints))
 
 
+def fit_held_out_predictors(host: HostModel, splits: Splits, cfg: TrainConfig, out_dir: Path, runtime: StackRuntime,
+                            progress: bool) -> list[ErrorPredictor]:
+    """Fit every stage's error probes on calibration-split activations (never training tokens); the ReSAE
+    calibration store is reused when the token counts agree, else the probes get their own store."""
+    tokens = cfg.stack.error_predictor_tokens or cfg.stack.calibration_tokens
+    name = "calibration" if tokens == cfg.stack.calibration_tokens else "error-calibration"
+    store = Path(f"{cfg.activations.store}-{name}") if cfg.activations.store else out_dir / name
+    held_out = ensure_activations(host, splits.calibration, cfg, store, progress, max_tokens=tokens)
+    batches = iterate_batches(held_out, list(cfg.stack.hookpoints), 4096, seed=cfg.training.seed + 2,
+                              device=host.device, normalize=False)
+    predictors = fit_error_predictors(runtime, batches)
+    for stage, predictor in zip(runtime.stages, predictors, strict=True):
+        logger.info("error predictor %s: norm R² %.3f, vector R² %.3f, nonlinear share %.3f", stage.name,
+                    predictor.metrics["norm_r2"], predictor.metrics["vector_r2"], predictor.metrics["nonlinear_share"])
+    return predictors
+
+
 def run_training(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True, cache_dir: Path | None = None,
-                 on_step: Callable[[int], None] | None = None) -> TrainResult:
+                 on_step: Callable[[int], None] | None = None, parallel: Distributed = LOCAL) -> TrainResult:
     out_dir = Path(out_dir)
+    parallel = parallel.for_config(cfg)
+    progress = progress and parallel.is_main
     started = time.perf_counter()
     host = load_host(cfg, cache_dir)
     splits = corpus_splits(cfg)
     store = Path(cfg.activations.store) if cfg.activations.store else out_dir / "activations"
-    manifest = ensure_activations(host, splits.train, cfg, store, progress)
-    maps = fit_calibrated_maps(host, splits, cfg, out_dir, progress) if cfg.stack.residualize else []
+    with parallel.rank_zero_first():  # rank 0 collects; the other ranks then load what it wrote
+        manifest = ensure_activations(host, splits.train, cfg, store, progress)
+        maps = fit_calibrated_maps(host, splits, cfg, out_dir, progress) if cfg.stack.residualize else []
     states = _build_states(cfg, manifest, host.device)
     runtime = build_runtime(cfg, manifest, states, maps)
     summaries = fit_stages(cfg, manifest, states, runtime, out_dir / "checkpoint", progress=progress,
-                           on_step=on_step)
+                           on_step=on_step, parallel=parallel)
+    if not parallel.is_main:  # rank 0 evaluates and writes the stack and the report
+        return TrainResult(out_dir / "stack", {})
     trained_seconds = time.perf_counter() - started
     _calibrate_thresholds(cfg, manifest, runtime)
     for state in states:
@@ -228,18 +271,31 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True
     metrics, stack_metrics = evaluate_runtime(host, runtime, splits.eval, context_length=a.context_length,
                                               batch_size=a.batch_size, max_tokens=e.max_tokens,
                                               ce_windows=e.ce_windows, probing=e.probing)
+    for m, phi in zip(metrics, cooccurrence_metrics(host, runtime, splits.eval, context_length=a.context_length,
+                                                    batch_size=a.batch_size, max_tokens=e.max_tokens), strict=True):
+        m.update(phi)
+    metas = [meta_metrics(st.sae.W_dec, st.meta.sae, cfg.meta_sae) if st.meta and cfg.meta_sae else {}
+             for st in states]
+    for m, meta in zip(metrics, metas, strict=True):
+        m.update(meta)
     training = {"config": cfg.to_dict(), "config_fingerprint": cfg.fingerprint(),
                 "activation_tokens": manifest.total_tokens, "steps": total_steps(cfg, manifest)}
     specs = [
         StageSpec(st.sae, st.hookpoint, st.input_scale, training={**training, "final": summary}, metrics=m,
-                  residual_of=st.residual_of, affine=st.affine)
-        for st, summary, m in zip(runtime.stages, summaries, metrics, strict=True)
+                  residual_of=st.residual_of, affine=st.affine, meta_sae=state.meta.sae if state.meta else None,
+                  meta_metrics=meta)
+        for st, state, summary, m, meta in zip(runtime.stages, states, summaries, metrics, metas, strict=True)
     ]
+    predictors = fit_held_out_predictors(host, splits, cfg, out_dir, runtime, progress) if cfg.stack.error_predictors \
+        else [None] * len(specs)
+    for spec, predictor in zip(specs, predictors, strict=True):
+        spec.error_predictor = predictor
     stack_dir = write_stack(out_dir / "stack", cfg.stack.name, HostModelIdentity.from_model(host.model, host.name),
                             specs, overwrite=True, metrics=stack_metrics)
     report = {"stack": str(stack_dir), "model": asdict(host.summary()), "seconds": time.perf_counter() - started,
               "collect_and_fit_seconds": trained_seconds, **training, "stack_metrics": stack_metrics,
               "affine_maps": [m.metadata() for m in maps],
+              "error_predictors": [p.metadata() if p else None for p in predictors],
               "stages": [{"hookpoint": hp, "architecture": st.sae.cfg.architecture, "d_sae": st.sae.d_sae,
                           "training": s, "eval": m}
                          for hp, st, s, m in zip(cfg.stack.hookpoints, states, summaries, metrics, strict=True)]}

@@ -89,21 +89,19 @@ class ServedStack:
         return self.loaded.stages[index]
 
     def has_error_predictor(self, index: int) -> bool:
-        """Whether `predicted_error_norm` reports anything for this stage (not until issue 5 lands)."""
-        return False
+        """Whether `predicted_error_norm` reports anything for this stage (the stack stores its probes)."""
+        return self.runtime.stages[index].error_predictor is not None
 
 
 def predicted_error_norm(stack: ServedStack, stage: int | RuntimeStage, h: Tensor,
                          prev: Tensor | None = None) -> Tensor | None:
-    """The predicted error norm ‖h − ĥ‖ per token, (N,), from the stage's error predictor; None while
-    stacks carry no predictors.
-
-    This is the one place decompose and generation ask for it: when stacks carry per-stage error probes
-    (issue 5), they are read from the stage's extra tensors here, applied to the stage's input h (N, d)
-    (and to `prev`, the source stage's activation, for predictors that use it), and
-    `ServedStack.has_error_predictor` turns true; callers need no change.
+    """The predicted error norm ‖h − ĥ‖ per token, (N,), from the stage's norm probe (trainer/stack_error.py)
+    applied to the stage's SAE input computed from h (N, d) and, for a residual stage, `prev`, the source
+    stage's activation; None when the stage has no predictor. The one place decompose, generation and
+    EncodeActivations ask for it.
     """
-    return None
+    runtime = stack.runtime
+    return runtime.predict_error_norm(runtime.stages[stage] if isinstance(stage, int) else stage, h, prev)
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -203,7 +203,7 @@ def test_wrong_dtype_and_missing_or_unexpected_tensors_are_refused(tmp_path: Pat
 def test_hostile_declared_shapes_fail_without_allocating(tmp_path: Path) -> None:
     stack_dir = write_one(tmp_path)
     data = manifest(stack_dir)
-    huge = 1 << 40  # a real build would need terabytes
+    huge = 2**31 - 1  # the largest d_sae a manifest may declare (MAX_DIMENSION); a real build needs ~256 GiB
     data["stages"][0]["d_sae"] = data["stages"][0]["sae_config"]["d_sae"] = huge
     save_manifest(stack_dir, data)
     start = time.perf_counter()

@@ -15,6 +15,7 @@ The AuxK dead-latent loss is the TopK one (trainer/sae/topk.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -38,6 +39,9 @@ class BatchTopKSAE(SparseAutoencoder):
 
     threshold: Tensor  # () inference threshold on the ReLU pre-activations
     threshold_updates: Tensor  # () training batches averaged into `threshold` so far (long)
+    batch_cutoff: Callable[[Tensor, int], Tensor] | None = None
+    """Set by data-parallel training (trainer/distributed.py): (acts, k) -> the smallest value kept by the
+    top-k over the GLOBAL batch across ranks, () (0: none positive); training then keeps acts >= it."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
@@ -53,7 +57,11 @@ class BatchTopKSAE(SparseAutoencoder):
     def forward(self, x: Tensor, *, sparsity_scale: float = 1.0, dead_mask: Tensor | None = None) -> ForwardOutput:
         """In training mode, batch top-k (and a threshold update); in eval mode, the inference encoder."""
         acts = torch.relu(self.pre_activation(x))  # (N, d_sae)
-        if self.training:
+        if self.training and self.batch_cutoff is not None:
+            cutoff = self.batch_cutoff(acts, self.cfg.k)  # ()
+            z = acts * (acts >= cutoff).to(acts.dtype)  # (N, d_sae), what the global batch top-k keeps here
+            self._update_threshold_(cutoff.reshape(1))  # the smallest value kept across ranks
+        elif self.training:
             z = keep_batch_top_k(acts, self.cfg.k)  # (N, d_sae)
             self._update_threshold_(z)
         else:
