@@ -18,7 +18,6 @@ from safetensors.torch import load_file, save_file
 
 from trainer.optimization import DeadLatentTracker
 from trainer.sae.base import SparseAutoencoder
-from trainer.sparsity_control import L0Controller
 
 TENSORS = "checkpoint.safetensors"
 META = "checkpoint.json"
@@ -32,7 +31,6 @@ class StageTrainingState:
     optimizer: torch.optim.Adam
     tracker: DeadLatentTracker
     meta: StageTrainingState | None = None  # the meta-SAE critic (trainer/meta_sae.py), when enabled
-    controller: L0Controller | None = None  # the target-L0 sparsity controller, when enabled
 
 
 def _flatten(index: int | str, state: StageTrainingState) -> dict[str, torch.Tensor]:
@@ -56,7 +54,6 @@ def save_checkpoint(directory: Path, step: int, fingerprint: str, stages: list[S
         "config_fingerprint": fingerprint,
         "param_groups": [s.optimizer.state_dict()["param_groups"] for s in stages],
         "meta_param_groups": [s.meta.optimizer.state_dict()["param_groups"] if s.meta else None for s in stages],
-        "controllers": [s.controller.state_dict() if s.controller else None for s in stages],
     }
     save_file({k: v.cpu() for k, v in tensors.items()}, str(directory / f".{TENSORS}.tmp"))
     (directory / f".{META}.tmp").write_text(json.dumps(meta))
@@ -79,8 +76,6 @@ def load_checkpoint(directory: Path, fingerprint: str, stages: list[StageTrainin
         _restore(str(index), state, tensors, meta["param_groups"][index])
         if state.meta is not None:
             _restore(f"{index}.meta", state.meta, tensors, meta["meta_param_groups"][index])
-        if state.controller is not None:
-            state.controller.load_state_dict(meta["controllers"][index])
     return int(meta["step"])
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from trainer.sae.base import ARCHITECTURES, SAEConfig
-from trainer.sparsity_control import make_controller
 
 
 @dataclass(frozen=True)
@@ -84,9 +83,6 @@ class SAESection:
     per_side_thresholds: bool = SAEConfig.per_side_thresholds
     tied_magnitude: bool = SAEConfig.tied_magnitude
     aux_reconstruction: bool = SAEConfig.aux_reconstruction
-    target_l0: float = 0.0
-    """> 0: steer each stage's sparsity penalty towards this L0 while training (trainer/sparsity_control.py);
-    penalty-driven architectures only. 0 keeps sparsity_coefficient fixed."""
 
     def sae_config(self, d_in: int) -> SAEConfig:
         """The SAEConfig of a stage reading a d_in-wide hookpoint."""
@@ -206,9 +202,6 @@ class TrainConfig:
             raise ValueError(f"stack.calibration_tokens must be >= 1, got {self.stack.calibration_tokens}")
         if self.stack.error_predictor_tokens < 0:
             raise ValueError(f"stack.error_predictor_tokens must be >= 0, got {self.stack.error_predictor_tokens}")
-        make_controller(self.sae.architecture, self.sae.target_l0)  # refuses k-driven architectures
-        if self.sae.target_l0 < 0:
-            raise ValueError(f"sae.target_l0 must be >= 0 (0 = off), got {self.sae.target_l0}")
         if self.training.lr <= 0:
             raise ValueError(f"training.lr must be > 0, got {self.training.lr}")
 
@@ -217,8 +210,6 @@ class TrainConfig:
         for optional in ("meta_sae", "distributed"):
             if data.get(optional) is None:
                 data.pop(optional, None)  # configs without it keep their fingerprint
-        if not data["sae"]["target_l0"]:
-            del data["sae"]["target_l0"]  # likewise
         return data
 
     def fingerprint(self) -> str:

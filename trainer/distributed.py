@@ -128,14 +128,6 @@ class Distributed:
         dist.all_reduce(counts, op=dist.ReduceOp.MAX)
         return counts.bool(), z.shape[0] * self.world
 
-    def mean(self, value: float) -> float:
-        """A scalar averaged over data-parallel ranks (per-rank batches differ), so every rank decides alike."""
-        if not self.data_parallel:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return float(tensor) / self.world
-
     @property
     def gradient_sync(self) -> Callable[[nn.Module], None] | None:
         """What `train_step` calls between backward and the gradient clipping (None: nothing to sync)."""

@@ -45,7 +45,6 @@ from trainer.optimization import (
 from trainer.residualize import fit_residual_maps
 from trainer.sae.base import build_sae, l0
 from trainer.sae.batchtopk import BatchTopKSAE
-from trainer.sparsity_control import make_controller
 from trainer.stack import HostModelIdentity, StageSpec, write_stack
 from trainer.stack_affine import AffineMap
 from trainer.stack_error import ErrorPredictor
@@ -106,8 +105,7 @@ def _build_states(cfg: TrainConfig, manifest: ActivationManifest, device: torch.
     for hookpoint in cfg.stack.hookpoints:
         sae = build_sae(cfg.sae.sae_config(manifest.d(hookpoint))).to(device)
         tracker = DeadLatentTracker(sae.d_sae, cfg.training.dead_after_tokens, device)
-        controller = make_controller(cfg.sae.architecture, cfg.sae.target_l0)
-        states.append(StageTrainingState(sae, make_optimizer(sae, cfg.training.lr), tracker, controller=controller))
+        states.append(StageTrainingState(sae, make_optimizer(sae, cfg.training.lr), tracker))
     for state in states if cfg.meta_sae else []:  # built after every primary: same primaries as a solo run
         state.meta = build_meta_state(cfg.meta_sae, state.sae.W_dec, cfg.training.lr)
     return states
@@ -184,19 +182,13 @@ def _step_stage(cfg: TrainConfig, state: StageTrainingState, x: torch.Tensor, st
         group["lr"] = t.lr * lr_factor(step, t.warmup_steps, steps, t.lr_decay_fraction)
     dead = state.tracker.dead_mask()
     penalty = penalty_term(state.meta, cfg.meta_sae) if state.meta and cfg.meta_sae else None
-    multiplier = state.controller.multiplier if state.controller else 1.0
-    out = train_step(state.sae, state.optimizer, x,
-                     sparsity_scale=sparsity_factor(step, t.sparsity_warmup_steps) * multiplier,
+    out = train_step(state.sae, state.optimizer, x, sparsity_scale=sparsity_factor(step, t.sparsity_warmup_steps),
                      dead_mask=dead, sync_grads=parallel.gradient_sync, penalty=penalty)
     state.tracker.record(*parallel.firing(out.z))
     if bool(dead.any()) and state.sae.reset_dead_(dead):
         state.tracker.revived(dead)
     log = {"loss": float(out.losses["total"]), "l0": float(l0(out.z).float().mean()),
            "fve": fve(x, out.x_hat), "dead_fraction": float(dead.float().mean())}
-    if state.controller is not None:
-        if step >= t.sparsity_warmup_steps:  # the penalty is still ramping up before that
-            state.controller.update(parallel.mean(log["l0"]))
-        log["sparsity_multiplier"] = state.controller.multiplier
     if state.meta and cfg.meta_sae:  # meta-SAE regularisation: alternate with a meta phase
         log["meta_penalty"] = float(out.losses["penalty"])
         if meta_phase_due(step, cfg.meta_sae):

@@ -44,15 +44,3 @@ def test_make_controller_only_for_penalised_architectures():
         make_controller("topk", 32.0)
     with pytest.raises(ValueError, match="must be > 0"):
         L0Controller(0.0)
-
-
-def test_config_refuses_a_target_for_k_driven_architectures_and_keeps_old_fingerprints():
-    from trainer.config import config_from_dict
-
-    base = {"stack": {"hookpoints": ["blocks.1.hook_resid_post"]}, "sae": {"architecture": "sa_gsae"}}
-    assert config_from_dict(base).fingerprint() == config_from_dict(
-        {**base, "sae": {"architecture": "sa_gsae", "target_l0": 0.0}}).fingerprint()
-    assert "target_l0" not in config_from_dict(base).to_dict()["sae"]
-    assert config_from_dict({**base, "sae": {"architecture": "sa_gsae", "target_l0": 40}}).sae.target_l0 == 40
-    with pytest.raises(ValueError, match="sets its L0 with k"):
-        config_from_dict({**base, "sae": {"architecture": "topk", "target_l0": 40}})
