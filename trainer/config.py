@@ -83,10 +83,15 @@ class SAESection:
     per_side_thresholds: bool = SAEConfig.per_side_thresholds
     tied_magnitude: bool = SAEConfig.tied_magnitude
     aux_reconstruction: bool = SAEConfig.aux_reconstruction
+    sparsity_coefficients: tuple[float, ...] = ()
+    """One λ per stage, overriding sparsity_coefficient: residual (ReSAE) stages and different hookpoints
+    reach very different L0s at one λ (the first demo stack: 50 / 135 / 311 / 269 at λ 2)."""
 
-    def sae_config(self, d_in: int) -> SAEConfig:
-        """The SAEConfig of a stage reading a d_in-wide hookpoint."""
+    def sae_config(self, d_in: int, stage: int = 0) -> SAEConfig:
+        """The SAEConfig of stage `stage`, reading a d_in-wide hookpoint."""
         shared = {f.name: getattr(self, f.name) for f in fields(SAEConfig) if hasattr(self, f.name)}
+        if self.sparsity_coefficients:
+            shared["sparsity_coefficient"] = self.sparsity_coefficients[stage]
         return SAEConfig(d_in=d_in, d_sae=self.width or self.expansion_factor * d_in, **shared)
 
 
@@ -202,6 +207,10 @@ class TrainConfig:
             raise ValueError(f"stack.calibration_tokens must be >= 1, got {self.stack.calibration_tokens}")
         if self.stack.error_predictor_tokens < 0:
             raise ValueError(f"stack.error_predictor_tokens must be >= 0, got {self.stack.error_predictor_tokens}")
+        per_stage = self.sae.sparsity_coefficients
+        if per_stage and (len(per_stage) != len(self.stack.hookpoints) or min(per_stage) < 0):
+            raise ValueError(f"sae.sparsity_coefficients needs one value >= 0 per hookpoint "
+                             f"({len(self.stack.hookpoints)}), got {list(per_stage)}")
         if self.training.lr <= 0:
             raise ValueError(f"training.lr must be > 0, got {self.training.lr}")
 
@@ -210,6 +219,8 @@ class TrainConfig:
         for optional in ("meta_sae", "distributed"):
             if data.get(optional) is None:
                 data.pop(optional, None)  # configs without it keep their fingerprint
+        if not data["sae"]["sparsity_coefficients"]:
+            del data["sae"]["sparsity_coefficients"]  # likewise
         return data
 
     def fingerprint(self) -> str:
@@ -238,6 +249,8 @@ def _section(name: str, values: dict[str, Any]) -> Any:
         raise ValueError(f"unknown key(s) {sorted(unknown)} in [{name}]; allowed: {', '.join(sorted(allowed))}")
     if name == "stack" and "hookpoints" in values:
         values = {**values, "hookpoints": tuple(values["hookpoints"])}
+    if name == "sae" and "sparsity_coefficients" in values:
+        values = {**values, "sparsity_coefficients": tuple(float(v) for v in values["sparsity_coefficients"])}
     return cls(**values)
 
 

@@ -102,8 +102,8 @@ def ensure_activations(host: HostModel, documents: list[Document], cfg: TrainCon
 def _build_states(cfg: TrainConfig, manifest: ActivationManifest, device: torch.device) -> list[StageTrainingState]:
     torch.manual_seed(cfg.training.seed)
     states = []
-    for hookpoint in cfg.stack.hookpoints:
-        sae = build_sae(cfg.sae.sae_config(manifest.d(hookpoint))).to(device)
+    for index, hookpoint in enumerate(cfg.stack.hookpoints):
+        sae = build_sae(cfg.sae.sae_config(manifest.d(hookpoint), index)).to(device)
         tracker = DeadLatentTracker(sae.d_sae, cfg.training.dead_after_tokens, device)
         states.append(StageTrainingState(sae, make_optimizer(sae, cfg.training.lr), tracker))
     for state in states if cfg.meta_sae else []:  # built after every primary: same primaries as a solo run

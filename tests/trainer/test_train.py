@@ -151,3 +151,16 @@ def test_a_residualized_stack_trains_evaluates_and_compares_with_a_plain_one(tmp
     assert "–" not in mapped  # the plain stack is measured with the ReSAE's maps too
     assert main(["eval", "--stack", str(plain_dir), "--compare", str(result.stack_dir), "--recorded"]) == 0
     assert capsys.readouterr().out.strip() == table.strip()
+
+
+def test_per_stage_sparsity_coefficients_reach_each_stage_and_keep_old_fingerprints():
+    data = _small("sa_gsae")
+    plain = config_from_dict(data)
+    assert "sparsity_coefficients" not in plain.to_dict()["sae"]  # old configs keep their fingerprint
+    data["sae"]["sparsity_coefficients"] = [0.5, 3.0]
+    cfg = config_from_dict(data)
+    assert [cfg.sae.sae_config(64, i).sparsity_coefficient for i in range(2)] == [0.5, 3.0]
+    assert cfg.fingerprint() != plain.fingerprint()
+    data["sae"]["sparsity_coefficients"] = [1.0]
+    with pytest.raises(ValueError, match="one value >= 0 per hookpoint"):
+        config_from_dict(data)
