@@ -269,6 +269,8 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sections", default="", metavar="LIST",
                         help="comma-separated sections to regenerate (default all); others come from the cache")
     parser.add_argument("--progress", action="store_true", help="progress bars while training")
+    parser.add_argument("--no-train", action="store_true",
+                        help="report only finished runs; sections name the runs they leave out")
     parser.set_defaults(handler=_run_report)
 
 
@@ -281,7 +283,8 @@ def _run_report(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     only = [s.strip() for s in args.sections.split(",") if s.strip()] or None
-    out = build_report(Path(args.out), ReportSettings(runs_dir=Path(args.runs), progress=args.progress), only)
+    settings = ReportSettings(runs_dir=Path(args.runs), progress=args.progress, train_missing=not args.no_train)
+    out = build_report(Path(args.out), settings, only)
     print(f"report: {out}")
     return 0
 

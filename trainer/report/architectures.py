@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from trainer.report.markdown import Table, fmt
-from trainer.report.runs import ReportSettings, base_config, train_or_reuse
+from trainer.report.runs import ReportSettings, base_config, missing_note, train_or_reuse
 
 LAYER = 9
 HOOKPOINTS = [f"blocks.{LAYER}.hook_resid_post", f"blocks.{LAYER}.hook_mlp_out", f"blocks.{LAYER}.hook_attn_out"]
 WIDTH = 1024
-MATCHED_L0 = (16.0, 32.0)
+PAPER_PAIR = ("SA-GSAE (H)", "Gated (2H)")
 
 
 @dataclass(frozen=True)
@@ -52,29 +52,32 @@ class SweepRun:
 
 
 def sweep_runs() -> list[SweepRun]:
-    """The grid, mid-sparsity points first so that a partial run already compares every family."""
-    sa = [SweepRun("SA-GSAE (H)", "sa_gsae", WIDTH, "λ", v) for v in (2.0, 1.0, 4.0)]
-    gated = [SweepRun("Gated (2H)", "gated", 2 * WIDTH, "λ", v) for v in (2.0, 1.0, 4.0)]
+    """The grid in the order it trains: a first point per family, then more sparsity levels for the two
+    families the paper compares (SA-GSAE, Gated), the ablation, then the rest, so a partial run already
+    compares every family."""
+    sa = [SweepRun("SA-GSAE (H)", "sa_gsae", WIDTH, "λ", v) for v in (2.0, 4.0, 1.0)]
+    gated = [SweepRun("Gated (2H)", "gated", 2 * WIDTH, "λ", v) for v in (2.0, 4.0, 1.0)]
     jump = [SweepRun("JumpReLU (H)", "jumprelu", WIDTH, "λ", v) for v in (0.5, 0.25, 1.0)]
     topk = [SweepRun("TopK (H)", "topk", WIDTH, "k", v) for v in (32, 16, 64)]
     noaux = [SweepRun("SA-GSAE (H), no aux loss", "sa_gsae", WIDTH, "λ", 2.0, aux=False)]
-    middle = [family[0] for family in (sa, gated, topk, jump)]
-    ends = [run for family in (sa, gated, topk, jump) for run in family[1:]]
-    return middle + noaux + ends
+    return [sa[0], gated[0], topk[0], jump[0], sa[1], gated[1], *noaux, sa[2], gated[2], *topk[1:], *jump[1:]]
 
 
-def run_sweep(settings: ReportSettings) -> list[dict[str, Any]]:
-    """One row per (run, hookpoint) with the stage's evaluation metrics."""
+def run_sweep(settings: ReportSettings) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per (run, hookpoint) with the stage's evaluation metrics, and the runs left untrained."""
     root = settings.runs_dir / "architectures"
-    rows = []
+    rows, missing = [], []
     for run in sweep_runs():
         cfg = base_config(settings, name=run.name, hookpoints=HOOKPOINTS, store=str(root / "activations"),
                           sae=run.sae())
         report = train_or_reuse(cfg, root / run.name, settings)
+        if report is None:
+            missing.append(run.name)
+            continue
         for stage in report["stages"]:
             rows.append({"family": run.family, "run": run.name, "knob": run.knob, "value": run.value,
                          "aux": run.aux, "width": run.width, "hookpoint": stage["hookpoint"], **stage["eval"]})
-    return rows
+    return rows, missing
 
 
 def interpolate_at(points: list[tuple[float, float]], x: float) -> float:
@@ -105,18 +108,28 @@ def pareto_table(rows: list[dict[str, Any]], hookpoint: str) -> Table:
     return table
 
 
+def matched_l0(rows: list[dict[str, Any]], hookpoint: str) -> float:
+    """Where SA-GSAE and Gated are compared: the geometric middle of the overlap of their L0 ranges at this
+    hookpoint (hookpoints answer one λ with very different L0s, so a fixed L0 would miss most of them);
+    NaN when either family has fewer than two points or the ranges do not overlap."""
+    ranges = []
+    for family in PAPER_PAIR:
+        l0s = [r["l0"] for r in rows if r["hookpoint"] == hookpoint and r["family"] == family]
+        if len(l0s) < 2:
+            return math.nan
+        ranges.append((min(l0s), max(l0s)))
+    low, high = max(r[0] for r in ranges), min(r[1] for r in ranges)
+    return math.sqrt(low * high) if 0 < low <= high else math.nan
+
+
 def matched_table(rows: list[dict[str, Any]]) -> Table:
-    header = ["hookpoint", "architecture"]
-    for l0 in MATCHED_L0:
-        header += [f"FVE @ L0 {l0:g}", f"dead @ L0 {l0:g}"]
-    table = Table(header)
+    table = Table(["hookpoint", "matched L0", "architecture", "FVE", "dead fraction", "ΔCE (nats)"])
     for hookpoint in HOOKPOINTS:
+        l0 = matched_l0(rows, hookpoint)
         for family in families(rows):
-            cells: list[Any] = [hookpoint, family]
-            for l0 in MATCHED_L0:
-                cells += [fmt(matched(rows, hookpoint, family, "fve", l0)),
-                          fmt(matched(rows, hookpoint, family, "dead_fraction", l0))]
-            table.add(cells)
+            table.add([hookpoint, fmt(l0, 1), family, fmt(matched(rows, hookpoint, family, "fve", l0)),
+                       fmt(matched(rows, hookpoint, family, "dead_fraction", l0)),
+                       fmt(matched(rows, hookpoint, family, "delta_ce", l0))])
     return table
 
 
@@ -124,18 +137,18 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     """Claim-by-claim comparison with the paper, computed from the rows (never written by hand)."""
     lines = []
     for hookpoint in HOOKPOINTS:
-        for l0 in MATCHED_L0:
-            sa = {k: matched(rows, hookpoint, "SA-GSAE (H)", k, l0) for k in ("fve", "dead_fraction")}
-            gated = {k: matched(rows, hookpoint, "Gated (2H)", k, l0) for k in ("fve", "dead_fraction")}
-            if any(math.isnan(v) for v in (*sa.values(), *gated.values())):
-                lines.append(f"- `{hookpoint}` at L0 {l0:g}: not covered by both sweeps (no verdict).")
-                continue
-            fve_word = "matches or beats" if sa["fve"] >= gated["fve"] - 0.005 else "falls short of"
-            dead_gap = gated["dead_fraction"] - sa["dead_fraction"]
-            lines.append(
-                f"- `{hookpoint}` at L0 {l0:g}: SA-GSAE (H) {fve_word} Gated (2H) on FVE "
-                f"({sa['fve']:.3f} vs {gated['fve']:.3f}); dead fraction {sa['dead_fraction']:.3f} vs "
-                f"{gated['dead_fraction']:.3f} ({dead_gap:+.3f} in SA-GSAE's favour; paper: 0.35–0.62 lower).")
+        l0 = matched_l0(rows, hookpoint)
+        sa = {k: matched(rows, hookpoint, PAPER_PAIR[0], k, l0) for k in ("fve", "dead_fraction")}
+        gated = {k: matched(rows, hookpoint, PAPER_PAIR[1], k, l0) for k in ("fve", "dead_fraction")}
+        if any(math.isnan(v) for v in (l0, *sa.values(), *gated.values())):
+            lines.append(f"- `{hookpoint}`: the SA-GSAE and Gated sweeps do not overlap in L0 (no verdict).")
+            continue
+        fve_word = "matches or beats" if sa["fve"] >= gated["fve"] - 0.005 else "falls short of"
+        dead_gap = gated["dead_fraction"] - sa["dead_fraction"]
+        lines.append(
+            f"- `{hookpoint}` at L0 {l0:.1f}: SA-GSAE (H) {fve_word} Gated (2H) on FVE "
+            f"({sa['fve']:.3f} vs {gated['fve']:.3f}); dead fraction {sa['dead_fraction']:.3f} vs "
+            f"{gated['dead_fraction']:.3f} ({dead_gap:+.3f} in SA-GSAE's favour; paper: 0.35–0.62 lower).")
     for r in rows:
         if not r["aux"]:
             with_aux = [x for x in rows if x["run"] == r["run"].replace("-noaux", "") and
@@ -174,7 +187,7 @@ def plot_pareto(rows: list[dict[str, Any]], out: Path) -> None:
 
 
 def section(settings: ReportSettings, img_dir: Path, img_rel: str) -> str:
-    rows = run_sweep(settings)
+    rows, missing = run_sweep(settings)
     plot_pareto(rows, img_dir / "architectures_pareto.png")
     parts = [
         "## 1. SA-GSAE vs Gated (2H) vs JumpReLU / TopK: sparsity sweep at three mid-depth hookpoints",
@@ -189,9 +202,11 @@ def section(settings: ReportSettings, img_dir: Path, img_rel: str) -> str:
         "",
         f"![FVE vs L0]({img_rel}/architectures_pareto.png)",
         "",
+        *missing_note(missing),
     ]
     for hookpoint in HOOKPOINTS:
         parts += [f"### `{hookpoint}`", "", pareto_table(rows, hookpoint).render(), ""]
-    parts += ["### At matched L0 (interpolated in log L0 between sweep points; – = outside the sweep)", "",
+    parts += ["### At matched L0 (interpolated in log L0 between each family's sweep points; – = outside its "
+              "range)", "",
               matched_table(rows).render(), "", "### Against the paper", "", *verdicts(rows), ""]
     return "\n".join(parts)

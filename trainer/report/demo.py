@@ -9,7 +9,7 @@ from typing import Any
 from trainer.compare import stack_summary
 from trainer.config import load_config
 from trainer.report.markdown import Table, fmt
-from trainer.report.runs import ReportSettings, train_or_reuse
+from trainer.report.runs import ReportSettings, missing_note, train_or_reuse
 
 CONFIG = Path("trainer/configs/demo.toml")
 RUN = Path("runs/demo")
@@ -36,6 +36,8 @@ def _predictor_records(stack_dir: Path, stages: int) -> list[dict[str, Any]]:
 def section(settings: ReportSettings) -> str:
     cfg = load_config(CONFIG)
     report = train_or_reuse(cfg, RUN, settings)
+    if report is None:
+        return "## 5. The demo stack (`make demo`)\n\n" + "\n".join(missing_note([str(RUN)]))
     stack_dir = Path(report["stack"])
     summary = stack_summary(stack_dir)
     metrics = summary["metrics"]

@@ -15,7 +15,7 @@ from typing import Any
 from trainer.config import TrainConfig, load_config
 from trainer.report import architectures
 from trainer.report.markdown import Table, fmt
-from trainer.report.runs import ReportSettings, base_config, train_or_reuse
+from trainer.report.runs import ReportSettings, base_config, missing_note, train_or_reuse
 
 WIDTHS = (512, 1024, 2048)
 HELD_OUT_TOKENS = 40_000
@@ -60,21 +60,27 @@ def _metrics(stack_dir: Path, batches) -> dict[str, Any]:
     return error_norm_metrics(runtime, batches, ito=True, max_tokens=PROBE_TOKENS)
 
 
-def width_rows(settings: ReportSettings) -> list[dict[str, Any]]:
+def width_rows(settings: ReportSettings, missing: list[str]) -> list[dict[str, Any]]:
     rows = []
     for width, cfg, out in width_configs(settings):
         report = train_or_reuse(cfg, out, settings)
+        if report is None:
+            missing.append(out.name)
+            continue
         store = settings.runs_dir / "architectures" / "calibration"
         metrics = _metrics(Path(report["stack"]), _held_out_batches(cfg, store, settings, HELD_OUT_TOKENS))
         rows += [{"width": width, **stage} for stage in metrics["stages"]]
     return rows
 
 
-def stack_rows(settings: ReportSettings) -> list[dict[str, Any]]:
+def stack_rows(settings: ReportSettings, missing: list[str]) -> list[dict[str, Any]]:
     rows = []
     for name in ("plain", "resae"):
         cfg = load_config(RESAE_CONFIGS / f"{name}.toml")
         report = train_or_reuse(cfg, Path("runs/resae") / name, settings)
+        if report is None:
+            missing.append(f"runs/resae/{name}")
+            continue
         store = Path(f"{cfg.activations.store}-calibration")
         metrics = _metrics(Path(report["stack"]), _held_out_batches(cfg, store, settings, cfg.stack.calibration_tokens))
         rows += [{"stack": name, **stage} for stage in metrics["stages"]]
@@ -151,7 +157,8 @@ def verdicts(widths: list[dict[str, Any]], stacks: list[dict[str, Any]]) -> list
 
 
 def section(settings: ReportSettings, img_dir: Path, img_rel: str) -> str:
-    widths, stacks = width_rows(settings), stack_rows(settings)
+    missing: list[str] = []
+    widths, stacks = width_rows(settings, missing), stack_rows(settings, missing)
     plot_widths(widths, img_dir / "error_norm_widths.png")
     return "\n".join([
         "## 3. SAE error: norm and vector probes, nonlinear share, ITO, previous-stage predictor",
@@ -169,6 +176,7 @@ def section(settings: ReportSettings, img_dir: Path, img_rel: str) -> str:
         "",
         f"![error-norm probe R² and nonlinear share against width]({img_rel}/error_norm_widths.png)",
         "",
+        *missing_note(missing),
         width_table(widths).render(),
         "",
         stack_table(stacks).render(),

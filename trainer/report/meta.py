@@ -9,7 +9,7 @@ from typing import Any
 
 from trainer.report import architectures
 from trainer.report.markdown import Table, fmt
-from trainer.report.runs import ReportSettings, base_config, train_or_reuse
+from trainer.report.runs import ReportSettings, base_config, finished_report, missing_note, train_or_reuse
 
 WIDTH = architectures.WIDTH
 K = 32
@@ -22,10 +22,10 @@ PHI_TOKENS = 16_384
 def _configs(settings: ReportSettings):
     root = settings.runs_dir / "architectures"
     common = {"hookpoints": architectures.HOOKPOINTS, "store": str(root / "activations"),
-              "sae": {"architecture": "batchtopk", "width": WIDTH, "k": K}}
-    solo = base_config(settings, name="meta-solo", **common)
+              "sae": {"architecture": "topk", "width": WIDTH, "k": K}}
+    solo = base_config(settings, name=f"topk-w{WIDTH}-k{K}", **common)  # section 1's TopK run, shared
     joint = base_config(settings, name="meta-joint", extra={"meta_sae": META}, **common)
-    return [("solo", solo, settings.runs_dir / "meta" / "solo"), ("meta", joint, settings.runs_dir / "meta" / "meta")]
+    return [("solo", solo, root / solo.stack.name), ("meta", joint, settings.runs_dir / "meta" / "joint")]
 
 
 def compare(settings: ReportSettings) -> list[dict[str, Any]]:
@@ -38,8 +38,10 @@ def compare(settings: ReportSettings) -> list[dict[str, Any]]:
     configs = _configs(settings)
     meta_section = configs[1][1].meta_sae
     rows: list[dict[str, Any]] = [{"hookpoint": hp} for hp in architectures.HOOKPOINTS]
-    for name, cfg, out in configs:
-        report = train_or_reuse(cfg, out, settings)
+    reports = [train_or_reuse(cfg, out, settings) for _, cfg, out in configs]
+    if any(r is None for r in reports):
+        return []
+    for (name, cfg, _), report in zip(configs, reports, strict=True):
         stack_dir = Path(report["stack"])
         phi = stack_cooccurrence(stack_dir, max_tokens=PHI_TOKENS)
         for row, stage, loaded, p in zip(rows, report["stages"], read_stack(stack_dir).stages, phi, strict=True):
@@ -84,10 +86,14 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
 
 def section(settings: ReportSettings, img_dir: Path, img_rel: str) -> str:
     rows = compare(settings)
+    if not rows:
+        return "## 4. Meta-SAE regularised training vs the solo SAE\n\n" + "\n".join(missing_note(
+            [out.name for _, cfg, out in _configs(settings) if finished_report(out, cfg) is None]))
     return "\n".join([
         "## 4. Meta-SAE regularised training vs the solo SAE",
         "",
-        f"Gemma 3 270M, `{'`, `'.join(architectures.HOOKPOINTS)}` (section 1's store), BatchTopK width {WIDTH}, "
+        f"Gemma 3 270M, `{'`, `'.join(architectures.HOOKPOINTS)}` (section 1's store and its TopK run as the solo "
+        f"SAE), TopK width {WIDTH} (the paper uses BatchTopK), "
         f"k = {K}, {settings.train_tokens:,} training tokens, seed {settings.seed}; the joint run adds a BatchTopK "
         f"meta-SAE (width {META['width']}, k {META['k']}) trained on the decoder rows in {META['primary_steps']}:"
         f"{META['meta_steps']} alternating phases with penalty λ = {META['lambda']}, σ² = {META['sigma2']} (the "

@@ -9,16 +9,15 @@ from typing import Any
 
 from trainer.compare import comparison_table, stack_summary
 from trainer.config import load_config
-from trainer.report.runs import ReportSettings, train_or_reuse
+from trainer.report.runs import ReportSettings, missing_note, train_or_reuse
 
 CONFIGS = Path("trainer/configs/resae")
 RUNS = Path("runs/resae")
 
 
-def _train(settings: ReportSettings) -> tuple[dict[str, Any], dict[str, Any]]:
-    reports = [train_or_reuse(load_config(CONFIGS / f"{name}.toml"), RUNS / name, settings)
-               for name in ("plain", "resae")]
-    return reports[0], reports[1]
+def _train(settings: ReportSettings) -> list[dict[str, Any] | None]:
+    return [train_or_reuse(load_config(CONFIGS / f"{name}.toml"), RUNS / name, settings)
+            for name in ("plain", "resae")]
 
 
 def _ratio_line(label: str, plain: float | None, resae: float | None, paper: str) -> str:
@@ -48,6 +47,9 @@ def verdicts(plain: dict[str, Any], resae: dict[str, Any]) -> list[str]:
 
 def section(settings: ReportSettings) -> str:
     plain_report, resae_report = _train(settings)
+    if plain_report is None or resae_report is None:
+        return "## 2. ReSAE vs plain stack, four layers\n\n" + "\n".join(missing_note(["runs/resae/plain",
+                                                                                      "runs/resae/resae"]))
     resae_dir = Path(resae_report["stack"])
     plain = stack_summary(plain_report["stack"], borrow_maps_from=resae_dir)
     resae = stack_summary(resae_dir)

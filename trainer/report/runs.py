@@ -31,6 +31,8 @@ class ReportSettings:
     ce_windows: int = 8
     seed: int = 0
     progress: bool = False
+    train_missing: bool = True
+    """False: report only runs that already finished (sections list the ones missing)."""
 
 
 def base_config(settings: ReportSettings, *, name: str, hookpoints: list[str], store: str,
@@ -70,13 +72,24 @@ def finished_report(out_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     return report if _same_settings(report.get("config", {}), cfg) else None
 
 
-def train_or_reuse(cfg: TrainConfig, out_dir: Path, settings: ReportSettings) -> dict[str, Any]:
-    """A finished run's report (trained now when missing or stale)."""
+def train_or_reuse(cfg: TrainConfig, out_dir: Path, settings: ReportSettings) -> dict[str, Any] | None:
+    """A finished run's report (trained now when missing or stale; None when training is switched off)."""
     report = finished_report(out_dir, cfg)
     if report is not None:
         logger.info("reusing %s", out_dir)
         return report
+    if not settings.train_missing:
+        logger.info("not trained, skipped: %s", out_dir)
+        return None
     from trainer.train import run_training  # torch and the host model load only when something trains
 
     logger.info("training %s", out_dir)
     return run_training(cfg, out_dir, progress=settings.progress).report
+
+
+def missing_note(missing: list[str]) -> list[str]:
+    """A line naming the runs a report left out because they were not trained."""
+    if not missing:
+        return []
+    return [f"Not trained yet, so not in this section: {', '.join(f'`{m}`' for m in missing)} "
+            "(`featurewire-train report` without `--no-train` trains them).", ""]

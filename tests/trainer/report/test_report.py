@@ -12,7 +12,7 @@ import pytest
 import trainer.report as report
 from trainer.report import architectures
 from trainer.report.markdown import Table, fmt
-from trainer.report.runs import ReportSettings, base_config, finished_report
+from trainer.report.runs import ReportSettings, base_config, finished_report, missing_note, train_or_reuse
 
 
 def test_table_renders_and_checks_width():
@@ -38,14 +38,17 @@ def _row(family: str, hookpoint: str, l0: float, fve: float, dead: float, *, aux
             "run": run}
 
 
-def test_verdicts_are_computed_from_the_rows():
+def test_verdicts_compare_at_the_middle_of_the_overlapping_l0_ranges():
     hp = architectures.HOOKPOINTS[0]
     rows = [_row("SA-GSAE (H)", hp, 8, 0.80, 0.05), _row("SA-GSAE (H)", hp, 64, 0.95, 0.02),
-            _row("Gated (2H)", hp, 8, 0.85, 0.30), _row("Gated (2H)", hp, 64, 0.97, 0.20)]
+            _row("Gated (2H)", hp, 16, 0.85, 0.30), _row("Gated (2H)", hp, 128, 0.97, 0.20)]
+    assert architectures.matched_l0(rows, hp) == pytest.approx(32.0)  # overlap 16..64
     lines = architectures.verdicts(rows)
-    first = next(line for line in lines if hp in line and "L0 16" in line)
-    assert "falls short of" in first and "in SA-GSAE's favour" in first
-    assert any("not covered" in line for line in lines)  # the other hookpoints have no rows
+    first = next(line for line in lines if hp in line)
+    assert "at L0 32.0" in first and "in SA-GSAE's favour" in first
+    assert "matches or beats Gated (2H) on FVE (0.900 vs 0.890)" in first
+    assert any("do not overlap" in line for line in lines)  # the other hookpoints have no rows
+    assert math.isnan(architectures.matched_l0(rows[:3], hp))  # Gated has a single point
 
 
 def test_noaux_verdict_pairs_with_its_aux_run():
@@ -64,10 +67,12 @@ def test_sweep_run_names_are_ascii_and_distinct():
 
 
 def test_finished_runs_are_reused_only_with_the_same_settings(tmp_path: Path):
-    settings = ReportSettings(runs_dir=tmp_path)
+    settings = ReportSettings(runs_dir=tmp_path, train_missing=False)
     cfg = base_config(settings, name="x", hookpoints=["blocks.0.hook_resid_post"], store="s",
                       sae={"architecture": "topk", "width": 64})
     assert finished_report(tmp_path, cfg) is None
+    assert train_or_reuse(cfg, tmp_path, settings) is None  # nothing trains when switched off
+    assert "`x`" in missing_note(["x"])[0] and missing_note([]) == []
     (tmp_path / "report.json").write_text(json.dumps({"config": cfg.to_dict(), "stages": []}))
     assert finished_report(tmp_path, cfg) is not None
     other = base_config(settings, name="x", hookpoints=["blocks.0.hook_resid_post"], store="s",
