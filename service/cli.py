@@ -91,6 +91,10 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         "(env FEATUREWIRE_AUTH_TOKEN_FILE or FEATUREWIRE_AUTH_TOKEN)")
     add("--max-new-tokens", type=int, help="cap on Generate's max_new_tokens (env FEATUREWIRE_MAX_NEW_TOKENS)")
     add("--queue-size", type=int, help="requests that may wait for the engine (env FEATUREWIRE_QUEUE_SIZE)")
+    add("--max-batch-size", type=int,
+        help="requests run at once and sequences per forward pass (env FEATUREWIRE_MAX_BATCH_SIZE; default 16)")
+    add("--max-batch-tokens", type=int,
+        help="tokens per forward pass (env FEATUREWIRE_MAX_BATCH_TOKENS; default 4096)")
     add("--drain-grace", type=float, dest="drain_grace_s",
         help="seconds in-flight calls get after SIGTERM (env FEATUREWIRE_DRAIN_GRACE_S)")
     add("--no-self-check", action="store_true", help="serve stacks without checking FVE/L0 on calibration text")
@@ -105,6 +109,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         os.environ, stacks=tuple(args.stacks) if args.stacks else None, host=args.host, port=args.port,
         metrics_port=args.metrics_port, tls_cert=args.tls_cert, tls_key=args.tls_key,
         auth_token_file=args.auth_token_file, max_new_tokens=args.max_new_tokens, queue_size=args.queue_size,
+        max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
         drain_grace_s=args.drain_grace_s, self_check=False if args.no_self_check else None,
         log_level=args.log_level,
     )

@@ -79,6 +79,10 @@ class ServerConfig:
     """Largest gRPC message received or sent; also reported in GetServerInfo."""
     queue_size: int = 64
     """Requests waiting for the engine beyond which new ones get RESOURCE_EXHAUSTED."""
+    max_batch_size: int = 16
+    """Requests the engine runs at once, and sequences in one forward pass (continuous batching)."""
+    max_batch_tokens: int = 4096
+    """Tokens in one forward pass; prefills beyond it wait for the next step (a longer prompt runs alone)."""
     max_new_tokens: int = 512
     """Cap on Generate's max_new_tokens."""
     max_prompt_tokens: int = 2048
@@ -125,7 +129,7 @@ class ServerConfig:
         if not 4096 <= self.max_message_bytes <= _MAX_GRPC_MESSAGE:
             raise ValueError(f"max_message_bytes must be in [4096, {_MAX_GRPC_MESSAGE}], got {self.max_message_bytes}")
         for name in ("queue_size", "max_new_tokens", "max_prompt_tokens", "max_top_k", "max_interventions",
-                     "max_batch_vectors"):
+                     "max_batch_vectors", "max_batch_size", "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not (math.isfinite(self.request_timeout_s) and self.request_timeout_s > 0):
@@ -187,7 +191,8 @@ class ServerConfig:
 
 
 _INT_FIELDS = frozenset({"port", "metrics_port", "max_message_bytes", "queue_size", "max_new_tokens",
-                         "max_prompt_tokens", "max_top_k", "max_interventions", "max_batch_vectors"})
+                         "max_prompt_tokens", "max_top_k", "max_interventions", "max_batch_vectors",
+                         "max_batch_size", "max_batch_tokens"})
 _FLOAT_FIELDS = frozenset({"request_timeout_s", "drain_grace_s"})
 _BOOL_FIELDS = frozenset({"auth_exempt_health", "self_check"})
 

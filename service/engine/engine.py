@@ -6,25 +6,26 @@ one-step generator); every item it yields is handed to the caller's event loop a
 between steps the worker checks the job's cancel flag (set when the caller's stream is closed, e.g. the
 client cancelled the RPC) and its deadline, then closes the generator so its `try/finally` removes hooks.
 
-The scheduling policy (FIFO, one job at a time) lives in `_Scheduler`; batching later replaces it
-without changing `stream`/`call`.
+Jobs wait in a bounded FIFO and run interleaved, up to `max_batch_size` at once; Generate streams hand
+their forward passes to the batcher, which runs the rows of many requests as one batch (continuous
+batching: service/engine/scheduler.py, service/engine/batch.py). Other jobs advance one item per cycle
+between decode steps.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from service.errors import DeadlineExceeded, NotReady, Overloaded
+from service.engine.batch import RowPass, run_rows
+from service.engine.scheduler import END, ERROR, ITEM, Batcher, Job, Scheduler
+from service.errors import Overloaded
 
 if TYPE_CHECKING:  # the engine stays importable without grpc/prometheus; Metrics is only passed in
     from service.config import ServerConfig
@@ -35,69 +36,13 @@ if TYPE_CHECKING:  # the engine stays importable without grpc/prometheus; Metric
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_ITEM, _ERROR, _END = "item", "error", "end"
+_ITEM, _ERROR, _END = ITEM, ERROR, END
+__all__ = ["Engine", "Job", "deadline_after"]
 
 
 def deadline_after(seconds: float | None) -> float | None:
     """An absolute deadline on the `time.monotonic()` clock, `seconds` from now (None = no deadline)."""
     return None if seconds is None else time.monotonic() + max(0.0, seconds)
-
-
-@dataclass(eq=False)
-class Job:
-    """One unit of work for the worker: a generator function, where its items go, and how to stop it."""
-
-    fn: Callable[[], Iterator[Any]]
-    method: str
-    deadline: float | None
-    deliver: Callable[[str, Any], None]
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    enqueued_at: float = field(default_factory=time.monotonic)
-
-    def expired(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
-
-    def deadline_error(self) -> DeadlineExceeded:
-        return DeadlineExceeded(f"{self.method}: the deadline passed before the work finished")
-
-
-class _Scheduler:
-    """FIFO of waiting jobs with a hard bound; the only policy the worker knows about."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._waiting: collections.deque[Job] = collections.deque()
-        self._cond = threading.Condition()
-        self._closed = False
-
-    def depth(self) -> int:
-        return len(self._waiting)
-
-    def put(self, job: Job) -> None:
-        with self._cond:
-            if self._closed:
-                raise NotReady("the server is shutting down; retry on another replica")
-            if len(self._waiting) >= self.capacity:
-                raise Overloaded(f"the engine queue is full ({self.capacity} requests waiting); retry later")
-            self._waiting.append(job)
-            self._cond.notify()
-
-    def discard(self, job: Job) -> None:
-        """Drop a cancelled job that has not started, so it stops taking a queue slot."""
-        with self._cond, contextlib.suppress(ValueError):
-            self._waiting.remove(job)
-
-    def take(self) -> Job | None:
-        """The next job; None once closed and empty (the worker then exits)."""
-        with self._cond:
-            while not self._waiting and not self._closed:
-                self._cond.wait()
-            return self._waiting.popleft() if self._waiting else None
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
 
 
 class Engine:
@@ -109,7 +54,8 @@ class Engine:
         self.stacks = dict(stacks)
         self.config = config
         self.metrics = metrics
-        self._scheduler = _Scheduler(config.queue_size)
+        self._scheduler = Scheduler(config.queue_size)
+        self._batcher = Batcher(self._run_rows, config.max_batch_size, config.max_batch_tokens, self._out_of_memory)
         self._busy = threading.Event()
         self._thread = threading.Thread(target=self._work, name="featurewire-engine", daemon=True)
         if metrics is not None:
@@ -119,7 +65,7 @@ class Engine:
     # -- caller side (event loop) ---------------------------------------------------------------
     @property
     def queue_depth(self) -> int:
-        """Jobs waiting (not counting the one running)."""
+        """Jobs waiting to be admitted (not counting the ones running)."""
         return self._scheduler.depth()
 
     @property
@@ -186,53 +132,22 @@ class Engine:
 
     # -- worker side ----------------------------------------------------------------------------
     def _work(self) -> None:
+        batcher = self._batcher
         with torch.inference_mode():
-            while (job := self._scheduler.take()) is not None:
+            while (jobs := self._scheduler.take(batcher.room, block=not batcher.active)) is not None:
                 self._busy.set()
                 try:
-                    self._run(job)
-                except BaseException:  # pragma: no cover - _run never raises; keep the worker alive anyway
+                    batcher.admit(jobs)
+                    batcher.cycle()
+                except BaseException:  # pragma: no cover - the batcher hands errors to jobs; keep the worker alive
                     log.exception("engine worker: unexpected failure outside a job")
                 finally:
-                    self._busy.clear()
+                    if not batcher.active:
+                        self._busy.clear()
         log.debug("engine worker stopped")
 
-    def _run(self, job: Job) -> None:
-        """Run one job to completion, cancellation, deadline or error; always ends with END or ERROR."""
-        if job.cancelled.is_set():
-            return
-        if job.expired():
-            job.deliver(_ERROR, job.deadline_error())
-            return
-        iterator: Iterator[Any] | None = None
-        try:
-            iterator = iter(job.fn())
-            for item in iterator:
-                job.deliver(_ITEM, item)
-                if job.cancelled.is_set():
-                    log.debug("%s cancelled by the caller", job.method)
-                    return
-                if job.expired():
-                    job.deliver(_ERROR, job.deadline_error())
-                    return
-            job.deliver(_END, None)
-        except torch.OutOfMemoryError:
-            self._close(iterator)  # release the job's tensors and hooks before emptying the cache
-            iterator = None
-            job.deliver(_ERROR, self._out_of_memory(job))
-        except Exception as error:  # passed to the caller; the ErrorInterceptor maps or logs it
-            job.deliver(_ERROR, error)
-        finally:
-            self._close(iterator)
-
-    @staticmethod
-    def _close(iterator: Iterator[Any] | None) -> None:
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            try:
-                close()
-            except Exception:
-                log.exception("closing an engine job raised")
+    def _run_rows(self, rows: Sequence[RowPass]) -> None:
+        run_rows(self.host, rows)
 
     def _out_of_memory(self, job: Job) -> Overloaded:
         if torch.cuda.is_available():

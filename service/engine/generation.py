@@ -14,15 +14,16 @@ the last token one more pass runs, cut short after the last hookpoint needed (no
 TokenEvent is sent as soon as the token is sampled. Either way a token's text delta never splits a UTF-8
 character nor releases text that may turn out to start a stop string.
 
-Hooks are installed around each forward pass only and removed before anything is yielded (so a caller
-that stops iterating, e.g. on cancellation, leaves no hook behind), and grad mode is switched off the
-same way; nothing here outlives the generator.
+Passes are not run here: each branch hands out a `RowPass` (its tokens, positions, KV cache and write
+hooks) and resumes once it is filled. Iterated directly, a `GenerationStream` runs them itself, one row
+at a time; the engine's batch scheduler runs them together with other requests' rows
+(service/engine/batch.py). Hooks are installed around each forward pass only and removed before
+anything is yielded (so a caller that stops iterating, e.g. on cancellation, leaves no hook behind), and
+grad mode is switched off the same way; nothing here outlives the generator.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
@@ -30,9 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from service.engine.batch import RowCache, RowPass, run_rows
 from service.engine.codes import stage_codes
 from service.engine.decompose import token_texts
-from service.engine.hooks import ActivationEdit, StopForward, installed_hooks
 from service.engine.host_model import HostModel
 from service.engine.interventions import Chunk, EditPlan, scope_interval
 from service.engine.served import ServedStack, predicted_error_norm
@@ -56,8 +57,44 @@ CONTEXT_TOKENS = 4
 start of a text (SentencePiece) render the first generated token as it reads after the prompt."""
 
 
-def generate_events(host: HostModel, stack: ServedStack | None, spec: GenerateSpec) -> Iterator[GenerateEvent]:
+class GenerationStream:
+    """The events of one Generate request. Iterated directly, it runs its own forward passes one row at a
+    time; the engine instead calls `advance()`, which hands out the passes (one row per live branch) so
+    it can run them batched with other requests' rows, and resumes the stream once they are filled."""
+
+    def __init__(self, host: HostModel, stack: ServedStack | None, spec: GenerateSpec) -> None:
+        self.host = host
+        self._script = _script(host, stack, spec)
+
+    def advance(self) -> GenerateEvent | list[RowPass] | None:
+        """The next event, or the passes to run before the stream can go on; None at the end."""
+        return next(self._script, None)
+
+    def __iter__(self) -> GenerationStream:
+        return self
+
+    def __next__(self) -> GenerateEvent:
+        while True:
+            item = self.advance()
+            if item is None:
+                raise StopIteration
+            if not isinstance(item, list):
+                return item
+            for row in item:  # alone: one row per pass, the same shapes as a lone request always had
+                run_rows(self.host, [row])
+
+    def close(self) -> None:
+        self._script.close()
+
+
+def generate_events(host: HostModel, stack: ServedStack | None, spec: GenerateSpec) -> GenerationStream:
     """Stream a generation: the header, then per decode step each live branch's events, then its finish."""
+    return GenerationStream(host, stack, spec)
+
+
+def _script(host: HostModel, stack: ServedStack | None,
+            spec: GenerateSpec) -> Iterator[GenerateEvent | list[RowPass]]:
+    """The header, then rounds: every live branch's events up to its next pass, then those passes."""
     branches = (Branch.STEERED, Branch.DEFAULT) if spec.with_default else (Branch.STEERED,)
     stages = spec.decompose.stages if spec.decompose is not None else ()
     prompt = tuple(zip(spec.prompt_ids, token_texts(host.tokenizer, spec.prompt_ids), strict=True))
@@ -68,12 +105,17 @@ def generate_events(host: HostModel, stack: ServedStack | None, spec: GenerateSp
     try:
         live = list(runs)
         while live:
+            passes: list[RowPass] = []
             for run in list(live):
-                events = next(run, None)
-                if events is None:
+                for item in run:
+                    if isinstance(item, RowPass):
+                        passes.append(item)
+                        break
+                    yield from item
+                else:
                     live.remove(run)
-                    continue
-                yield from events
+            if passes:
+                yield passes
     finally:
         for run in runs:
             run.close()
@@ -125,29 +167,6 @@ def sample(logits: Tensor, sampling: SamplingSpec, generator: torch.Generator | 
     return int(token_id), value
 
 
-def forward(host: HostModel, ids: Tensor, cache: Any, writes: dict[str, ActivationEdit], *,
-            logits: bool) -> tuple[Tensor | None, Any]:
-    """One cached forward pass over ids (1, T) with the writes hooked in; the next-token logits (V,).
-
-    Without `logits` the pass stops after the last hookpoint written (nothing runs when there is none).
-    """
-    reads: list[str] = []
-    if not logits:
-        if not writes:
-            return None, cache
-        reads = [host.hookpoints.resolve(list(writes))[-1].name]
-    kwargs: dict[str, Any] = {"past_key_values": cache, "use_cache": True}
-    if "logits_to_keep" in inspect.signature(host.model.forward).parameters:
-        kwargs["logits_to_keep"] = 1  # the unembedding of the last position only
-    out = None
-    hooks = installed_hooks(host.hookpoints, reads, writes, stop_after_reads=not logits)
-    with torch.inference_mode(), hooks, contextlib.suppress(StopForward):
-        out = host.model(input_ids=ids, **kwargs)
-    if out is None or not logits:
-        return None, cache
-    return out.logits[0, -1], out.past_key_values
-
-
 class _BranchRun:
     """One branch: its plan, cache, generator and text; `steps()` yields its events once per step."""
 
@@ -162,23 +181,28 @@ class _BranchRun:
             self.generator = torch.Generator(device=host.device).manual_seed(sampling.seed)
         self.eos = set() if sampling.ignore_eos else eos_ids(host)
         self.text = TextStream(host.tokenizer, sampling.stop, spec.prompt_ids)
-        self.cache: Any = None
+        self.cache: RowCache | None = None
         self.chunk: Chunk | None = None
+        self.logits: Tensor | None = None
         self.generated = 0
 
-    def _pass(self, ids: list[int], offset: int, *, logits: bool) -> Tensor | None:
-        """Run positions [offset, offset + len(ids)) through the model with this branch's hooks."""
-        tokens = torch.tensor([ids], dtype=torch.int64, device=self.host.device)  # (1, T)
+    def _pass(self, ids: list[int], offset: int, *, logits: bool) -> Iterator[RowPass]:
+        """Yield the pass over positions [offset, offset + len(ids)) with this branch's hooks, until it needs no
+        re-run; `self.logits` then holds its next-token logits (V,) (None when not asked for)."""
         while True:
             chunk = self.plan.chunk(offset, len(ids), self.prompt_len) if self.plan else None
-            out, cache = forward(self.host, tokens, self.cache, chunk.writes if chunk else {}, logits=logits)
+            writes = chunk.writes if chunk else {}
+            if not logits and not writes:  # the last lagged pass with nothing to read: nothing runs
+                self.logits, self.chunk = None, chunk
+                return
+            row = RowPass(ids, offset, self.cache, writes, need_logits=logits)
+            yield row
             rerun = chunk.rerun_from() if chunk else None
             if rerun is None:
                 break
             assert self.plan is not None and self.cache is None  # only the prefill spans several positions
             self.plan.forget_after(rerun)
-        self.cache, self.chunk = cache, chunk
-        return out
+        self.cache, self.chunk, self.logits = row.new_cache, chunk, row.logits
 
     def _features(self, position: int) -> tuple[StageCodes, ...]:
         decompose = self.spec.decompose
@@ -211,21 +235,22 @@ class _BranchRun:
             return FinishReason.LENGTH, ""
         return None, ""
 
-    def steps(self) -> Iterator[list[BranchEvent]]:
-        """Prefill, then one list of events per decode step; the last list ends with the FinishEvent."""
-        logits = self._pass(list(self.spec.prompt_ids), 0, logits=True)
+    def steps(self) -> Iterator[list[BranchEvent] | RowPass]:
+        """Prefill, then one list of events per decode step (the last ends with the FinishEvent), with the
+        passes to run in between; the caller fills each pass before resuming."""
+        yield from self._pass(list(self.spec.prompt_ids), 0, logits=True)
         pending: list[BranchEvent] = list(self._events())
         if self.plan is not None and (trigger := self.plan.stop) is not None:
             yield [e for e in pending if e.position <= trigger.position] + [
                 self._finish(FinishReason.FEATURE_CONDITION, trigger)]
             return
         while True:
-            assert logits is not None
-            token, logprob = sample(logits, self.spec.sampling, self.generator)
+            assert self.logits is not None
+            token, logprob = sample(self.logits, self.spec.sampling, self.generator)
             position = self.prompt_len + self.generated
             reason, stop = self._status(token)
             if self.lagged:
-                logits = self._pass([token], position, logits=reason is None)
+                yield from self._pass([token], position, logits=reason is None)
                 conditions = self._events()
                 trigger = self.plan.stop if self.plan else None
                 if trigger is not None:
@@ -243,7 +268,7 @@ class _BranchRun:
             yield pending
             pending = []
             if not self.lagged:
-                logits = self._pass([token], position, logits=True)
+                yield from self._pass([token], position, logits=True)
 
 
 def _plan(host: HostModel, stack: ServedStack | None, spec: GenerateSpec, branch: Branch) -> EditPlan | None:

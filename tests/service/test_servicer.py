@@ -153,8 +153,13 @@ def test_set_changes_the_continuation_and_ablating_an_inactive_feature_changes_n
     ablated = generate(served.stub, 12, with_default=True, interventions=[
         t.Intervention(stage=STAGE0, feature=quiet, op=t.INTERVENTION_OP_ABLATE)])
     ablated_ids, ablated_logprobs, _ = branch(ablated)
-    assert ablated_ids == default_ids and ablated_logprobs == default_logprobs  # bit-for-bit
-    assert branch(ablated, t.BRANCH_DEFAULT)[:2] == (default_ids, default_logprobs)
+    # the engine batches a request's branches (and other requests) into one pass, and a row's last bits
+    # depend on its batch (batch size, row index in CPU attention kernels): the edit itself leaves the
+    # activation bit-for-bit unchanged (tests/service/engine/test_generation.py runs it alone)
+    assert ablated_ids == default_ids and ablated_logprobs == pytest.approx(default_logprobs, abs=1e-5)
+    ablated_default_ids, ablated_default_logprobs, _ = branch(ablated, t.BRANCH_DEFAULT)
+    assert ablated_default_ids == default_ids
+    assert ablated_default_logprobs == pytest.approx(default_logprobs, abs=1e-5)
 
 
 def test_an_intervention_never_leaks_into_a_concurrent_request(served):
@@ -169,7 +174,8 @@ def test_an_intervention_never_leaks_into_a_concurrent_request(served):
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         a, b = pool.submit(run, edit), pool.submit(run, [])
         together_a, together_b = a.result(60), b.result(60)
-    assert together_a[:2] == solo_a[:2] and together_b[:2] == solo_b[:2]
+    for together, solo in ((together_a, solo_a), (together_b, solo_b)):  # batched: equal up to rounding
+        assert together[0] == solo[0] and together[1] == pytest.approx(solo[1], abs=1e-5)
     assert solo_a[0] != solo_b[0]
 
 
