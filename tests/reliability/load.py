@@ -18,12 +18,10 @@ import collections
 import contextlib
 import json
 import random
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,6 +33,8 @@ from featurewire.v1 import featurewire_pb2 as pb
 from featurewire.v1 import featurewire_pb2_grpc as pb_grpc
 from featurewire.v1 import types_pb2 as t
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.server_process import launch
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_STACK = ROOT / "runs" / "demo" / "stack"
@@ -65,34 +65,12 @@ def rss_bytes(pid: int) -> int:
 def server_process(model: str, stack: Path, *, queue_size: int = 64, extra: tuple[str, ...] = ()
                    ) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """`featurewire-serve serve` on 127.0.0.1 and a free port; yields (process, port) once ready; SIGTERM after."""
-    command = [sys.executable, "-m", "service", "serve", "--model", model, "--stack", str(stack), "--host",
-               "127.0.0.1", "--port", "0", "--metrics-port", "0", "--queue-size", str(queue_size), *extra]
-    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            lines.append(line)
-            if "featurewire ready" in line:
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    server = launch(["--model", model, "--stack", str(stack), "--host", "127.0.0.1", "--port", "0",
+                     "--metrics-port", "0", "--queue-size", str(queue_size), *extra])
     try:
-        while not ready.wait(0.5):
-            if process.poll() is not None:
-                raise RuntimeError("the server exited during startup:\n" + "".join(lines[-30:]))
-        port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", "".join(lines)).group(1))  # type: ignore[union-attr]
-        yield process, port
+        yield server.process, server.port
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        server.stop()
 
 
 @dataclass

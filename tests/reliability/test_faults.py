@@ -12,8 +12,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.engine.served import load_served_stack
 from service.errors import FailedPrecondition
+from tests.server_process import launch
 from tests.service.conftest import MAX_NEW_TOKENS, Running, ServerLoop, server_config, start_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,26 +158,10 @@ def test_a_stack_changed_on_disk_keeps_serving_its_loaded_copy_and_a_reload_refu
 
 
 def _serve(stack: Path, grace: float) -> tuple[subprocess.Popen[str], int, list[str]]:
-    command = [sys.executable, "-m", "service", "serve", "--model", "tiny-random", "--device", "cpu", "--stack",
-               str(stack), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--drain-grace", str(grace),
-               "--max-new-tokens", str(MAX_NEW_TOKENS)]
-    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            lines.append(line)
-            if "featurewire ready" in line:
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not ready.wait(180):
-        process.kill()
-        pytest.fail("server did not become ready:\n" + "".join(lines))
-    port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", "".join(lines)).group(1))
-    return process, port, lines
+    server = launch(["--model", "tiny-random", "--device", "cpu", "--stack", str(stack), "--host", "127.0.0.1",
+                     "--port", "0", "--metrics-port", "0", "--drain-grace", str(grace),
+                     "--max-new-tokens", str(MAX_NEW_TOKENS)])
+    return server.process, server.port, server.lines
 
 
 def test_sigterm_lets_in_flight_streams_finish_and_refuses_new_calls(rel_stack: Path) -> None:

@@ -3,12 +3,10 @@ TLS and bearer auth; message limits; reflection; and `featurewire-serve serve` u
 
 from __future__ import annotations
 
-import re
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -23,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import service.server as server_module
 from service.errors import FailedPrecondition
+from tests.server_process import launch
 from tests.service.conftest import Running, make_server, server_config, slow_generation, start_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -182,24 +181,10 @@ def _free_port() -> int:
 def test_serve_command_drains_on_sigterm_and_exits_0():
     """The real CLI in a subprocess: ready, metrics over HTTP, SIGTERM → stopped, exit status 0."""
     metrics_port = _free_port()
-    command = [sys.executable, "-m", "service", "serve", "--model", "tiny-random", "--device", "cpu",
-               "--host", "127.0.0.1", "--port", "0", "--metrics-port", str(metrics_port), "--drain-grace", "5"]
-    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            lines.append(line)
-            if "featurewire ready" in line:
-                ready.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    server = launch(["--model", "tiny-random", "--device", "cpu", "--host", "127.0.0.1", "--port", "0",
+                     "--metrics-port", str(metrics_port), "--drain-grace", "5"], timeout=120)
+    process, port, lines, reader = server.process, server.port, server.lines, server.reader
     try:
-        assert ready.wait(120), "".join(lines)
-        port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", "".join(lines)).group(1))
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
             assert status == health_pb2.HealthCheckResponse.SERVING
