@@ -17,12 +17,13 @@ RUN = Path("runs/demo")
 
 def stage_table(summary: dict[str, Any], predictors: list[dict[str, Any]]) -> Table:
     table = Table(["stage", "kind", "FVE", "FVE on residual target", "L0", "dead", "ΔCE spliced",
-                   "error-norm probe R²"])
+                   "error-norm probe R²", "… with previous stage", "error-vector probe R²"])
     for stage, predictor in zip(summary["stages"], predictors, strict=True):
         m = stage["metrics"]
         table.add([stage["hookpoint"], "residual" if stage["residual_of"] is not None else "plain",
                    fmt(m.get("fve")), fmt(m.get("residual_fve")), fmt(m.get("l0"), 1), fmt(m.get("dead_fraction")),
-                   fmt(m.get("delta_ce")), fmt(predictor.get("norm_r2"))])
+                   fmt(m.get("delta_ce")), fmt(predictor.get("norm_r2")), fmt(predictor.get("prev_r2")),
+                   fmt(predictor.get("vector_r2"))])
     return table
 
 
@@ -49,7 +50,10 @@ def section(settings: ReportSettings) -> str:
         "```",
         "",
         f"Gemma 3 270M, `{'`, `'.join(cfg.stack.hookpoints)}`, residualized {cfg.sae.architecture} width "
-        f"{cfg.sae.width}, {report['activation_tokens']:,} training tokens, seed {cfg.training.seed}.",
+        f"{cfg.sae.width}, λ per stage {list(cfg.sae.sparsity_coefficients) or cfg.sae.sparsity_coefficient}, "
+        f"{report['activation_tokens']:,} training tokens, seed {cfg.training.seed}. Error predictors are fitted "
+        "on held-out calibration tokens and scored on a fifth of them that the fit never saw (R² columns); "
+        "the service reports the norm probe's prediction next to every actual error norm.",
         "",
         stage_table(summary, _predictor_records(stack_dir, len(summary["stages"]))).render(),
         "",

@@ -19,7 +19,7 @@ from trainer.report.runs import ReportSettings, base_config, missing_note, train
 
 WIDTHS = (512, 1024, 2048)
 HELD_OUT_TOKENS = 40_000
-PROBE_TOKENS = 16_384
+PROBE_TOKENS = 8_192
 """Held-out tokens each metric pass reads (probes fit on 3/5 of them; ITO runs on all of them)."""
 RESAE_CONFIGS = Path("trainer/configs/resae")
 
