@@ -221,6 +221,8 @@ class TrainConfig:
                 data.pop(optional, None)  # configs without it keep their fingerprint
         if not data["sae"]["sparsity_coefficients"]:
             del data["sae"]["sparsity_coefficients"]  # likewise
+        if not data["stack"]["error_predictors"] and not data["stack"]["error_predictor_tokens"]:
+            del data["stack"]["error_predictors"], data["stack"]["error_predictor_tokens"]  # likewise
         return data
 
     def fingerprint(self) -> str:
