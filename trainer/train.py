@@ -81,21 +81,29 @@ def _shuffled(documents: list[Document], seed: int) -> list[Document]:
     return shuffled
 
 
+def _store_fingerprint(cfg: TrainConfig, max_tokens: int | None) -> str:
+    return f"{cfg.collection_fingerprint()}:{max_tokens or cfg.activations.max_tokens}"
+
+
+def store_is_current(directory: Path, cfg: TrainConfig, max_tokens: int | None = None) -> bool:
+    """Whether `directory` holds a store collected with these settings (checked without the host model)."""
+    marker = directory / FINGERPRINT_FILE
+    return marker.is_file() and marker.read_text() == _store_fingerprint(cfg, max_tokens)
+
+
 def ensure_activations(host: HostModel, documents: list[Document], cfg: TrainConfig, directory: Path,
                        progress: bool, *, max_tokens: int | None = None) -> ActivationManifest:
     """Reuse the store when it was collected with the same settings, else collect it (again)."""
-    marker = directory / FINGERPRINT_FILE
+    if store_is_current(directory, cfg, max_tokens):
+        return ActivationManifest.load(directory)
     a = cfg.activations
     max_tokens = max_tokens or a.max_tokens
-    fingerprint = f"{cfg.collection_fingerprint()}:{max_tokens}"
-    if marker.is_file() and marker.read_text() == fingerprint:
-        return ActivationManifest.load(directory)
     manifest = collect_activations(
         host, _shuffled(documents, cfg.corpus.split_seed), list(cfg.stack.hookpoints), out_dir=directory,
         context_length=a.context_length, batch_size=a.batch_size, max_tokens=max_tokens, dtype=a.dtype,
         shard_tokens=a.shard_tokens, overwrite=True, progress=progress,
     )
-    marker.write_text(fingerprint)
+    (directory / FINGERPRINT_FILE).write_text(_store_fingerprint(cfg, max_tokens))
     return manifest
 
 

@@ -38,16 +38,11 @@ def width_configs(settings: ReportSettings) -> list[tuple[int, TrainConfig, Path
 def _held_out_batches(cfg: TrainConfig, store: Path, settings: ReportSettings, tokens: int):
     """Batches {hookpoint: (B, d)} of calibration-split activations (collected once, then reused)."""
     from trainer.shards import iterate_batches
-    from trainer.train import corpus_splits, ensure_activations, load_host
+    from trainer.train import corpus_splits, ensure_activations, load_host, store_is_current
 
-    if not (store / "collection.fingerprint").is_file():
+    if not store_is_current(store, cfg, tokens):  # the host model loads only when something is collected
         ensure_activations(load_host(cfg), corpus_splits(cfg).calibration, cfg, store, settings.progress,
                            max_tokens=tokens)
-    else:  # validates the fingerprint without loading the model when it matches
-        marker = (store / "collection.fingerprint").read_text()
-        if marker != f"{cfg.collection_fingerprint()}:{tokens}":
-            ensure_activations(load_host(cfg), corpus_splits(cfg).calibration, cfg, store, settings.progress,
-                               max_tokens=tokens)
     return iterate_batches(store, list(cfg.stack.hookpoints), 2048, seed=settings.seed + 7, normalize=False)
 
 
