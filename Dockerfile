@@ -52,6 +52,7 @@ RUN case "${VARIANT}" in \
 WORKDIR /src
 COPY clients/python/ clients/python/
 COPY pyproject.toml README.md ./
+COPY core/ core/
 COPY service/ service/
 COPY trainer/ trainer/
 RUN pip install ./clients/python . \

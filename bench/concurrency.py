@@ -32,7 +32,8 @@ from featurewire.v1 import types_pb2 as t
 from hook_overhead import machine, prompt_ids
 from serve_overhead import LoopThread, random_stack
 
-from service.config import ModelConfig, ServerConfig
+from core.config import ModelConfig
+from service.config import ServerConfig
 from service.server import Server
 
 OPS = (None, t.INTERVENTION_OP_SET, t.INTERVENTION_OP_ADD, "steer", t.INTERVENTION_OP_ABLATE, "default",
@@ -127,7 +128,7 @@ def report(model: str, stack_arg: str, levels: list[int], prompt_tokens: int, ne
     with tempfile.TemporaryDirectory() as tmp:
         stack_dir = Path(stack_arg)
         if stack_arg == "random":
-            from service.engine.loading import load_host_model
+            from core.host.loading import load_host_model
 
             stack_dir = random_stack(load_host_model(ModelConfig(name=model, device="auto")), Path(tmp) / "stack")
         loop, server = start(model, stack_dir, max(levels))

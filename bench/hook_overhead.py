@@ -22,11 +22,11 @@ import torch
 import transformers
 from machine import machine_info
 
-from service.config import ModelConfig
-from service.engine.devices import dtype_name
-from service.engine.hooks import add_vector
-from service.engine.host_model import HostModel
-from service.engine.loading import load_host_model
+from core.config import ModelConfig
+from core.host.devices import dtype_name
+from core.host.hooks import add_vector
+from core.host.host_model import HostModel
+from core.host.loading import load_host_model
 
 
 def prompt_ids(host: HostModel, tokens: int) -> torch.Tensor:

@@ -38,12 +38,14 @@ from featurewire.v1 import types_pb2 as t
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from machine import machine_info
 
-from trainer.onnx_export import export_stack
-from trainer.onnx_parity import random_inputs
-from trainer.sae import SAEConfig, build_sae, top_k_by_magnitude
-from trainer.stack import HostModelIdentity, StageSpec, read_stack, write_stack
-from trainer.stack_affine import AffineMap
-from trainer.stack_runtime import StackRuntime
+from core.sae import SAEConfig, build_sae, top_k_by_magnitude
+from core.stack.affine import AffineMap
+from core.stack.identity import HostModelIdentity
+from core.stack.reader import read_stack
+from core.stack.runtime import StackRuntime
+from core.stack.writer import StageSpec, write_stack
+from trainer.interop.onnx_export import export_stack
+from trainer.interop.onnx_parity import random_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 TOP_K = 32
@@ -51,8 +53,8 @@ TOP_K = 32
 
 def random_stack(model: str, out: Path, width_factor: int = 4) -> Path:
     """Two SA-GSAE stages at blocks 1 and 2 resid_post, the second residualized on the first (random weights)."""
-    from service.config import ModelConfig
-    from service.engine.loading import load_host_model
+    from core.config import ModelConfig
+    from core.host.loading import load_host_model
 
     host = load_host_model(ModelConfig(name=model, device="cpu"))
     d = host.hookpoints.d_model

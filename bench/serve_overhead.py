@@ -29,15 +29,17 @@ from featurewire.v1 import featurewire_pb2_grpc as pb_grpc
 from featurewire.v1 import types_pb2 as t
 from hook_overhead import machine, measure, prompt_ids
 
-from service.config import ModelConfig, ServerConfig
+from core.config import ModelConfig
+from core.host.host_model import HostModel
+from core.sae import SAEConfig, build_sae
+from core.stack.identity import HostModelIdentity
+from core.stack.writer import StageSpec, write_stack
+from service.config import ServerConfig
 from service.engine.decompose import decompose_events
 from service.engine.generation import generate_events
-from service.engine.host_model import HostModel
 from service.engine.served import ServedStack
 from service.engine.specs import DecomposeSpec, GenerateSpec, InterventionSpec, Op, SamplingSpec
 from service.server import Server
-from trainer.sae import SAEConfig, build_sae
-from trainer.stack import HostModelIdentity, StageSpec, write_stack
 
 
 def random_stack(host: HostModel, out: Path, width_factor: int = 4) -> Path:
@@ -121,7 +123,7 @@ def report(model: str, stack_arg: str, tokens: int, new_tokens: int, repeats: in
     with tempfile.TemporaryDirectory() as tmp:
         stack_dir = Path(stack_arg)
         if stack_arg == "random":
-            from service.engine.loading import load_host_model
+            from core.host.loading import load_host_model
 
             stack_dir = random_stack(load_host_model(ModelConfig(name=model, device="auto")), Path(tmp) / "stack")
         loop, server = start_server(model, stack_dir)

@@ -2,7 +2,7 @@
 
     python bench/train_throughput.py [--d-in 640] [--width 4096] [--batch 1024] [--steps 20] [--repeats 3] [--json]
 
-Each repeat times `steps` calls of `trainer.optimization.train_step` for every architecture and one round of
+Each repeat times `steps` calls of `trainer.training.optimization.train_step` for every architecture and one round of
 matmuls (the SAE's encode and decode shapes and a large square one), interleaved, with the order reversed on
 every other repeat so that drift on a shared machine hits all alike. Inputs are N(0, 1) of shape (batch, d_in),
 so E‖x‖² = d_in as in training; no latent is marked dead, so AuxK costs nothing (as early in a healthy run).
@@ -23,8 +23,8 @@ import torch
 from machine import machine_info
 from torch.utils.flop_counter import FlopCounterMode
 
-from trainer.optimization import make_optimizer, train_step
-from trainer.sae import ARCHITECTURES, SAEConfig, build_sae
+from core.sae import ARCHITECTURES, SAEConfig, build_sae
+from trainer.training.optimization import make_optimizer, train_step
 
 # Dense matmul FLOPs of one training step in units of N·d·H (N tokens, d = d_in, H = width). Each (N×d)@(d×H)
 # product costs 2·N·d·H forward and 2× that backward (grad of the input and of the weight).

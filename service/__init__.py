@@ -1,3 +1,5 @@
-"""featurewire service: the host model runtime and (from the service issue on) the gRPC server."""
+"""featurewire service: the gRPC server (and its engine) on top of `core`."""
 
-__version__ = "0.1.0"
+from core import __version__
+
+__all__ = ["__version__"]

@@ -25,12 +25,12 @@ import grpc
 from featurewire.v1 import featurewire_pb2 as pb
 from featurewire.v1 import featurewire_pb2_grpc as pb_grpc
 
+from core.errors import DeadlineExceeded, NotReady, Overloaded, Unsupported
 from service import convert
 from service.config import ServerConfig
 from service.engine.encode_spec import EncodeSpec, EncodeValidator
 from service.engine.onnx_runtime import OnnxStack
 from service.engine.specs import StageCodes
-from service.errors import DeadlineExceeded, NotReady, Overloaded, Unsupported
 from service.metrics import Metrics
 
 T = TypeVar("T")

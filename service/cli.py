@@ -12,27 +12,18 @@ import os
 import sys
 from dataclasses import asdict
 
-from service.config import ModelConfig, ServerConfig
-from service.errors import ServiceError
-
-
-def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="default | tiny-random | tiny-random-neox | DIR | FILE.gguf "
-                        "(env FEATUREWIRE_MODEL; default: default)")
-    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (env FEATUREWIRE_DEVICE)")
-    parser.add_argument("--dtype", help="auto | float32 | bfloat16 | float16 (env FEATUREWIRE_DTYPE)")
-    parser.add_argument("--cache-dir", help="converted-model cache (env FEATUREWIRE_CACHE; ~/.cache/featurewire)")
+from core.config import ModelConfig, add_model_arguments, model_config_from_args
+from core.errors import ServiceError
+from service.config import ServerConfig
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig.from_env(
-        os.environ, name=args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir
-    )
+    return model_config_from_args(args, os.environ)
 
 
 def cmd_hookpoints(args: argparse.Namespace) -> int:
     """Print the model summary and every hookpoint with its dimension."""
-    from service.engine.loading import load_host_model
+    from core.host.loading import load_host_model
 
     host = load_host_model(_model_config(args))
     summary = host.summary()
@@ -52,8 +43,8 @@ def cmd_hookpoints(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Continue a prompt (no decomposition, no interventions) and print the continuation."""
-    from service.engine.host_model import SamplingParams
-    from service.engine.loading import load_host_model
+    from core.host.host_model import SamplingParams
+    from core.host.loading import load_host_model
 
     host = load_host_model(_model_config(args))
     sampling = SamplingParams(
@@ -156,12 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     hookpoints = commands.add_parser("hookpoints", help="print the model summary and its hookpoints")
-    _model_args(hookpoints)
+    add_model_arguments(hookpoints)
     hookpoints.add_argument("--json", action="store_true", help="print JSON")
     hookpoints.set_defaults(run=cmd_hookpoints)
 
     generate = commands.add_parser("generate", help="continue a prompt with the host model")
-    _model_args(generate)
+    add_model_arguments(generate)
     generate.add_argument("prompt")
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -172,16 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(run=cmd_generate)
 
     serve = commands.add_parser("serve", help="serve the gRPC API (health, reflection, Prometheus metrics)")
-    _model_args(serve)
+    add_model_arguments(serve)
     _serve_args(serve)
     serve.set_defaults(run=cmd_serve)
 
     tour = commands.add_parser("tour", help="tour of the host model runtime on the embedded default model")
-    _model_args(tour)
+    add_model_arguments(tour)
     tour.set_defaults(run=cmd_tour)
 
     demo = commands.add_parser("demo", help="serve a stack, then decompose, steer and read metrics as a client")
-    _model_args(demo)
+    add_model_arguments(demo)
     demo.add_argument("--stack", required=True, metavar="DIR", help="the stack to serve (make demo builds one)")
     demo.set_defaults(run=cmd_demo)
     return parser

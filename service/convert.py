@@ -25,6 +25,8 @@ from featurewire.v1 import featurewire_pb2 as pb
 from featurewire.v1 import types_pb2 as t
 
 import service
+from core.errors import InvalidRequest
+from core.stack.manifest import StackSummary
 from service.config import ServerConfig
 from service.engine.encode_spec import RAW_DTYPES, EncodeSpec, MatrixIn
 from service.engine.inputs import (
@@ -57,12 +59,10 @@ from service.engine.specs import (
     StageCodes,
     TokenEvent,
 )
-from service.errors import InvalidRequest
-from trainer.stack_manifest import StackSummary
 
 if TYPE_CHECKING:
+    from core.host.host_model import HostModel
     from service.engine.encode_spec import EncodeValidator
-    from service.engine.host_model import HostModel
     from service.engine.onnx_runtime import OnnxStack
     from service.engine.served import ServedStack
     from service.engine.validation import RequestValidator
@@ -358,13 +358,13 @@ def list_stacks_response(stacks: Sequence[ServedStack | OnnxStack]) -> pb.ListSt
 
 @functools.cache
 def _hook_kinds() -> dict[Any, int]:
-    from service.engine.hookpoints import HookKind  # torch: only where a host model is described
+    from core.host.hookpoints import HookKind  # torch: only where a host model is described
 
     return {m: n for n, m in _table(pb.HookpointKind, "HOOKPOINT_KIND_", HookKind).items()}
 
 
 def _model_info(host: HostModel) -> pb.ModelInfo:
-    from trainer.stack import model_fingerprint
+    from core.stack.identity import model_fingerprint
 
     summary = host.summary()
     return pb.ModelInfo(name=summary.name, architecture=summary.model_type, num_layers=summary.num_layers,

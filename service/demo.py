@@ -26,7 +26,7 @@ from featurewire.v1 import featurewire_pb2_grpc as pb_grpc
 from featurewire.v1 import types_pb2 as t
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.config import ModelConfig
+from core.config import ModelConfig
 
 PROMPT = "I think that dogs are"
 CONCEPT = "We celebrated the wedding with love, joy, kisses and happiness. Love, love and more love."

@@ -22,8 +22,8 @@ from typing import Any
 
 import grpc
 
+from core.errors import InvalidRequest, ServiceError
 from service.config import ServerConfig
-from service.errors import InvalidRequest, ServiceError
 from service.metrics import Metrics
 from service.status import to_status
 

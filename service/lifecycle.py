@@ -28,8 +28,8 @@ from featurewire.v1 import featurewire_pb2_grpc as pb_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from core.errors import FailedPrecondition
 from service.config import ServerConfig
-from service.errors import FailedPrecondition
 from service.health import HEALTH_SERVICE_NAME, Health
 from service.interceptors import build_interceptors
 from service.metrics import Metrics, start_metrics_server

@@ -20,15 +20,16 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from core.config import ModelConfig
+from core.errors import FailedPrecondition
+from core.host.host_model import HostModel
+from core.host.loading import load_host_model
 from service import __version__
-from service.config import ModelConfig, ServerConfig
+from service.config import ServerConfig
 from service.engine.decompose import decompose_events
 from service.engine.engine import Engine, deadline_after
-from service.engine.host_model import HostModel
-from service.engine.loading import load_host_model
 from service.engine.served import ServedStack, load_served_stack
 from service.engine.specs import DecomposeSpec
-from service.errors import FailedPrecondition
 from service.lifecycle import SERVICE_NAMES, ServerBase, run_server
 from service.servicer import FeaturewireServicer
 

@@ -20,6 +20,8 @@ import grpc
 from featurewire.v1 import featurewire_pb2 as pb
 from featurewire.v1 import featurewire_pb2_grpc as pb_grpc
 
+from core.errors import NotReady
+from core.host.host_model import HostModel
 from service import convert
 from service.activation_servicer import encode_stream
 from service.config import ServerConfig
@@ -29,7 +31,6 @@ from service.engine.encode_spec import EncodeSpec, EncodeValidator
 from service.engine.engine import Engine, deadline_after
 from service.engine.features import feature_info
 from service.engine.generation import generate_events
-from service.engine.host_model import HostModel
 from service.engine.score import score
 from service.engine.served import ServedStack
 from service.engine.specs import (
@@ -44,7 +45,6 @@ from service.engine.specs import (
     TokenFeatures,
 )
 from service.engine.validation import RequestValidator
-from service.errors import NotReady
 from service.metrics import Metrics
 
 MODE_FULL = "full"

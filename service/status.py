@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from service import errors
+from core import errors
 
 STATUS: dict[type[errors.ServiceError], grpc.StatusCode] = {
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,

@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from service.config import ModelConfig
-from service.engine.hooks import add_vector
-from service.engine.host_model import HostModel, SamplingParams
-from service.engine.loading import load_host_model
+from core.config import ModelConfig
+from core.host.hooks import add_vector
+from core.host.host_model import HostModel, SamplingParams
+from core.host.loading import load_host_model
 
 PROMPT = "I think that dogs are"
 STEER_HOOKPOINT_LAYER_FRACTION = 1 / 3  # early-middle layers carry concepts that steer well

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from service.config import ModelConfig
-from service.engine.host_model import HostModel
-from service.engine.loading import load_host_model
+from core.config import ModelConfig
+from core.host.host_model import HostModel
+from core.host.loading import load_host_model
 
 TINY_MODELS = ("tiny-random", "tiny-random-neox")
 

@@ -1,9 +1,9 @@
 """The package layering of DESIGN.md §2, checked on the source with `ast` (no imports executed).
 
-- the client imports neither torch/transformers nor the service or trainer packages;
-- the service takes from the trainer only the torch-only SAE and stack-format modules;
-- the trainer takes from the service only the grpc-free host model runtime (loading, hookpoints,
-  hooks) plus config and errors, and that runtime itself never imports grpc, metrics or servers.
+Three layers, every import pointing down: `core` (host model runtime, SAEs, stack format and runtime)
+imports neither `trainer` nor `service`; `trainer` and `service` build on `core` and never import each
+other; the client imports none of them and no torch. `core` never imports grpc or metrics, and the
+torch-free part of the stack format stays importable without torch (the activation-only server).
 """
 
 from __future__ import annotations
@@ -11,23 +11,24 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
 
-HOST_RUNTIME = {
-    "service.config",
-    "service.errors",
-    "service.engine",
-    "service.engine.devices",
-    "service.engine.gguf_cache",
-    "service.engine.hookpoints",
-    "service.engine.hooks",
-    "service.engine.host_model",
-    "service.engine.loading",
-    "service.engine.smoke_models",
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("core", "trainer", "service")
+HEAVY = {"torch", "transformers", "safetensors", "numpy", "onnx", "onnxruntime"}
+# What each package may not import (top-level names).
+FORBIDDEN = {
+    "core": {"trainer", "service", "grpc", "grpc_health", "grpc_reflection", "prometheus_client", "featurewire"},
+    "trainer": {"service", "grpc", "featurewire"},
+    "service": {"trainer"},
+    "clients/python/featurewire": {"core", "trainer", "service", "torch", "transformers", "safetensors"},
 }
+# Modules the activation-only server (no torch) imports from core, directly or through each other.
+TORCH_FREE = ("core", "core.config", "core.errors", "core.stack", "core.stack.manifest")
 
 
 def imported_modules(path: Path) -> set[str]:
+    """Every absolute module an import statement in `path` names (`from a.b import c` gives a.b and a.b.c)."""
     modules: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
@@ -38,39 +39,53 @@ def imported_modules(path: Path) -> set[str]:
     return modules
 
 
-def imports_of(package: Path) -> dict[Path, set[str]]:
-    return {path: imported_modules(path) for path in package.rglob("*.py")}
+def violations(root: Path, package: str, forbidden: set[str]) -> list[str]:
+    return [f"{path.relative_to(root)} imports {module}"
+            for path in sorted((root / package).rglob("*.py")) if "_pb2" not in path.name
+            for module in sorted(imported_modules(path)) if module.split(".")[0] in forbidden]
 
 
-def _top(module: str) -> str:
-    return module.split(".")[0]
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_every_import_points_down(package):
+    assert (ROOT / package).is_dir()
+    assert violations(ROOT, package, FORBIDDEN[package]) == []
 
 
-def test_client_is_free_of_heavy_and_server_imports():
-    banned = {"torch", "transformers", "safetensors", "service", "trainer"}
-    for path, modules in imports_of(ROOT / "clients" / "python" / "featurewire").items():
-        assert not {_top(m) for m in modules} & banned, f"{path} imports {sorted(modules)}"
+def _source(module: str) -> Path | None:
+    relative = Path(*module.split("."))
+    for candidate in (ROOT / relative / "__init__.py", ROOT / f"{relative}.py"):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
-def test_service_takes_only_sae_and_stack_modules_from_the_trainer():
-    for path, modules in imports_of(ROOT / "service").items():
-        for module in modules:
-            if _top(module) == "trainer":
-                assert module.startswith(("trainer.sae", "trainer.stack")), f"{path} imports {module}"
+def test_the_torch_free_stack_format_imports_no_heavy_library():
+    seen: set[str] = set()
+    todo = list(TORCH_FREE)
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        parts = module.split(".")
+        parents = [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a.b runs a/__init__ first
+        path = _source(module)
+        if path is None:
+            continue  # `from core.x import name`: the name is not a module
+        for imported in imported_modules(path) | set(parents):
+            assert imported.split(".")[0] not in HEAVY, f"{module} ({path.relative_to(ROOT)}) imports {imported}"
+            if imported.split(".")[0] in PACKAGES:
+                todo.append(imported)
+    assert {"core.stack.manifest", "core.errors"} <= seen
 
 
-def test_trainer_takes_only_the_host_runtime_from_the_service():
-    for path, modules in imports_of(ROOT / "trainer").items():
-        for module in modules:
-            if _top(module) == "service":
-                assert module in HOST_RUNTIME or module.rsplit(".", 1)[0] in HOST_RUNTIME, f"{path}: {module}"
-
-
-def test_host_runtime_is_grpc_free():
-    for name in HOST_RUNTIME:
-        relative = Path(*name.split("."))
-        path = ROOT / (f"{relative}/__init__.py" if (ROOT / relative).is_dir() else f"{relative}.py")
-        for module in imported_modules(path):
-            assert _top(module) not in {"grpc", "prometheus_client", "trainer"}, f"{path}: {module}"
-            if _top(module) == "service":
-                assert module in HOST_RUNTIME or module.rsplit(".", 1)[0] in HOST_RUNTIME, f"{path}: {module}"
+def test_the_rules_catch_a_violation(tmp_path):
+    """The checker itself: upward imports planted in a copy of core are reported."""
+    bad = tmp_path / "core" / "stack" / "bad.py"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("from service.engine.served import ServedStack\nimport trainer\n")
+    assert violations(tmp_path, "core", FORBIDDEN["core"]) == [
+        "core/stack/bad.py imports service.engine.served",
+        "core/stack/bad.py imports service.engine.served.ServedStack",
+        "core/stack/bad.py imports trainer",
+    ]

@@ -12,8 +12,10 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 
-from trainer import corpus as corpus_mod
+from core.config import add_model_arguments, model_config_from_args
+from trainer.data import corpus as corpus_mod
 
 PROG = "featurewire-train"
 # User errors: reported as one line on stderr with this exit code (argparse uses 2 for bad usage too).
@@ -85,19 +87,23 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
                         help="training config (see trainer/configs/)")
     parser.add_argument("--out", required=True, metavar="DIR", help="run directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_model_arguments(parser, default_model="the config's [model] name")
     parser.set_defaults(handler=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
     import os
 
-    from trainer.config import load_config
-    from trainer.distributed import session
-    from trainer.train import run_training
+    from trainer.training.config import ModelSection, load_config
+    from trainer.training.distributed import session
+    from trainer.training.loop import run_training
 
     cfg = load_config(args.config)
+    # The config's [model] section, then FEATUREWIRE_MODEL/DEVICE/DTYPE/CACHE, then flags: as featurewire-serve.
+    model = model_config_from_args(args, os.environ, defaults=cfg.model.to_model_config())
+    cfg = replace(cfg, model=ModelSection.from_model_config(model))
     with session(os.environ, cfg.model.device) as parallel:  # a process group only under torchrun
-        result = run_training(cfg, args.out, progress=not args.quiet, parallel=parallel)
+        result = run_training(cfg, args.out, progress=not args.quiet, cache_dir=model.cache_dir, parallel=parallel)
     if parallel.is_main:
         print(format_metrics(result.report["stages"], [s["hookpoint"] for s in result.report["stages"]]))
         print(f"stack: {result.stack_dir}")
@@ -126,8 +132,8 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from trainer.compare import comparison_table, stack_summary
-    from trainer.evaluate import evaluate_stack_dir
+    from trainer.evaluation.compare import comparison_table, stack_summary
+    from trainer.evaluation.evaluate import evaluate_stack_dir
 
     stacks = [args.stack, *([args.compare] if args.compare else [])]
     if args.recorded and not args.compare:
@@ -144,7 +150,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         return 0
     report = reports[0]
     print(format_metrics(report["stages"], [s["hookpoint"] for s in report["stages"]]))
-    from trainer.error_metrics import stored_predictor_table
+    from trainer.evaluation.error_metrics import stored_predictor_table
 
     if table := stored_predictor_table(args.stack):  # the error probes' held-out R² (error_predictors = true)
         print(table)
@@ -169,7 +175,7 @@ def _add_import(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_import(args: argparse.Namespace) -> int:
-    from trainer.importers import import_into_stack
+    from trainer.interop.importers import import_into_stack
 
     stack_dir = import_into_stack(args.source, args.src, model=args.model, hookpoint=args.hookpoint,
                                   input_scale=args.input_scale, out_dir=args.out)
@@ -192,8 +198,8 @@ def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
 def _run_sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from trainer.config import load_config
-    from trainer.train import run_training
+    from trainer.training.config import load_config
+    from trainer.training.loop import run_training
 
     configs = sorted(Path(args.configs).glob("*.toml"))
     if not configs:
@@ -236,9 +242,9 @@ def _add_export_onnx(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_export_onnx(args: argparse.Namespace) -> int:
-    from trainer.onnx_export import export_stack
-    from trainer.onnx_parity import real_activations
-    from trainer.stack import read_stack
+    from core.stack.reader import read_stack
+    from trainer.interop.onnx_export import export_stack
+    from trainer.interop.onnx_parity import real_activations
 
     if args.random_rows < 2 or args.real_tokens < 1:
         raise ValueError("--random-rows must be at least 2 and --real-tokens at least 1")

@@ -1,6 +1,6 @@
 """EncodeActivations in the full mode: captured activations through the torch stack runtime.
 
-The same runtime as Decompose (trainer.stack_runtime: input scale or ReSAE residual, encode, decode for the
+The same runtime as Decompose (core.stack.runtime: input scale or ReSAE residual, encode, decode for the
 error norm), so a batch of activations that Decompose would see gives the codes Decompose reports. Runs on
 the engine's worker thread like every other piece of model work. Top-k runs on the device; one copy to
 the host per batch, then the rows are built with numpy by `codes_rows`, as on the ONNX Runtime path (per-row
@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from core.sae.base import l0, top_k_by_magnitude
 from service.engine.encode_spec import EncodeSpec, EncodeTarget, codes_rows
 from service.engine.served import ServedStack, predicted_error_norm
 from service.engine.specs import StageCodes
-from trainer.sae.base import l0, top_k_by_magnitude
 
 
 def encode_targets(stack: ServedStack) -> list[EncodeTarget]:

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from service.engine.hooks import ActivationEdit, StopForward, installed_hooks
-from service.engine.host_model import HostModel
+from core.host.hooks import ActivationEdit, StopForward, installed_hooks
+from core.host.host_model import HostModel
 
 
 @dataclass(frozen=True, eq=False)

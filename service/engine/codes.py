@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from core.sae.base import l0, top_k_by_magnitude
 from service.engine.specs import StageCodes
-from trainer.sae.base import l0, top_k_by_magnitude
 
 
 def stage_codes(stage: int, z: Tensor, top_k: int, *, always: tuple[int, ...] = (),

@@ -14,8 +14,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from core.host.host_model import HostModel
 from service.engine.codes import stage_codes
-from service.engine.host_model import HostModel
 from service.engine.served import ServedStack, predicted_error_norm
 from service.engine.specs import DecomposeChunk, DecomposeHeader, DecomposeSpec, StageCodes, TokenFeatures
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from core.errors import FailedPrecondition, InvalidRequest, NotFound
 from service.config import ServerConfig
 from service.engine.inputs import Limits
 from service.engine.specs import StageCodes
-from service.errors import FailedPrecondition, InvalidRequest, NotFound
 
 RAW_DTYPES = {"FLOAT32": ("<f4", 4), "FLOAT16": ("<f2", 2), "BFLOAT16": ("<u2", 2)}
 """DType name -> (numpy little-endian dtype of the bytes, itemsize); bfloat16 is read as uint16 and widened."""
@@ -171,7 +171,7 @@ def codes_rows(stage: int, values: np.ndarray, indices: np.ndarray, l0: np.ndarr
 
 
 def top_k_by_magnitude(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """numpy twin of trainer.sae.base.top_k_by_magnitude: values (N, k) signed, indices (N, k), by |z| desc."""
+    """numpy twin of core.sae.base.top_k_by_magnitude: values (N, k) signed, indices (N, k), by |z| desc."""
     k = min(k, z.shape[1])
     magnitude = np.abs(z)
     part = np.argpartition(-magnitude, k - 1, axis=1)[:, :k]  # (N, k) unordered

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from core.errors import Overloaded
 from service.engine.batch import RowPass, run_rows
 from service.engine.scheduler import END, ERROR, ITEM, Batcher, Job, Scheduler
-from service.errors import Overloaded
 
 if TYPE_CHECKING:  # the engine stays importable without grpc/prometheus; Metrics is only passed in
+    from core.host.host_model import HostModel
     from service.config import ServerConfig
-    from service.engine.host_model import HostModel
     from service.engine.served import ServedStack
     from service.metrics import Metrics
 

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from core.errors import NotFound
+from core.host.host_model import HostModel
+from core.stack.reader import LoadedStage
 from service.engine.decompose import token_texts
-from service.engine.host_model import HostModel
 from service.engine.served import ServedStack
 from service.engine.specs import FeatureInfo, TokenScore
-from service.errors import NotFound
-from trainer.stack import LoadedStage
 
 DENSITY = "density"
 TOP_EXAMPLES = "top_examples"

@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from core.host.host_model import HostModel
 from service.engine.batch import RowCache, RowPass, run_rows
 from service.engine.codes import stage_codes
 from service.engine.decompose import token_texts
-from service.engine.host_model import HostModel
 from service.engine.interventions import Chunk, EditPlan, scope_interval
 from service.engine.served import ServedStack, predicted_error_norm
 from service.engine.specs import (

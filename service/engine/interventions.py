@@ -35,7 +35,9 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from service.engine.hooks import ActivationEdit
+from core.errors import InvalidRequest
+from core.host.hooks import ActivationEdit
+from core.stack.runtime import RuntimeStage, StackRuntime, StageResult
 from service.engine.specs import (
     Action,
     Branch,
@@ -48,8 +50,6 @@ from service.engine.specs import (
     Scope,
     SteeringSpec,
 )
-from service.errors import InvalidRequest
-from trainer.stack_runtime import RuntimeStage, StackRuntime, StageResult
 
 ErrorPredictor = Callable[[RuntimeStage, Tensor, "Tensor | None"], "Tensor | None"]
 """(stage, h (n, d) as it arrived, prev (n, d) or None) -> predicted error norm (n,) or None."""

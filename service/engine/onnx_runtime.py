@@ -5,7 +5,7 @@ torch-free manifest reader (every listed file's size and sha256, the ONNX record
 were exported from), each graph is read once, re-hashed and handed to ONNX Runtime as bytes (what runs
 is what was verified; a graph that refers to external data cannot load from bytes), and its inputs
 and outputs are checked against the record before it serves. The graph interface is described in
-trainer/onnx_export.py.
+trainer/interop/onnx_export.py.
 
 Provider: CUDAExecutionProvider when a GPU is present (detected through the CUDA driver, or torch when
 the process already imported it), else CPU. onnxruntime-gpu lists the CUDA provider even on machines
@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from core.errors import FailedPrecondition
+from core.stack.manifest import StackError, StackSummary, StageSummary, read_summary
 from service.engine.encode_spec import EncodeSpec, EncodeTarget, codes_rows, top_k_by_magnitude
 from service.engine.specs import StageCodes
-from service.errors import FailedPrecondition
-from trainer.stack_manifest import StackError, StackSummary, StageSummary, read_summary
 
 log = logging.getLogger(__name__)
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -78,7 +78,7 @@ class OnnxStage:
 
     def run(self, spec: EncodeSpec) -> list[StageCodes]:
         """The batch's codes, top-k by |value|, with error norms when asked for."""
-        # Without error norms, one row's decode (see trainer/onnx_export.py: not an empty error_rows).
+        # Without error norms, one row's decode (see trainer/interop/onnx_export.py: not an empty error_rows).
         rows = np.arange(spec.rows if spec.include_error else 1, dtype=np.int64)
         feeds = {"activations": spec.activations, "error_rows": rows}
         if spec.previous is not None:

@@ -29,8 +29,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from core.errors import DeadlineExceeded, NotReady, Overloaded
 from service.engine.batch import RowPass
-from service.errors import DeadlineExceeded, NotReady, Overloaded
 
 log = logging.getLogger(__name__)
 ITEM, ERROR, END = "item", "error", "end"

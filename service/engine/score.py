@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from service.engine.host_model import HostModel
+from core.host.host_model import HostModel
 from service.engine.interventions import EditPlan
 from service.engine.served import ServedStack
 from service.engine.specs import ScoreResult, ScoreSpec

@@ -23,11 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from service.engine.host_model import HostModel
-from service.errors import FailedPrecondition, NotFound
-from trainer.sae.base import l0
-from trainer.stack import HostModelIdentity, LoadedStack, LoadedStage, StackError, read_stack
-from trainer.stack_runtime import RuntimeStage, StackRuntime
+from core.errors import FailedPrecondition, NotFound
+from core.host.host_model import HostModel
+from core.sae.base import l0
+from core.stack.identity import HostModelIdentity
+from core.stack.manifest import StackError
+from core.stack.reader import LoadedStack, LoadedStage, read_stack
+from core.stack.runtime import RuntimeStage, StackRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ class ServedStack:
 
 def predicted_error_norm(stack: ServedStack, stage: int | RuntimeStage, h: Tensor,
                          prev: Tensor | None = None) -> Tensor | None:
-    """The predicted error norm ‖h − ĥ‖ per token, (N,), from the stage's norm probe (trainer/stack_error.py)
+    """The predicted error norm ‖h − ĥ‖ per token, (N,), from the stage's norm probe (core/stack/error_predictor.py)
     applied to the stage's SAE input computed from h (N, d) and, for a residual stage, `prev`, the source
     stage's activation; None when the stage has no predictor. The one place decompose, generation and
     EncodeActivations ask for it.

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from core.errors import FailedPrecondition, InvalidRequest, NotFound
 from service.config import ServerConfig
 from service.engine.inputs import (
     DEFAULT_CHUNK_TOKENS,
@@ -52,10 +53,9 @@ from service.engine.specs import (
     ScoreSpec,
     SteeringSpec,
 )
-from service.errors import FailedPrecondition, InvalidRequest, NotFound
 
 if TYPE_CHECKING:
-    from service.engine.host_model import HostModel
+    from core.host.host_model import HostModel
     from service.engine.served import ServedStack
 
 FEATURE_OUT_OF_RANGE = NotFound  # docs/api.md and GetFeatureRequest.feature: NOT_FOUND for a feature id >= d_sae

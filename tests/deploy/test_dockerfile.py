@@ -152,7 +152,7 @@ def _ignored(path: str, patterns: list[str]) -> bool:
 
 @pytest.mark.parametrize(("path", "ignored"), [
     ("service/server.py", False),
-    ("trainer/stack.py", False),
+    ("core/stack/reader.py", False),
     ("clients/python/featurewire/client.py", False),
     ("pyproject.toml", False),
     ("runs/demo/stack/stack.json", True),

@@ -9,7 +9,8 @@ from dataclasses import fields
 
 import pytest
 
-from service.config import ModelConfig, ServerConfig
+from core.config import ModelConfig
+from service.config import ServerConfig
 from service.health import LIVENESS, READINESS
 from tests.deploy.conftest import K8S, OVERLAYS, Doc, env_file, of_kind, one, selects
 

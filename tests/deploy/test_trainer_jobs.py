@@ -16,11 +16,11 @@ from torch.distributed.run import get_args_parser as torchrun_parser
 
 from tests.deploy.conftest import K8S, TRAINERS, Doc, of_kind, one, selects
 from trainer.cli import build_parser as trainer_parser
-from trainer.config import load_config
+from trainer.training.config import load_config
 
 SERVER_CLAIM = "featurewire-data"
-# The image's user is featurewire with HOME=/home/featurewire; the trainer caches models in ~/.cache/featurewire.
-TRAINER_CACHE = "/home/featurewire/.cache/featurewire"
+# The trainer reads FEATUREWIRE_CACHE as the servers do: the same /cache volume (subPath models).
+TRAINER_CACHE = "/cache"
 
 
 def job(docs: list[Doc]) -> Doc:

@@ -39,8 +39,8 @@ def rss_bytes(pid: int | str = "self") -> int:
 @pytest.fixture(scope="session")
 def rel_stack(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The smoke stack (tiny-random, two TopK stages), trained once for these tests (a few seconds)."""
-    from trainer.config import load_config
-    from trainer.train import run_training
+    from trainer.training.config import load_config
+    from trainer.training.loop import run_training
 
     return run_training(load_config(SMOKE), tmp_path_factory.mktemp("rel-stack"), progress=False).stack_dir
 

@@ -186,8 +186,8 @@ def run_load(target: str, pid: int, *, duration_s: float, clients: int, warmup_s
 
 
 def _smoke_stack(out: Path) -> Path:
-    from trainer.config import load_config
-    from trainer.train import run_training
+    from trainer.training.config import load_config
+    from trainer.training.loop import run_training
 
     return run_training(load_config(ROOT / "trainer" / "configs" / "smoke.toml"), out, progress=False).stack_dir
 

@@ -24,8 +24,8 @@ from featurewire.v1 import featurewire_pb2_grpc as pb_grpc
 from featurewire.v1 import types_pb2 as t
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from core.errors import FailedPrecondition
 from service.engine.served import load_served_stack
-from service.errors import FailedPrecondition
 from tests.server_process import launch
 from tests.service.conftest import MAX_NEW_TOKENS, Running, ServerLoop, server_config, start_server
 

@@ -5,7 +5,7 @@ activation-only path (`read_summary`, `load_onnx_stack`).
 The attacker here controls the directory, so hashes and sizes in stack.json are forged to match (a hash
 only catches corruption); what must hold is that no pickle is ever unpickled, no file outside the directory
 is read, no declared shape is allocated, and no tensor is loaded nor graph opened before the stack has
-passed every check. tests/trainer/test_stack.py covers the trainer reader case by case; this file runs the
+passed every check. tests/core/stack/test_stack.py covers the trainer reader case by case; this file runs the
 same attacks through all three readers at once.
 """
 
@@ -23,16 +23,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import core.stack.tensors as stack_module
 import service.engine.onnx_runtime as onnx_runtime
-import trainer.stack as stack_module
-from service.engine.host_model import HostModel
+from core.errors import FailedPrecondition
+from core.host.host_model import HostModel
+from core.stack.manifest import MAX_DIMENSION, StackError, read_summary
+from core.stack.reader import read_stack
 from service.engine.onnx_runtime import load_onnx_stack
 from service.engine.served import load_served_stack
-from service.errors import FailedPrecondition
 from tests.service.conftest import ServerLoop, make_server, server_config
 from tests.service.onnx_stacks import write_resae_stack
-from trainer.stack import StackError, read_stack
-from trainer.stack_manifest import MAX_DIMENSION, read_summary
 
 MARKER = "pickle-was-executed"
 

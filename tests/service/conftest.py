@@ -19,7 +19,8 @@ import pytest
 from featurewire.v1 import featurewire_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.config import ModelConfig, ServerConfig
+from core.config import ModelConfig
+from service.config import ServerConfig
 
 if TYPE_CHECKING:  # imported lazily, so a broken server module cannot stop the engine tests from collecting
     from service.server import Server
@@ -132,8 +133,8 @@ def server_config(stack: Path | None, **overrides: Any) -> ServerConfig:
 @pytest.fixture(scope="session")
 def tiny_stack(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The smoke stack (tiny-random, two TopK stages), trained once per session."""
-    from trainer.config import load_config
-    from trainer.train import run_training
+    from trainer.training.config import load_config
+    from trainer.training.loop import run_training
 
     out = tmp_path_factory.mktemp("smoke-stack")
     return run_training(load_config(SMOKE), out, progress=False).stack_dir

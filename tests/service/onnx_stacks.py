@@ -16,11 +16,12 @@ import torch
 from featurewire.v1 import featurewire_pb2 as pb
 from featurewire.v1 import types_pb2 as t
 
-from service.engine.host_model import HostModel
-from trainer.onnx_export import export_stack
-from trainer.sae import SAEConfig, build_sae
-from trainer.stack import HostModelIdentity, StageSpec, write_stack
-from trainer.stack_affine import AffineMap
+from core.host.host_model import HostModel
+from core.sae import SAEConfig, build_sae
+from core.stack.affine import AffineMap
+from core.stack.identity import HostModelIdentity
+from core.stack.writer import StageSpec, write_stack
+from trainer.interop.onnx_export import export_stack
 
 SIGNED, RESID = "signed", "resid"
 HOOKPOINTS = ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")

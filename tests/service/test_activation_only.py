@@ -24,17 +24,17 @@ from featurewire.v1 import featurewire_pb2 as pb
 from featurewire.v1 import featurewire_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from core.errors import DeadlineExceeded, FailedPrecondition, Overloaded
+from core.stack.manifest import read_summary
 from service.activation_server import ActivationServer
 from service.activation_servicer import EncodeWorker
 from service.cli import main as serve_main
 from service.config import ServerConfig
 from service.engine.encode_spec import EncodeSpec
 from service.engine.onnx_runtime import CUDA, load_onnx_stack, providers_for
-from service.errors import DeadlineExceeded, FailedPrecondition, Overloaded
 from tests.service.conftest import Running, ServerLoop, server_config, start_server
 from tests.service.onnx_stacks import RESID, SIGNED, captured, encode_requests, write_resae_stack
-from trainer.onnx_export import export_stack
-from trainer.stack_manifest import read_summary
+from trainer.interop.onnx_export import export_stack
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "s3cret-token"

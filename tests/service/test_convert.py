@@ -12,6 +12,8 @@ from featurewire.v1 import featurewire_pb2 as pb
 from featurewire.v1 import types_pb2 as t
 
 import service
+from core.errors import InvalidRequest
+from core.stack.identity import model_fingerprint
 from service import convert
 from service.config import ServerConfig
 from service.engine.specs import (
@@ -34,9 +36,7 @@ from service.engine.specs import (
     TokenScore,
 )
 from service.engine.validation import RequestValidator
-from service.errors import InvalidRequest
 from tests.service.test_validation import CONFIG, S0, build_stacks, fails
-from trainer.stack import model_fingerprint
 
 
 @pytest.fixture(scope="module")

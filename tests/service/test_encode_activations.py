@@ -14,14 +14,14 @@ import torch
 from featurewire.v1 import featurewire_pb2 as pb
 from featurewire.v1 import types_pb2 as t
 
+from core.errors import FailedPrecondition, InvalidRequest, NotFound
+from core.sae.base import top_k_by_magnitude as torch_top_k
+from core.stack.reader import read_stack
+from core.stack.runtime import StackRuntime
 from service.config import ServerConfig
 from service.engine.encode_spec import EncodeTarget, EncodeValidator, MatrixIn, top_k_by_magnitude
-from service.errors import FailedPrecondition, InvalidRequest, NotFound
 from tests.service.conftest import Running, ServerLoop, server_config, start_server
 from tests.service.onnx_stacks import HOOKPOINTS, RESID, SIGNED, captured, encode_requests, matrix, write_resae_stack
-from trainer.sae.base import top_k_by_magnitude as torch_top_k
-from trainer.stack import read_stack
-from trainer.stack_runtime import StackRuntime
 
 MAX_ROWS, MAX_TOP_K = 40, 16
 

@@ -9,10 +9,10 @@ import pytest
 from featurewire.v1 import featurewire_pb2 as pb
 from featurewire.v1 import types_pb2 as t
 
-from service.config import ModelConfig
+from core.config import ModelConfig
 from tests.service.conftest import ServerLoop, server_config, start_server
-from trainer.config import config_from_dict
-from trainer.train import run_training
+from trainer.training.config import config_from_dict
+from trainer.training.loop import run_training
 
 HOOKPOINTS = ["blocks.3.hook_resid_post", "blocks.6.hook_resid_post"]
 PROMPT = "I think that dogs are"

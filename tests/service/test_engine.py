@@ -14,9 +14,9 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
+from core.errors import DeadlineExceeded, InvalidRequest, NotReady, Overloaded
 from service.config import ServerConfig
 from service.engine.engine import Engine, deadline_after
-from service.errors import DeadlineExceeded, InvalidRequest, NotReady, Overloaded
 from service.metrics import Metrics
 
 

@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from service import errors
+from core import errors
 from service.config import ServerConfig
 from service.health import Health
 from service.interceptors import REQUEST_ID_KEY, build_interceptors, current_request_id

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import service.server as server_module
-from service.errors import FailedPrecondition
+from core.errors import FailedPrecondition
 from tests.server_process import launch
 from tests.service.conftest import Running, make_server, server_config, slow_generation, start_server
 

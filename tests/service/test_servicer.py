@@ -14,9 +14,9 @@ from featurewire.v1 import featurewire_pb2 as pb
 from featurewire.v1 import types_pb2 as t
 from prometheus_client.parser import text_string_to_metric_families
 
+from core.stack.reader import read_stack
+from core.stack.runtime import StackRuntime
 from tests.service.conftest import MAX_NEW_TOKENS, QUEUE_SIZE, slow_generation
-from trainer.stack import read_stack
-from trainer.stack_runtime import StackRuntime
 
 PROMPT = "The quick brown fox"
 STAGE0, STAGE1 = "blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"

@@ -3,7 +3,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from service import errors
+from core import errors
 from service.status import INTERNAL_MESSAGE, STATUS, to_status
 
 

@@ -10,8 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.errors import FailedPrecondition, InvalidRequest, NotFound
+from core.host.host_model import HostModel
+from core.sae import SAEConfig, build_sae
+from core.stack.affine import AffineMap
+from core.stack.identity import HostModelIdentity
+from core.stack.writer import StageSpec, write_stack
 from service.config import ServerConfig
-from service.engine.host_model import HostModel
 from service.engine.inputs import (
     DEFAULT_CHUNK_TOKENS,
     MAX_CHUNK_TOKENS,
@@ -26,10 +31,6 @@ from service.engine.inputs import (
 from service.engine.served import ServedStack, load_served_stack
 from service.engine.specs import Action, Comparison, Op, Positions, Scope
 from service.engine.validation import RequestValidator
-from service.errors import FailedPrecondition, InvalidRequest, NotFound
-from trainer.sae import SAEConfig, build_sae
-from trainer.stack import HostModelIdentity, StageSpec, write_stack
-from trainer.stack_affine import AffineMap
 
 CONFIG = ServerConfig(max_new_tokens=100, max_prompt_tokens=40, max_top_k=16, max_interventions=3)
 IDS = InputIn(token_ids=(2, 10, 11, 12))

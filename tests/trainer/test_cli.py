@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from trainer.cli import build_parser, main
-from trainer.corpus import corpus_stats, load_corpus, split_documents
+from trainer.data.corpus import corpus_stats, load_corpus, split_documents
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -111,7 +111,7 @@ def test_trainer_cli_starts_without_heavy_imports() -> None:
     """`featurewire-train --help` and `corpus` stay fast: torch and the host runtime load only when a
     command needs them (the package layering itself is checked in tests/test_layering.py)."""
     code = (
-        "import sys, trainer, trainer.cli, trainer.corpus; "
+        "import sys, trainer, trainer.cli, trainer.data.corpus; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'service', 'torch', 'transformers'}); "
         "print(','.join(bad))"
     )

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from trainer.compare import stack_summary
-from trainer.config import load_config
+from trainer.evaluation.compare import stack_summary
 from trainer.report.markdown import Table, fmt
 from trainer.report.runs import ReportSettings, missing_note, train_or_reuse
+from trainer.training.config import load_config
 
 CONFIG = Path("trainer/configs/demo.toml")
 RUN = Path("runs/demo")

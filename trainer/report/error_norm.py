@@ -4,7 +4,7 @@ reading the previous stage's reconstruction (methods.md §C).
 
 Widths: a TopK k = 32 series at the three mid-depth hookpoints of section 1 (same store, same batches).
 Previous-stage gain: the four-layer plain and ReSAE stacks of section 2. Every probe is fitted and scored
-on calibration-split tokens that no SAE trained on (trainer/error_metrics.py).
+on calibration-split tokens that no SAE trained on (trainer/evaluation/error_metrics.py).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from trainer.config import TrainConfig, load_config
 from trainer.report import architectures
 from trainer.report.markdown import Table, fmt
 from trainer.report.runs import ReportSettings, base_config, missing_note, train_or_reuse
+from trainer.training.config import TrainConfig, load_config
 
 WIDTHS = (512, 1024, 2048)
 HELD_OUT_TOKENS = 40_000
@@ -37,8 +37,8 @@ def width_configs(settings: ReportSettings) -> list[tuple[int, TrainConfig, Path
 
 def _held_out_batches(cfg: TrainConfig, store: Path, settings: ReportSettings, tokens: int):
     """Batches {hookpoint: (B, d)} of calibration-split activations (collected once, then reused)."""
-    from trainer.shards import iterate_batches
-    from trainer.train import corpus_splits, ensure_activations, load_host, store_is_current
+    from trainer.data.shards import iterate_batches
+    from trainer.training.loop import corpus_splits, ensure_activations, load_host, store_is_current
 
     if not store_is_current(store, cfg, tokens):  # the host model loads only when something is collected
         ensure_activations(load_host(cfg), corpus_splits(cfg).calibration, cfg, store, settings.progress,
@@ -47,9 +47,9 @@ def _held_out_batches(cfg: TrainConfig, store: Path, settings: ReportSettings, t
 
 
 def _metrics(stack_dir: Path, batches) -> dict[str, Any]:
-    from trainer.error_metrics import error_norm_metrics
-    from trainer.stack import read_stack
-    from trainer.stack_runtime import StackRuntime
+    from core.stack.reader import read_stack
+    from core.stack.runtime import StackRuntime
+    from trainer.evaluation.error_metrics import error_norm_metrics
 
     runtime = StackRuntime.from_loaded(read_stack(stack_dir))
     return error_norm_metrics(runtime, batches, ito=True, max_tokens=PROBE_TOKENS)

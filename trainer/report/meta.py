@@ -40,9 +40,9 @@ def _configs(settings: ReportSettings):
 def compare(settings: ReportSettings) -> list[dict[str, Any]]:
     """Per stage: {hookpoint, solo: {...}, meta: {...}} with evaluation metrics, mean |φ| on PHI_TOKENS
     held-out tokens, and a post-hoc meta-SAE's FVE on the final decoder."""
-    from trainer.cooccurrence import stack_cooccurrence
-    from trainer.meta_sae import fit_meta_sae
-    from trainer.stack import read_stack
+    from core.stack.reader import read_stack
+    from trainer.evaluation.cooccurrence import stack_cooccurrence
+    from trainer.training.meta_sae import fit_meta_sae
 
     configs = _configs(settings)
     meta_section = configs[1][1].meta_sae

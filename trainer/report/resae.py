@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from trainer.compare import comparison_table, stack_summary
-from trainer.config import load_config
+from trainer.evaluation.compare import comparison_table, stack_summary
 from trainer.report.runs import ReportSettings, missing_note, train_or_reuse
+from trainer.training.config import load_config
 
 CONFIGS = Path("trainer/configs/resae")
 RUNS = Path("runs/resae")

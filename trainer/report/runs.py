@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.config import TrainConfig, config_from_dict
+from trainer.training.config import TrainConfig, config_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def train_or_reuse(cfg: TrainConfig, out_dir: Path, settings: ReportSettings) ->
     if not settings.train_missing:
         logger.info("not trained, skipped: %s", out_dir)
         return None
-    from trainer.train import run_training  # torch and the host model load only when something trains
+    from trainer.training.loop import run_training  # torch and the host model load only when something trains
 
     logger.info("training %s", out_dir)
     return run_training(cfg, out_dir, progress=settings.progress).report

@@ -15,11 +15,12 @@ from collections.abc import Sequence
 import pytest
 import torch
 
+from core.errors import Overloaded
+from core.host.host_model import SamplingParams
 from service.config import ServerConfig
 from service.engine.batch import RowPass, run_rows
 from service.engine.engine import Engine
 from service.engine.generation import generate_events
-from service.engine.host_model import SamplingParams
 from service.engine.scheduler import END, ERROR, ITEM, Batcher, Job
 from service.engine.served import ServedStack, load_served_stack
 from service.engine.specs import (
@@ -37,7 +38,6 @@ from service.engine.specs import (
     SteeringSpec,
     TokenEvent,
 )
-from service.errors import Overloaded
 from tests.service.engine.tiny_stacks import one_thread, write_tiny_stack
 
 TEXTS = ("The quick brown fox", "def f(x):\n    return x", "A", "In the beginning the universe was created. "

@@ -9,8 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from core.host.host_model import SamplingParams
+from core.sae import SAEConfig, build_sae
+from core.stack.identity import HostModelIdentity
+from core.stack.writer import StageSpec, write_stack
 from service.engine.generation import TextStream, generate_events
-from service.engine.host_model import SamplingParams
 from service.engine.served import ServedStack, load_served_stack
 from service.engine.specs import (
     Action,
@@ -31,8 +34,6 @@ from service.engine.specs import (
     SteeringSpec,
     TokenEvent,
 )
-from trainer.sae import SAEConfig, build_sae
-from trainer.stack import HostModelIdentity, StageSpec, write_stack
 
 HOOKPOINTS = ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
 PROMPT = "The quick brown fox"

@@ -6,9 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.errors import InvalidRequest
+from core.host.smoke_models import TRAINING_TEXT
+from core.sae import SAEConfig, build_sae
+from core.stack.affine import AffineMap
+from core.stack.identity import HostModelIdentity
+from core.stack.runtime import RuntimeStage, StackRuntime
+from core.stack.writer import StageSpec, write_stack
 from service.engine.interventions import EditPlan, scope_interval
 from service.engine.served import ServedStack, load_served_stack
-from service.engine.smoke_models import TRAINING_TEXT
 from service.engine.specs import (
     Action,
     Comparison,
@@ -19,11 +25,6 @@ from service.engine.specs import (
     Scope,
     SteeringSpec,
 )
-from service.errors import InvalidRequest
-from trainer.sae import SAEConfig, build_sae
-from trainer.stack import HostModelIdentity, StageSpec, write_stack
-from trainer.stack_affine import AffineMap
-from trainer.stack_runtime import RuntimeStage, StackRuntime
 
 HOOKPOINTS = ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
 CALIBRATION = TRAINING_TEXT[:1500]

@@ -8,12 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from core.sae import SAEConfig, build_sae
+from core.stack.identity import HostModelIdentity
+from core.stack.runtime import RuntimeStage, StackRuntime
+from core.stack.writer import StageSpec, write_stack
 from service.engine.score import score
 from service.engine.served import ServedStack, load_served_stack
 from service.engine.specs import InterventionSpec, Op, Positions, Scope, ScoreSpec, SteeringSpec
-from trainer.sae import SAEConfig, build_sae
-from trainer.stack import HostModelIdentity, StageSpec, write_stack
-from trainer.stack_runtime import RuntimeStage, StackRuntime
 
 HOOKPOINTS = ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs."

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.errors import FailedPrecondition, NotFound
 from service.engine.served import (
     CALIBRATION_TOKENS,
     FVE_TOLERANCE,
@@ -20,7 +21,6 @@ from service.engine.served import (
     load_served_stack,
     predicted_error_norm,
 )
-from service.errors import FailedPrecondition, NotFound
 from tests.service.engine.tiny_stacks import STAGES, one_thread, write_tiny_stack
 
 
@@ -107,8 +107,8 @@ def test_without_a_record_a_stage_worse_than_the_mean_is_refused(tiny_gemma, tmp
 
 
 def test_a_stack_for_another_model_is_refused(stack_dir):
-    from service.config import ModelConfig
-    from service.engine.loading import load_host_model
+    from core.config import ModelConfig
+    from core.host.loading import load_host_model
 
     neox = load_host_model(ModelConfig(name="tiny-random-neox", device="cpu"))
     with pytest.raises(FailedPrecondition, match="was made for gemma3_text.*this model is gpt_neox"):

@@ -6,7 +6,7 @@ Four stages in forward order, covering what the engine must handle:
     2 mlp2    blocks.2.hook_mlp_out     TopK
     3 resid3  blocks.3.hook_resid_post  TopK on the residual of stage 0 (ReSAE: A h1 + c)
 SAEs are fitted in memory on activations of pydoc topic pages (not the self-check's calibration pages)
-and the metrics are recorded the trainer's way (trainer.evaluate on held-out pages), so the stack
+and the metrics are recorded the trainer's way (trainer.evaluation.evaluate on held-out pages), so the stack
 passes the service's self-check honestly. Training runs once per process (a few seconds); every test
 module writes its own copy.
 """
@@ -23,17 +23,18 @@ from typing import Any
 
 import torch
 
-from service.engine.host_model import HostModel
+from core.host.host_model import HostModel
+from core.sae import SAEConfig, build_sae
+from core.sae.base import SparseAutoencoder
+from core.stack.affine import AffineMap
+from core.stack.identity import HostModelIdentity
+from core.stack.runtime import RuntimeStage, StackRuntime
+from core.stack.writer import StageSpec, write_stack
 from service.engine.served import CALIBRATION_TOPICS
-from trainer.affine import MomentAccumulator, fit_affine
-from trainer.corpus import Document
-from trainer.evaluate import reconstruction_metrics
-from trainer.optimization import fit_in_memory
-from trainer.sae import SAEConfig, build_sae
-from trainer.sae.base import SparseAutoencoder
-from trainer.stack import HostModelIdentity, StageSpec, write_stack
-from trainer.stack_affine import AffineMap
-from trainer.stack_runtime import RuntimeStage, StackRuntime
+from trainer.data.corpus import Document
+from trainer.evaluation.evaluate import reconstruction_metrics
+from trainer.training.affine_fit import MomentAccumulator, fit_affine
+from trainer.training.optimization import fit_in_memory
 
 CONTEXT = 64
 STAGES = (  # (name, hookpoint, architecture, d_sae)

@@ -1,0 +1,3 @@
+"""Imports every architecture module so that each registers itself with `core.sae.base`."""
+
+from core.sae import batchtopk, gated, jumprelu, relu, sa_gsae, topk  # noqa: F401

@@ -1,0 +1,1 @@
+"""Activation collection: the corpus and its splits, the sharded activation store."""

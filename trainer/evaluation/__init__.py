@@ -1,0 +1,1 @@
+"""Evaluation: reconstruction and splice metrics, redundancy, probing, co-occurrence, ITO, stack comparison."""

@@ -1,0 +1,1 @@
+"""Interoperability: importing SAELens / sparsify SAEs and exporting stages to ONNX."""

@@ -1,0 +1,1 @@
+"""Training: config, the loop, optimisation, checkpoints, distributed runs, ReSAE fit, meta-SAE, error-predictor fit."""
