@@ -26,8 +26,10 @@ from featurewire.v1 import featurewire_pb2 as pb
 from featurewire.v1 import featurewire_pb2_grpc as pb_grpc
 
 from core.errors import DeadlineExceeded, NotReady, Overloaded, Unsupported
-from service import convert
 from service.config import ServerConfig
+from service.convert import info as describe
+from service.convert import requests as to_spec
+from service.convert import responses as to_proto
 from service.engine.encode_spec import EncodeSpec, EncodeValidator
 from service.engine.onnx_runtime import OnnxStack
 from service.engine.specs import StageCodes
@@ -44,12 +46,12 @@ async def encode_stream(requests: AsyncIterator[pb.EncodeActivationsRequest], va
                         stage_names: Mapping[str, list[str]]) -> AsyncIterator[pb.EncodeActivationsResponse]:
     """One response per request, in order; the first bad request raises and so ends the stream."""
     async for request in requests:
-        spec = convert.encode_spec(request, validator)
+        spec = to_spec.encode_spec(request, validator)
         rows = await encode(spec)
         if metrics is not None:
             errors = [r.error_norm for r in rows if r.error_norm is not None] if spec.include_error else None
             metrics.observe_stage(spec.stack, stage_names[spec.stack][spec.stage], [r.l0 for r in rows], errors)
-        yield convert.encode_response(spec.sequence, rows)
+        yield to_proto.encode_response(spec.sequence, rows)
 
 
 class EncodeWorker:
@@ -131,11 +133,11 @@ class ActivationOnlyServicer(pb_grpc.FeaturewireServicer):
 
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext):
         stacks, _, _ = self._loaded()
-        return convert.server_info(None, list(stacks.values()), self.config, self.mode, encode_backend=self.backend)
+        return describe.server_info(None, list(stacks.values()), self.config, self.mode, encode_backend=self.backend)
 
     async def ListStacks(self, request: pb.ListStacksRequest, context: grpc.aio.ServicerContext):
         stacks, _, _ = self._loaded()
-        return convert.list_stacks_response(list(stacks.values()))
+        return describe.list_stacks_response(list(stacks.values()))
 
     async def EncodeActivations(self, request_iterator: Any, context: grpc.aio.ServicerContext):
         stacks, worker, validator = self._loaded()

@@ -34,6 +34,10 @@ AUTHORIZATION_KEY = "authorization"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# Before an error status ends a request-streaming RPC: requests read and dropped at most, and the longest wait for
+# the next one (see drain_requests).
+DRAIN_LIMIT = 1024
+DRAIN_IDLE_S = 0.25
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("featurewire_request_id", default="-")
 
@@ -91,12 +95,13 @@ def _wrap(handler: grpc.RpcMethodHandler | None, wrapper: Wrapper, *, always: bo
 Leave = Callable[[Any, grpc.aio.ServicerContext, BaseException | None], Awaitable[None] | None]
 
 
-def _around(behaviour: Behaviour, enter: Callable[[grpc.aio.ServicerContext], Any], leave: Leave) -> Behaviour:
+def _around(behaviour: Behaviour, enter: Callable[[Any, grpc.aio.ServicerContext], Any], leave: Leave) -> Behaviour:
     """Run `enter` before and `leave(state, context, error)` after a behaviour of any async shape.
 
     grpc.aio treats an async generator as a streaming handler and a coroutine function as either a
     unary handler or a streaming one that uses `context.write`, so the wrapper keeps that shape.
-    `leave` may swallow the error by returning normally after aborting (it gets the exception).
+    `leave` may swallow the error by returning normally after aborting (it gets the exception). `enter` gets the
+    request (an async iterator of them for a request-streaming RPC) and the context.
     """
 
     async def finish(state: Any, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
@@ -106,7 +111,7 @@ def _around(behaviour: Behaviour, enter: Callable[[grpc.aio.ServicerContext], An
 
     if inspect.isasyncgenfunction(behaviour):
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            state = enter(context)
+            state = enter(request, context)
             try:
                 async for response in behaviour(request, context):
                     yield response
@@ -117,7 +122,7 @@ def _around(behaviour: Behaviour, enter: Callable[[grpc.aio.ServicerContext], An
         return stream
 
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        state = enter(context)
+        state = enter(request, context)
         try:
             result = await behaviour(request, context)
         except BaseException as error:
@@ -154,7 +159,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         metrics = self.metrics
 
-        def enter(context: grpc.aio.ServicerContext) -> float:
+        def enter(_: Any, context: grpc.aio.ServicerContext) -> float:
             metrics.track_in_flight(method, 1)
             return time.perf_counter()
 
@@ -179,7 +184,7 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
         given = _metadata(details, REQUEST_ID_KEY)
         request_id = given if given and _SAFE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
-        def enter(context: grpc.aio.ServicerContext) -> contextvars.Token[str]:
+        def enter(_: Any, context: grpc.aio.ServicerContext) -> contextvars.Token[str]:
             context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
             return request_id_var.set(request_id)
 
@@ -200,16 +205,46 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         method = details.method
+        handler = await continuation(details)
+        streaming_requests = handler is not None and bool(handler.request_streaming)
 
-        async def leave(_: None, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+        def enter(request: Any, _: grpc.aio.ServicerContext) -> Any:
+            return request if streaming_requests else None
+
+        async def leave(requests: Any, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
             if error is None or not isinstance(error, Exception) or isinstance(error, grpc.aio.AbortError):
                 return
             code, message = to_status(error)
             if not isinstance(error, ServiceError):
                 log.error("unhandled error in %s [request %s]", method, current_request_id(), exc_info=error)
+            if requests is not None:
+                await drain_requests(requests)
             await context.abort(code, message)  # raises AbortError, replacing the original exception
 
-        return _wrap(await continuation(details), lambda behaviour, _: _around(behaviour, lambda _: None, leave))
+        return _wrap(handler, lambda behaviour, _: _around(behaviour, enter, leave))
+
+
+async def drain_requests(requests: Any, *, idle_s: float = DRAIN_IDLE_S, limit: int = DRAIN_LIMIT) -> int:
+    """Read (and drop) the requests a client is still sending before a request-streaming RPC ends with an error.
+
+    Why: a server that sends its status while the client is still writing makes grpc.aio clients report
+    "INTERNAL: Internal error from Core" instead of that status (a write failing after the call ended overwrites
+    the status the client already received: grpc/grpc#36066). Reading until the client half-closes means the
+    status is sent only once no write can race with it. A client that waits for a response before writing its
+    next request sends nothing more, so the drain stops after `idle_s` without a message; `limit` bounds the
+    work a client that never stops writing can cause. Returns the number of requests dropped.
+    """
+    iterator = aiter(requests)
+    dropped = 0
+    while dropped < limit:
+        try:
+            await asyncio.wait_for(anext(iterator), idle_s)
+        except (StopAsyncIteration, TimeoutError, grpc.RpcError, asyncio.InvalidStateError):
+            break
+        except Exception:  # a request that does not parse is dropped like the others
+            pass
+        dropped += 1
+    return dropped
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -230,8 +265,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = details.method
 
+        streaming_requests = bool(handler.request_streaming)
+
         async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
             log.info("rejected %s [request %s]: %s", method, current_request_id(), reason)
+            if streaming_requests:
+                await drain_requests(request)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
 
         return _wrap(handler, lambda behaviour, streaming: deny, always=True)

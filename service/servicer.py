@@ -1,11 +1,12 @@
 """The Featurewire gRPC servicer: converts and delegates, nothing else.
 
-Each RPC is request → `convert.*_spec` (validation) → `engine.stream/call` (the worker thread) →
-`convert.*_response`. Errors are raised as `ServiceError` subclasses and mapped to status codes by the
-ErrorInterceptor, so no method here touches status codes. Until `attach` is called (model and stacks
-loading) and after `drain` (shutting down), every RPC answers UNAVAILABLE. EncodeActivations runs the
-captured activations through the torch stack runtime on the engine (the activation-only server runs the
-same stream over ONNX Runtime: service/activation_servicer.py).
+Each RPC is request → `to_spec.*_spec` (service/convert/requests.py, validation) → `engine.stream/call`
+(the worker thread) → `to_proto.*_response` (service/convert/responses.py). Errors are raised as
+`ServiceError` subclasses and mapped to status codes by the ErrorInterceptor, so no method here touches
+status codes. Until `attach` is called (model and stacks loading) and after `drain` (shutting down), every
+RPC answers UNAVAILABLE. EncodeActivations runs the captured activations through the torch stack runtime
+on the engine (the activation-only server runs the same stream over ONNX Runtime:
+service/activation_servicer.py).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from featurewire.v1 import featurewire_pb2_grpc as pb_grpc
 
 from core.errors import NotReady
 from core.host.host_model import HostModel
-from service import convert
 from service.activation_servicer import encode_stream
 from service.config import ServerConfig
+from service.convert import info as describe
+from service.convert import requests as to_spec
+from service.convert import responses as to_proto
 from service.engine.activations import encode_batch, encode_targets
 from service.engine.decompose import decompose_events
 from service.engine.encode_spec import EncodeSpec, EncodeValidator
@@ -99,34 +102,34 @@ class FeaturewireServicer(pb_grpc.FeaturewireServicer):
     # -- metadata -------------------------------------------------------------------------------
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext):
         rt = self._rt()
-        return convert.server_info(rt.host, list(rt.stacks.values()), self.config, self.mode,
-                                   encode_backend=ENCODE_BACKEND)
+        return describe.server_info(rt.host, list(rt.stacks.values()), self.config, self.mode,
+                                    encode_backend=ENCODE_BACKEND)
 
     async def ListStacks(self, request: pb.ListStacksRequest, context: grpc.aio.ServicerContext):
         rt = self._rt()
-        return convert.list_stacks_response(list(rt.stacks.values()))
+        return describe.list_stacks_response(list(rt.stacks.values()))
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext):
         """Runs on the event loop: the fast tokenizer is read-only here and cheap next to a queue wait."""
         rt = self._rt()
-        text, add_special = convert.tokenize_request(request, rt.validator)
+        text, add_special = to_spec.tokenize_request(request, rt.validator)
         ids = rt.host.tokenizer(text, add_special_tokens=add_special).input_ids
         tokens = [rt.host.decode([i], skip_special_tokens=False) for i in ids]
-        return convert.tokenize_response(ids, tokens)
+        return to_proto.tokenize_response(ids, tokens)
 
     async def GetFeature(self, request: pb.GetFeatureRequest, context: grpc.aio.ServicerContext):
         rt = self._rt()
-        stack, stage, feature, top_n = convert.feature_request(request, rt.validator)
+        stack, stage, feature, top_n = to_spec.feature_request(request, rt.validator)
         info = await rt.engine.call(lambda: feature_info(rt.host, stack, stage, feature, top_n),
                                     deadline=self._deadline(context), method="GetFeature")
-        return convert.feature_response(info, stack)
+        return to_proto.feature_response(info, stack)
 
     # -- compute --------------------------------------------------------------------------------
     async def Decompose(self, request: pb.DecomposeRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecomposeResponse]:
         started = time.perf_counter()
         rt = self._rt()
-        spec = convert.decompose_spec(request, rt.validator)
+        spec = to_spec.decompose_spec(request, rt.validator)
         stack = rt.stacks[spec.stack]
         observe = _Observer(self.metrics, "Decompose", stack, started)
         events = rt.engine.stream(lambda: decompose_events(rt.host, stack, spec),
@@ -134,13 +137,13 @@ class FeaturewireServicer(pb_grpc.FeaturewireServicer):
         async with contextlib.aclosing(events):  # closing this stream stops the engine job at once
             async for event in events:
                 observe(event)
-                yield convert.decompose_response(event, stack)
+                yield to_proto.decompose_response(event, stack)
 
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         started = time.perf_counter()
         rt = self._rt()
-        spec = convert.generate_spec(request, rt.validator)
+        spec = to_spec.generate_spec(request, rt.validator)
         stack = rt.stacks.get(spec.stack) if spec.stack else None
         self._count_edits(spec.interventions, spec.steering)
         observe = _Observer(self.metrics, "Generate", stack, started)
@@ -149,18 +152,18 @@ class FeaturewireServicer(pb_grpc.FeaturewireServicer):
         async with contextlib.aclosing(events):
             async for event in events:
                 observe(event)
-                yield convert.generate_response(event, stack)
+                yield to_proto.generate_response(event, stack)
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext):
         rt = self._rt()
-        spec = convert.score_spec(request, rt.validator)
+        spec = to_spec.score_spec(request, rt.validator)
         stack = rt.stacks.get(spec.stack) if spec.stack else None
         self._count_edits(spec.interventions, spec.steering)
         if self.metrics is not None:
             self.metrics.count_prompt_tokens("Score", len(spec.token_ids))
         result = await rt.engine.call(lambda: score(rt.host, stack, spec), deadline=self._deadline(context),
                                       method="Score")
-        return convert.score_response(result)
+        return to_proto.score_response(result)
 
     async def EncodeActivations(self, request_iterator: Any,
                                 context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EncodeActivationsResponse]:

@@ -4,11 +4,12 @@ the log, so every caller can ask for port 0."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,11 +38,11 @@ class ServerProcess:
                 self.process.wait(10)
 
 
-def launch(args: Sequence[str], *, timeout: float = 180) -> ServerProcess:
-    """Start `python -m service serve ARGS` and wait until it is ready (RuntimeError with the log tail if it
-    exits or times out first)."""
+def launch(args: Sequence[str], *, timeout: float = 180, env: Mapping[str, str] | None = None) -> ServerProcess:
+    """Start `python -m service serve ARGS` (with `env` added to this process's environment) and wait until it is
+    ready (RuntimeError with the log tail if it exits or times out first)."""
     process = subprocess.Popen([sys.executable, "-m", "service", "serve", *args], cwd=ROOT,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     lines: list[str] = []
     ready = threading.Event()
 

@@ -170,7 +170,7 @@ def run_rows(host: HostModel, rows: Sequence[RowPass]) -> None:
         if not writes:
             return
         reads = [host.hookpoints.resolve(list(writes))[-1].name]
-    kwargs: dict[str, Any] = {"past_key_values": cache, "use_cache": True, "attention_mask": mask,
+    kwargs: dict[str, Any] = {"cache": cache, "use_cache": True, "attention_mask": mask,
                               "position_ids": positions}
     if _accepts_logits_to_keep(host):
         kwargs["logits_to_keep"] = 1  # the unembedding of the last position only (real in every row)
@@ -181,7 +181,7 @@ def run_rows(host: HostModel, rows: Sequence[RowPass]) -> None:
         out = host.model(input_ids=ids, **kwargs)
     if out is None or not logits:
         return
-    batch = out.past_key_values
+    batch = out.cache
     for i, row in enumerate(rows):
         held = row.cache.length if row.cache is not None else 0
         row.new_cache = RowCache(batch, i, held + row.tokens, len(rows))

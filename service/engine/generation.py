@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from core.errors import InvalidRequest
 from core.host.host_model import HostModel
 from service.engine.batch import RowCache, RowPass, run_rows
 from service.engine.codes import stage_codes
@@ -147,12 +148,16 @@ def eos_ids(host: HostModel) -> set[int]:
 
 def sample(logits: Tensor, sampling: SamplingSpec, generator: torch.Generator | None) -> tuple[int, float]:
     """Pick the next token from raw logits (V,): greedy at temperature 0, else temperature, top-k, top-p.
-    Returns the token and its log-probability under the raw (untempered) distribution."""
+    Returns the token and its log-probability under the raw (untempered) distribution.
+
+    The logits are shifted so that their maximum is 0 before dividing by the temperature: every tempered score is
+    then <= 0 (at worst -inf, which softmax maps to 0), so no temperature the API accepts, down to the smallest
+    float32, can overflow into NaN probabilities."""
     logits = logits.float()
     if sampling.temperature == 0:
         token = logits.argmax()
     else:
-        scores = logits / sampling.temperature  # (V,)
+        scores = (logits - logits.max()) / sampling.temperature  # (V,), max 0
         if 0 < sampling.top_k < scores.shape[0]:
             kth = scores.topk(sampling.top_k).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -165,6 +170,17 @@ def sample(logits: Tensor, sampling: SamplingSpec, generator: torch.Generator | 
     logprob = logits.log_softmax(-1)[token]
     token_id, value = torch.stack([token.float(), logprob]).tolist()
     return int(token_id), value
+
+
+def check_finite_logits(logits: Tensor, spec: GenerateSpec, branch: Branch, position: int) -> None:
+    """Non-finite next-token logits on a branch the request edits are the request's doing (a steering value too
+    large for the model): a client error that says so. On an unedited branch they are a server fault."""
+    if bool(torch.isfinite(logits).all()):
+        return
+    if branch is Branch.STEERED and (spec.interventions or spec.steering):
+        raise InvalidRequest(f"the interventions made the model's next-token logits non-finite (NaN or infinity) at "
+                             f"position {position}: use smaller intervention or steering values")
+    raise FloatingPointError(f"non-finite logits at position {position} on the {branch.name} branch")
 
 
 class _BranchRun:
@@ -246,8 +262,9 @@ class _BranchRun:
             return
         while True:
             assert self.logits is not None
-            token, logprob = sample(self.logits, self.spec.sampling, self.generator)
             position = self.prompt_len + self.generated
+            check_finite_logits(self.logits, self.spec, self.branch, position)
+            token, logprob = sample(self.logits, self.spec.sampling, self.generator)
             reason, stop = self._status(token)
             if self.lagged:
                 yield from self._pass([token], position, logits=reason is None)

@@ -1,4 +1,4 @@
-"""Plain request values and the server's request limits: what `service/convert.py` extracts from protobuf
+"""Plain request values and the server's request limits: what `service/convert/requests.py` extracts from protobuf
 and `RequestValidator` checks.
 
 Transport-free records (enums are the spec enums; None = unset / UNSPECIFIED = "the field's default"), so

@@ -1,6 +1,6 @@
 """Check every request value against the loaded model, stacks and server limits, and build the specs.
 
-Transport-free: `service/convert.py` pulls plain values out of protobuf (enums mapped to the spec enums,
+Transport-free: `service/convert/requests.py` pulls plain values out of protobuf (enums mapped to the spec enums,
 UNSPECIFIED -> None, unset messages -> None) into the `*In` records of `service/engine/inputs.py`;
 `RequestValidator` turns them into the specs of `service/engine/specs.py`, so the engine never checks
 anything twice. Every error

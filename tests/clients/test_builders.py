@@ -57,8 +57,8 @@ def test_conditions_stop_or_enable_their_edits():
         below.to_proto()
     enable = below.enable(Intervention.set(S, 1, 4.0), Vector("blocks.2.hook_resid_post", [1.0, 2.0]))
     assert enable.to_proto().comparison == t.COMPARISON_BELOW and enable.to_proto().positions.scope == 3
-    request = rq.generate_request("hi", stack="", interventions=[Intervention.ablate(S, 9)], conditions=[enable, stop],
-                                  decompose=True, with_default=True, add_special_tokens=None, options={"seed": 0})
+    request = rq.generate("hi", stack="", interventions=[Intervention.ablate(S, 9)], conditions=[enable, stop],
+                          decompose=True, with_default=True, add_special_tokens=None, options={"seed": 0}).request
     assert [i.condition_id for i in request.interventions] == ["", "neg"]
     assert [v.condition_id for v in request.steering_vectors] == ["neg"]
     assert [c.id for c in request.conditions] == ["neg", stop.id] and request.with_default
@@ -66,9 +66,9 @@ def test_conditions_stop_or_enable_their_edits():
 
 
 def test_generate_and_score_requests():
-    request = rq.generate_request([2, 5, 7], stack="s", interventions=[], conditions=[], decompose=3,
-                                  with_default=False, add_special_tokens=None,
-                                  options={"max_new_tokens": 4, "temperature": 0.7, "stop": "\n", "top_k": 5})
+    request = rq.generate([2, 5, 7], stack="s", interventions=[], conditions=[], decompose=3, with_default=False,
+                          add_special_tokens=None,
+                          options={"max_new_tokens": 4, "temperature": 0.7, "stop": "\n", "top_k": 5}).request
     assert list(request.prompt.token_ids.ids) == [2, 5, 7] and request.decompose.top_k == 3
     assert request.sampling.stop == ["\n"] and not request.sampling.HasField("seed")
     with pytest.raises(TypeError, match="unknown sampling"):
@@ -76,11 +76,11 @@ def test_generate_and_score_requests():
     with pytest.raises(ValueError, match="token ids"):
         rq.text_input([1, 2], add_special_tokens=False)
     assert rq.text_input("x", add_special_tokens=False).add_special_tokens is False
-    score = rq.score_request("x y", stack="", interventions=[Vector("h", [1.0], scale=2)], splice="a",
-                             add_special_tokens=None)
+    score = rq.score("x y", stack="", interventions=[Vector("h", [1.0], scale=2)], splice="a",
+                     add_special_tokens=None).request
     assert score.splice_stages == ["a"] and score.steering_vectors[0].scale == 2
     with pytest.raises(TypeError, match="Intervention or a Vector"):
-        rq.score_request("x", stack="", interventions=["set 3"], splice=(), add_special_tokens=None)
+        rq.score("x", stack="", interventions=["set 3"], splice=(), add_special_tokens=None)
     options = DecomposeOptions(stages=("a",), top_k=2, include_error=False, always={"a": [4, 5]}).to_proto()
     assert options.feature_filter[0].ids == [4, 5] and not options.include_error
 

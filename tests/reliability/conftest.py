@@ -1,8 +1,9 @@
-"""Reliability fixtures: one in-process server on a tiny model and stack for the fuzz and auth tests, and the
-request counter the fuzz tests report.
+"""Reliability fixtures: a server process on a tiny model and stack for the fuzz tests (so that its memory is
+measured alone, without the fuzzer's), an in-process one for the auth and fault tests, and the request counter
+the fuzz tests report.
 
-The server reuses the service tests' helpers (tests/service/conftest.py: ServerLoop, start_server,
-server_config); its limits are small so that every valid request the fuzzer stumbles on is cheap.
+The in-process server reuses the service tests' helpers (tests/service/conftest.py: ServerLoop, start_server,
+server_config). The fuzz server's limits are small so that every valid request the fuzzer stumbles on is cheap.
 `FEATUREWIRE_FUZZ_EXAMPLES` sets hypothesis' examples per property (`make soak` raises it).
 """
 
@@ -11,11 +12,16 @@ from __future__ import annotations
 import collections
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
+from featurewire.v1 import featurewire_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.service.conftest import SMOKE, Running, ServerLoop, server_config, start_server
+from tests.server_process import ServerProcess, launch
+from tests.service.conftest import SMOKE, ServerLoop
 
 FUZZ_EXAMPLES = int(os.environ.get("FEATUREWIRE_FUZZ_EXAMPLES", "30"))
 FUZZ_LIMITS = {"max_prompt_tokens": 48, "max_new_tokens": 6, "max_top_k": 32, "max_interventions": 6,
@@ -52,11 +58,38 @@ def rel_loop() -> Iterator[ServerLoop]:
     loop.close()
 
 
+@dataclass
+class ServedProcess:
+    """A `featurewire-serve serve` process and a client channel to it (the fuzz tests' view of a server)."""
+
+    server: ServerProcess
+    channel: grpc.Channel
+    stub: pb_grpc.FeaturewireStub
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def rss(self) -> int:
+        return rss_bytes(self.server.process.pid)
+
+    def health(self, service: str = "") -> str:
+        response = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                                 timeout=10)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
 @pytest.fixture(scope="session")
-def fuzz_server(rel_loop: ServerLoop, rel_stack: Path) -> Iterator[Running]:
-    running = start_server(rel_loop, server_config(rel_stack, **FUZZ_LIMITS))
-    yield running
-    running.stop()
+def fuzz_server(rel_stack: Path) -> Iterator[ServedProcess]:
+    env = {f"FEATUREWIRE_{name.upper()}": str(value) for name, value in FUZZ_LIMITS.items()}
+    server = launch(["--model", "tiny-random", "--device", "cpu", "--stack", str(rel_stack), "--host", "127.0.0.1",
+                     "--port", "0", "--metrics-port", "0", "--drain-grace", "5"], env=env)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        yield ServedProcess(server, channel, pb_grpc.FeaturewireStub(channel))
+    finally:
+        channel.close()
+        server.stop()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -20,14 +20,13 @@ from featurewire.v1 import types_pb2 as t
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.reliability.conftest import FUZZ_EXAMPLES, FUZZ_LIMITS, TRIED, rss_bytes
-from tests.service.conftest import Running
+from tests.reliability.conftest import FUZZ_EXAMPLES, FUZZ_LIMITS, TRIED, ServedProcess
 
 SERVICE = "/featurewire.v1.Featurewire/"
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE,
              grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DEADLINE_EXCEEDED}
 TIMEOUT_S = 60.0
-RSS_GROWTH_BOUND = 256 << 20  # the whole test process (server, client, hypothesis) across every property
+RSS_GROWTH_BOUND = 256 << 20  # the server process alone, from after its first requests to after every property
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
@@ -62,7 +61,7 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(fuzz_server: Running) -> World:
+def world(fuzz_server: ServedProcess) -> World:
     info = fuzz_server.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
     stack = info.stacks[0]
     return World(stack.name, tuple(s.name for s in stack.stages), tuple(s.d_sae for s in stack.stages),
@@ -347,14 +346,19 @@ def check_generate(responses: list[pb.GenerateResponse]) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def keeps_serving_with_bounded_memory(fuzz_server: Running):
-    """Around every property of this module: health stays SERVING and RSS grows by less than the bound."""
-    before = rss_bytes()
+def keeps_serving_with_bounded_memory(fuzz_server: ServedProcess):
+    """Around every property of this module: health stays SERVING and the server's RSS grows by less than the bound
+    (measured on the server process, after a first real request has warmed it up)."""
+    fuzz_server.stub.Score(pb.ScoreRequest(input=t.Input(text="warm up")), timeout=TIMEOUT_S)
+    before = fuzz_server.rss()
+    assert before > 0
     yield
     assert fuzz_server.health() == "SERVING"
     assert fuzz_server.health("readiness") == fuzz_server.health("liveness") == "SERVING"
-    growth = rss_bytes() - before
-    assert growth < RSS_GROWTH_BOUND, f"RSS grew by {growth >> 20} MiB while fuzzing"
+    growth = fuzz_server.rss() - before
+    print(f"fuzz server RSS: {before >> 20} MiB before, {fuzz_server.rss() >> 20} MiB after "
+          f"({sum(TRIED.values())} requests)")
+    assert growth < RSS_GROWTH_BOUND, f"the server's RSS grew by {growth >> 20} MiB while fuzzing"
     # still answers real work after everything above
     ok = fuzz_server.stub.Score(pb.ScoreRequest(input=t.Input(text="still serving")), timeout=TIMEOUT_S)
     assert ok.num_tokens >= 2
@@ -365,7 +369,7 @@ def keeps_serving_with_bounded_memory(fuzz_server: Running):
 
 @FUZZ
 @given(data=st.data())
-def test_decompose(fuzz_server: Running, world: World, data: st.DataObject) -> None:
+def test_decompose(fuzz_server: ServedProcess, world: World, data: st.DataObject) -> None:
     request = data.draw(decompose_requests(world))
     code, responses = outcome("Decompose", lambda: fuzz_server.stub.Decompose(request, timeout=TIMEOUT_S))
     if code == grpc.StatusCode.OK:
@@ -374,7 +378,7 @@ def test_decompose(fuzz_server: Running, world: World, data: st.DataObject) -> N
 
 @FUZZ
 @given(data=st.data())
-def test_generate(fuzz_server: Running, world: World, data: st.DataObject) -> None:
+def test_generate(fuzz_server: ServedProcess, world: World, data: st.DataObject) -> None:
     request = data.draw(generate_requests(world))
     code, responses = outcome("Generate", lambda: fuzz_server.stub.Generate(request, timeout=TIMEOUT_S))
     if code == grpc.StatusCode.OK:
@@ -384,7 +388,7 @@ def test_generate(fuzz_server: Running, world: World, data: st.DataObject) -> No
 
 @FUZZ
 @given(data=st.data())
-def test_score(fuzz_server: Running, world: World, data: st.DataObject) -> None:
+def test_score(fuzz_server: ServedProcess, world: World, data: st.DataObject) -> None:
     request = data.draw(score_requests(world))
     code, responses = outcome("Score", lambda: fuzz_server.stub.Score(request, timeout=TIMEOUT_S))
     if code == grpc.StatusCode.OK:
@@ -394,7 +398,7 @@ def test_score(fuzz_server: Running, world: World, data: st.DataObject) -> None:
 
 @FUZZ
 @given(data=st.data())
-def test_get_feature_and_tokenize(fuzz_server: Running, world: World, data: st.DataObject) -> None:
+def test_get_feature_and_tokenize(fuzz_server: ServedProcess, world: World, data: st.DataObject) -> None:
     feature = data.draw(feature_requests(world))
     code, responses = outcome("GetFeature", lambda: fuzz_server.stub.GetFeature(feature, timeout=TIMEOUT_S))
     if code == grpc.StatusCode.OK:
@@ -407,7 +411,7 @@ def test_get_feature_and_tokenize(fuzz_server: Running, world: World, data: st.D
 
 @FUZZ
 @given(data=st.data())
-def test_encode_activations(fuzz_server: Running, world: World, data: st.DataObject) -> None:
+def test_encode_activations(fuzz_server: ServedProcess, world: World, data: st.DataObject) -> None:
     requests = data.draw(encode_requests(world))
     code, responses = outcome("EncodeActivations",
                               lambda: fuzz_server.stub.EncodeActivations(iter(requests), timeout=TIMEOUT_S))
@@ -442,7 +446,7 @@ def _is_utf8(data: bytes) -> bool:
 
 @FUZZ
 @given(method=st.sampled_from(METHODS), payload=wire_bytes())
-def test_raw_bytes_never_break_a_method(fuzz_server: Running, method: str, payload: bytes) -> None:
+def test_raw_bytes_never_break_a_method(fuzz_server: ServedProcess, method: str, payload: bytes) -> None:
     channel = fuzz_server.channel
     if method == "EncodeActivations":
         call = channel.stream_stream(SERVICE + method)
@@ -455,7 +459,7 @@ def test_raw_bytes_never_break_a_method(fuzz_server: Running, method: str, paylo
                     grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
-def test_the_health_service_survives_garbage_too(fuzz_server: Running) -> None:
+def test_the_health_service_survives_garbage_too(fuzz_server: ServedProcess) -> None:
     call = fuzz_server.channel.unary_unary("/grpc.health.v1.Health/Check")
     code, _ = outcome("raw:Health.Check", lambda: call(b"\x0a\x02\xff\xfe", timeout=TIMEOUT_S))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
@@ -463,7 +467,7 @@ def test_the_health_service_survives_garbage_too(fuzz_server: Running) -> None:
 
 
 @pytest.mark.parametrize("method", ["Tokenize", "Decompose", "EncodeActivations"])
-def test_a_message_with_bad_utf8_is_invalid_argument(fuzz_server: Running, method: str) -> None:
+def test_a_message_with_bad_utf8_is_invalid_argument(fuzz_server: ServedProcess, method: str) -> None:
     """Regression: grpc answered a request that does not parse with UNKNOWN and the exception's text (INTERNAL in
     a request stream); service/interceptors.py DecodeInterceptor makes it INVALID_ARGUMENT, in every call shape."""
     payload = b"\x0a\x02\xff\xfe" if method != "EncodeActivations" else b"\x12\x02\xff\xfe"  # a string field

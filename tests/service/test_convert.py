@@ -1,4 +1,4 @@
-"""service/convert.py: protobuf requests become the expected specs (presence and enums kept, unknown enum
+"""service/convert/: protobuf requests become the expected specs (presence and enums kept, unknown enum
 numbers refused by field), spec events become messages with packed feature arrays, and GetServerInfo
 describes the tiny model completely."""
 
@@ -14,8 +14,10 @@ from featurewire.v1 import types_pb2 as t
 import service
 from core.errors import InvalidRequest
 from core.stack.identity import model_fingerprint
-from service import convert
 from service.config import ServerConfig
+from service.convert import info as describe
+from service.convert import requests as to_spec
+from service.convert import responses as to_proto
 from service.engine.specs import (
     Action,
     Branch,
@@ -58,15 +60,15 @@ IDS = t.Input(token_ids=t.TokenIds(ids=[2, 10, 11, 12]))
 def test_decompose_request_converts(v, tiny_gemma):
     req = pb.DecomposeRequest(stack="other", input=IDS, chunk_tokens=8, options=t.DecomposeOptions(
         stages=[S0], top_k=3, include_error=True, feature_filter=[t.FeatureFilter(stage=S0, ids=[4, 9])]))
-    spec = convert.decompose_spec(req, v)
+    spec = to_spec.decompose_spec(req, v)
     assert (spec.stack, spec.token_ids, spec.stages, spec.top_k, spec.include_error, spec.chunk_tokens) == (
         "other", (2, 10, 11, 12), (0,), 3, True, 8)
     assert spec.feature_filter == {0: (4, 9)}
-    text = convert.decompose_spec(pb.DecomposeRequest(input=t.Input(text="hi there", add_special_tokens=False)), v)
+    text = to_spec.decompose_spec(pb.DecomposeRequest(input=t.Input(text="hi there", add_special_tokens=False)), v)
     assert text.stack == "test" and text.stages == (0, 1, 2) and text.top_k == 16 and not text.include_error
     assert text.token_ids == tuple(tiny_gemma.tokenizer("hi there", add_special_tokens=False).input_ids)
-    fails(InvalidRequest, lambda: convert.decompose_spec(pb.DecomposeRequest(), v), "input is required")
-    fails(InvalidRequest, lambda: convert.decompose_spec(pb.DecomposeRequest(input=t.Input(text="")), v),
+    fails(InvalidRequest, lambda: to_spec.decompose_spec(pb.DecomposeRequest(), v), "input is required")
+    fails(InvalidRequest, lambda: to_spec.decompose_spec(pb.DecomposeRequest(input=t.Input(text="")), v),
           "input.text is empty")
 
 
@@ -86,7 +88,7 @@ def test_generate_request_converts_with_presence_and_enums(v):
                                 positions=t.Positions(scope=t.POSITION_SCOPE_ALL))],
         decompose=t.DecomposeOptions(),  # set, empty = every stage, default top_k
     )
-    spec = convert.generate_spec(req, v)
+    spec = to_spec.generate_spec(req, v)
     s = spec.sampling
     assert (s.max_new_tokens, s.top_k, s.seed, s.stop) == (5, 4, 0, ("\n",))  # seed 0 set explicitly is kept
     assert s.temperature == pytest.approx(0.5) and s.top_p == pytest.approx(0.8)
@@ -98,7 +100,7 @@ def test_generate_request_converts_with_presence_and_enums(v):
     condition = spec.conditions[0]
     assert condition.positions == Positions(Scope.ALL) and condition.action is Action.ENABLE_INTERVENTIONS
     assert spec.decompose is not None and spec.decompose.stages == (0, 1, 2) and spec.with_default
-    plain = convert.generate_spec(pb.GenerateRequest(prompt=IDS), v)
+    plain = to_spec.generate_spec(pb.GenerateRequest(prompt=IDS), v)
     assert plain.decompose is None and plain.sampling.max_new_tokens == 64 and plain.stack == "test"
 
 
@@ -115,23 +117,23 @@ def test_generate_request_converts_with_presence_and_enums(v):
      "conditions[0].action has unknown value 42; valid: CONDITION_ACTION_ENABLE_INTERVENTIONS, CONDITION_ACTION_STOP"),
 ])
 def test_unknown_enum_numbers_are_refused_naming_the_field(v, build, field):
-    fails(InvalidRequest, lambda: convert.generate_spec(build(), v), field)
+    fails(InvalidRequest, lambda: to_spec.generate_spec(build(), v), field)
 
 
 def test_unspecified_required_enums_are_refused(v):
     req = pb.GenerateRequest(prompt=IDS, interventions=[t.Intervention(stage=S0, feature=1)])
-    fails(InvalidRequest, lambda: convert.generate_spec(req, v), "interventions[0].op is required")
+    fails(InvalidRequest, lambda: to_spec.generate_spec(req, v), "interventions[0].op is required")
 
 
 def test_score_feature_and_tokenize_requests(v):
     req = pb.ScoreRequest(input=IDS, splice_stages=["resid3"], interventions=[
         t.Intervention(stage=S0, feature=3, op=t.INTERVENTION_OP_ABLATE)])
-    spec = convert.score_spec(req, v)
+    spec = to_spec.score_spec(req, v)
     assert spec.splice_stages == (2,) and spec.interventions[0].op is Op.ABLATE and spec.token_ids == (2, 10, 11, 12)
-    stack, stage, feature, top_n = convert.feature_request(pb.GetFeatureRequest(stage="mlp2", feature=47), v)
+    stack, stage, feature, top_n = to_spec.feature_request(pb.GetFeatureRequest(stage="mlp2", feature=47), v)
     assert (stack.name, stage, feature, top_n) == ("test", 1, 47, 10)
-    assert convert.tokenize_request(pb.TokenizeRequest(text="a b"), v) == ("a b", True)
-    assert convert.tokenize_request(pb.TokenizeRequest(text="a", add_special_tokens=False), v) == ("a", False)
+    assert to_spec.tokenize_request(pb.TokenizeRequest(text="a b"), v) == ("a b", True)
+    assert to_spec.tokenize_request(pb.TokenizeRequest(text="a", add_special_tokens=False), v) == ("a", False)
 
 
 # ------------------------------------------------------------------------------------------ responses
@@ -148,13 +150,13 @@ CODES = StageCodes(stage=1, ids=(4, 0, 7), values=(2.5, -1.0, 0.25), l0=5, error
 
 def test_decompose_events_round_trip(stacks):
     stack = stacks["test"]
-    header = convert.decompose_response(DecomposeHeader("test", stack.digest, (0, 1), 2, 3), stack)
+    header = to_proto.decompose_response(DecomposeHeader("test", stack.digest, (0, 1), 2, 3), stack)
     parsed = pb.DecomposeResponse.FromString(header.SerializeToString())
     assert parsed.WhichOneof("event") == "header" and parsed.header.top_k == 3 and parsed.header.num_tokens == 2
     assert [(r.index, r.name, r.hookpoint, r.d_sae, r.signed) for r in parsed.header.stages] == [
         (0, S0, S0, 96, False), (1, "mlp2", "blocks.2.hook_mlp_out", 48, True)]
     chunk = DecomposeChunk((TokenFeatures(0, 2, "<bos>", (CODES,)), TokenFeatures(1, 9, "a", ())))
-    parsed = pb.DecomposeResponse.FromString(convert.decompose_response(chunk, stack).SerializeToString())
+    parsed = pb.DecomposeResponse.FromString(to_proto.decompose_response(chunk, stack).SerializeToString())
     first = parsed.chunk.tokens[0]
     assert (first.token.position, first.token.id, first.token.text) == (0, 2, "<bos>")
     codes = first.features[0]
@@ -162,51 +164,51 @@ def test_decompose_events_round_trip(stacks):
     assert codes.HasField("error_norm") and not codes.HasField("predicted_error_norm")
     assert _packed(codes) and parsed.chunk.tokens[1].token.position == 1
     with pytest.raises(TypeError):
-        convert.decompose_response(CODES, stack)  # type: ignore[arg-type]
+        to_proto.decompose_response(CODES, stack)  # type: ignore[arg-type]
 
 
 def test_generate_events_round_trip(stacks):
     stack = stacks["test"]
     header = GenerateHeader("test", "d" * 64, (2,), ((2, "<bos>"), (9, "hi")), 7, 5, (Branch.STEERED, Branch.DEFAULT))
-    msg = convert.generate_response(header, stack).header
+    msg = to_proto.generate_response(header, stack).header
     assert [(p.position, p.id, p.text) for p in msg.prompt] == [(0, 2, "<bos>"), (1, 9, "hi")]
     assert (msg.prompt_tokens, msg.seed, msg.max_new_tokens) == (2, 7, 5) and msg.stages[0].name == "resid3"
     assert list(msg.branches) == [t.BRANCH_STEERED, t.BRANCH_DEFAULT]
-    token = convert.generate_response(TokenEvent(Branch.DEFAULT, 0, 2, 11, " x", -0.25, (CODES,)), stack).token
+    token = to_proto.generate_response(TokenEvent(Branch.DEFAULT, 0, 2, 11, " x", -0.25, (CODES,)), stack).token
     assert (token.branch, token.index, token.position, token.token_id, token.text, token.logprob) == (
         t.BRANCH_DEFAULT, 0, 2, 11, " x", -0.25)
     assert list(token.features[0].ids) == [4, 0, 7]
     fired = ConditionEvent(Branch.STEERED, "halt", 1, 3, 4, 1.5, Action.STOP)
-    condition = convert.generate_response(fired, stack).condition
+    condition = to_proto.generate_response(fired, stack).condition
     assert (condition.condition_id, condition.stage, condition.feature, condition.position, condition.value,
             condition.action) == ("halt", "mlp2", 3, 4, 1.5, t.CONDITION_ACTION_STOP)
-    finish = convert.generate_response(FinishEvent(Branch.STEERED, FinishReason.FEATURE_CONDITION, 2, 3, "abc",
+    finish = to_proto.generate_response(FinishEvent(Branch.STEERED, FinishReason.FEATURE_CONDITION, 2, 3, "abc",
                                                    trigger=fired), stack).finish
     assert finish.reason == pb.FINISH_REASON_FEATURE_CONDITION and finish.trigger.stage == "mlp2"
     assert (finish.prompt_tokens, finish.generated_tokens, finish.text) == (2, 3, "abc")
-    stop = convert.generate_response(FinishEvent(Branch.DEFAULT, FinishReason.STOP_STRING, 2, 1, "a.",
+    stop = to_proto.generate_response(FinishEvent(Branch.DEFAULT, FinishReason.STOP_STRING, 2, 1, "a.",
                                                  stop_string="."), None).finish
     assert stop.stop_string == "." and not stop.HasField("trigger") and stop.branch == t.BRANCH_DEFAULT
-    bare = convert.generate_response(GenerateHeader("", "", (), ((2, ""),), 1, 4, (Branch.STEERED,)), None).header
+    bare = to_proto.generate_response(GenerateHeader("", "", (), ((2, ""),), 1, 4, (Branch.STEERED,)), None).header
     assert bare.stack == "" and not bare.stages
 
 
 def test_score_and_feature_responses(stacks):
     result = ScoreResult((2, 5, 6), 2, 3.5, 3.75, 0.25, True, (3.0, 4.0), (3.5, 4.0), (0.5, 0.0))
-    msg = pb.ScoreResponse.FromString(convert.score_response(result).SerializeToString())
+    msg = pb.ScoreResponse.FromString(to_proto.score_response(result).SerializeToString())
     assert (msg.num_tokens, msg.scored_tokens, list(msg.token_ids), msg.clean_ce, msg.edited_ce, msg.kl) == (
         3, 2, [2, 5, 6], 3.5, 3.75, 0.25)
     assert msg.edited and list(msg.kl_per_token) == [0.5, 0.0] and list(msg.edited_ce_per_token) == [3.5, 4.0]
     info = FeatureInfo("test", 1, 7, 0.75, (TokenScore(5, "a", 2.0),), (TokenScore(6, "b", -1.0),),
                        top_examples=(("some text", 1, 3.5),))
-    feature = convert.feature_response(info, stacks["test"])
+    feature = to_proto.feature_response(info, stacks["test"])
     assert (feature.stack, feature.stage, feature.stage_index, feature.feature, feature.decoder_norm) == (
         "test", "mlp2", 1, 7, 0.75)
     assert feature.top_tokens[0].id == 5 and feature.bottom_tokens[0].score == -1.0
     assert not feature.HasField("density") and feature.top_examples[0].position == 1
-    dense = convert.feature_response(FeatureInfo("test", 0, 1, 1.0, (), (), density=0.125), stacks["test"])
+    dense = to_proto.feature_response(FeatureInfo("test", 0, 1, 1.0, (), (), density=0.125), stacks["test"])
     assert dense.HasField("density") and dense.density == 0.125
-    assert list(convert.tokenize_response([2, 9], ["<bos>", "a"]).tokens) == ["<bos>", "a"]
+    assert list(to_proto.tokenize_response([2, 9], ["<bos>", "a"]).tokens) == ["<bos>", "a"]
 
 
 # ------------------------------------------------------------------------------------------ server info
@@ -214,7 +216,7 @@ def test_score_and_feature_responses(stacks):
 
 def test_server_info_describes_the_tiny_model(tiny_gemma, stacks):
     config = ServerConfig(auth_token="secret-token", max_top_k=16)
-    info = convert.server_info(tiny_gemma, list(stacks.values()), config, "full")
+    info = describe.server_info(tiny_gemma, list(stacks.values()), config, "full")
     info = pb.GetServerInfoResponse.FromString(info.SerializeToString())
     m = info.model
     assert (m.name, m.architecture, m.num_layers, m.d_model, m.vocab_size, m.dtype, m.device) == (
@@ -247,20 +249,20 @@ def test_server_info_describes_the_tiny_model(tiny_gemma, stacks):
     assert (ver.server, ver.api, ver.python) == (service.__version__, "v1", platform.python_version())
     assert ver.torch and ver.transformers and ver.grpc
     assert info.instance
-    listed = convert.list_stacks_response(list(stacks.values()))
+    listed = describe.list_stacks_response(list(stacks.values()))
     assert [s.name for s in listed.stacks] == ["test", "other"] and listed.stacks[0] == test
 
 
 def test_server_info_without_a_model(stacks):
-    info = convert.server_info(None, [stacks["other"]], ServerConfig(), "activation_only", encode_backend="torch")
+    info = describe.server_info(None, [stacks["other"]], ServerConfig(), "activation_only", encode_backend="torch")
     assert not info.HasField("model") and not info.hookpoints and len(info.stacks) == 1
     caps = info.capabilities
     assert caps.mode == pb.SERVING_MODE_ACTIVATION_ONLY and not caps.auth_required and not caps.steering_vectors
     assert list(caps.rpcs) == ["GetServerInfo", "ListStacks", "EncodeActivations"] and caps.encode_backend == "torch"
     with pytest.raises(ValueError, match="serving mode"):
-        convert.server_info(None, [], ServerConfig(), "turbo")
+        describe.server_info(None, [], ServerConfig(), "turbo")
 
 
 def test_metrics_keep_finite_numbers_only():
-    assert convert.numeric_metrics({"a": 1, "b": True, "c": math.nan, "d": "x", "e": {"f": 2.5, "g": [1]}}) == {
+    assert describe.numeric_metrics({"a": 1, "b": True, "c": math.nan, "d": "x", "e": {"f": 2.5, "g": [1]}}) == {
         "a": 1.0, "e.f": 2.5}

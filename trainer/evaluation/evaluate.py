@@ -28,7 +28,8 @@ from core.stack.writer import update_metrics
 from trainer.data.activations import WindowBatch, batch_windows, iter_windows, special_token_ids
 from trainer.data.corpus import Document, load_corpus, split_documents
 from trainer.evaluation.metrics import ReconstructionAccumulator
-from trainer.evaluation.probing import ProbeTask, build_probe_tasks, run_probing
+from trainer.evaluation.probe_tasks import ProbeTask, build_probe_tasks
+from trainer.evaluation.probing import run_probing
 from trainer.evaluation.redundancy import decoder_redundancy
 from trainer.evaluation.splice import splice_metrics
 

@@ -127,7 +127,7 @@ class EvalSection:
     ce_windows: int = 16
     """Held-out context windows for the CE/KL splice metrics."""
     probing: bool = False
-    """Run the sparse-probing suite (trainer/evaluation/probing.py) on each stage's codes."""
+    """Run the sparse-probing suite (trainer/evaluation/probe_tasks.py, probing.py) on each stage's codes."""
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,18 @@
-"""Request messages from Python arguments, shared by Client and AsyncClient so both build the same wire."""
+"""Each RPC as both clients make it, so Client and AsyncClient build the same wire from the same arguments.
+
+A function per RPC turns Python arguments into a `Call`: the stub method, the request message and how a
+unary response becomes a result. The clients only add the transport (sync or asyncio); stream results
+come from the readers in `events`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from featurewire import events as ev
+from featurewire import results as rs
 from featurewire.arrays import matrix
 from featurewire.builders import Condition, DecomposeOptions, Edit, decompose_options, split_edits
 from featurewire.v1 import featurewire_pb2 as pb
@@ -13,32 +21,45 @@ from featurewire.v1 import types_pb2 as t
 TextOrIds = str | Sequence[int]
 
 
+def _unchanged(message: Any) -> Any:
+    return message
+
+
+@dataclass(frozen=True)
+class Call:
+    """One RPC ready to send; `retry`: idempotent, so retried on UNAVAILABLE (a stream: until its first message)."""
+
+    method: str
+    request: Any
+    convert: Callable[[Any], Any] = _unchanged
+    retry: bool = True
+
+
+# -- arguments shared by several RPCs ------------------------------------------------------------------
+
+
+def _special_tokens(msg: Any, add_special_tokens: bool | None) -> Any:
+    """Set only when given: unset leaves the choice to the server's tokenizer."""
+    if add_special_tokens is not None:
+        msg.add_special_tokens = add_special_tokens
+    return msg
+
+
 def text_input(source: TextOrIds, add_special_tokens: bool | None = None) -> t.Input:
     """A text (tokenized by the server) or token ids (used verbatim)."""
     if isinstance(source, str):
-        msg = t.Input(text=source)
-        if add_special_tokens is not None:
-            msg.add_special_tokens = add_special_tokens
-        return msg
+        return _special_tokens(t.Input(text=source), add_special_tokens)
     if add_special_tokens is not None:
         raise ValueError("add_special_tokens applies to text only; token ids are used verbatim")
     ids = source.tolist() if hasattr(source, "tolist") else source
     return t.Input(token_ids=t.TokenIds(ids=[int(i) for i in ids]))
 
 
-def decompose_request(text: TextOrIds, *, stack: str, stages: Sequence[str] | str | None, top_k: int,
-                      include_error: bool, always: dict[str, Sequence[int]] | None, chunk_tokens: int,
-                      add_special_tokens: bool | None) -> pb.DecomposeRequest:
-    stage_names = (stages,) if isinstance(stages, str) else tuple(stages or ())
-    options = DecomposeOptions(stages=stage_names, top_k=top_k, include_error=include_error, always=always or {})
-    return pb.DecomposeRequest(stack=stack, input=text_input(text, add_special_tokens), options=options.to_proto(),
-                               chunk_tokens=chunk_tokens)
-
-
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
 
 
 def sampling(options: dict[str, Any]) -> pb.SamplingParams:
+    """generate()'s **sampling keywords; a misspelt one fails here rather than being silently ignored."""
     unknown = set(options) - set(SAMPLING_KEYS)
     if unknown:
         raise TypeError(f"unknown sampling option(s) {sorted(unknown)}; valid: {', '.join(SAMPLING_KEYS)}")
@@ -53,9 +74,59 @@ def sampling(options: dict[str, Any]) -> pb.SamplingParams:
     return msg
 
 
-def generate_request(prompt: TextOrIds, *, stack: str, interventions: Iterable[Edit],
-                     conditions: Iterable[Condition], decompose: Any, with_default: bool,
-                     add_special_tokens: bool | None, options: dict[str, Any]) -> pb.GenerateRequest:
+def _names(value: Sequence[str] | str | None) -> list[str]:
+    """One name or several: a lone string is one name, not its characters."""
+    return [value] if isinstance(value, str) else list(value or ())
+
+
+# -- unary ---------------------------------------------------------------------------------------------
+
+
+def info() -> Call:
+    return Call("GetServerInfo", pb.GetServerInfoRequest(), rs.server_info)
+
+
+def _stacks(message: pb.ListStacksResponse) -> tuple[rs.StackInfo, ...]:
+    return tuple(rs.stack_info(s) for s in message.stacks)
+
+
+def stacks() -> Call:
+    return Call("ListStacks", pb.ListStacksRequest(), _stacks)
+
+
+def feature(stack: str, stage: str, feature: int, top_n: int) -> Call:
+    return Call("GetFeature", pb.GetFeatureRequest(stack=stack, stage=stage, feature=int(feature), top_n=top_n),
+                rs.feature)
+
+
+def tokenize(text: str, add_special_tokens: bool | None) -> Call:
+    return Call("Tokenize", _special_tokens(pb.TokenizeRequest(text=text), add_special_tokens), rs.tokens)
+
+
+def score(text: TextOrIds, *, interventions: Iterable[Edit], splice: Sequence[str] | str, stack: str,
+          add_special_tokens: bool | None) -> Call:
+    edits, vectors = split_edits(interventions, ())
+    request = pb.ScoreRequest(stack=stack, input=text_input(text, add_special_tokens),
+                              interventions=[e.to_proto() for e in edits],
+                              steering_vectors=[v.to_proto() for v in vectors], splice_stages=_names(splice))
+    return Call("Score", request, rs.score)
+
+
+# -- streams: results come from events.DecomposeReader / GenerateReader ---------------------------------
+
+
+def decompose(text: TextOrIds, *, stages: Sequence[str] | str | None, top_k: int, include_error: bool,
+              always: dict[str, Sequence[int]] | None, stack: str, chunk_tokens: int,
+              add_special_tokens: bool | None) -> Call:
+    options = DecomposeOptions(stages=tuple(_names(stages)), top_k=top_k, include_error=include_error,
+                               always=always or {})
+    return Call("Decompose", pb.DecomposeRequest(stack=stack, input=text_input(text, add_special_tokens),
+                                                 options=options.to_proto(), chunk_tokens=chunk_tokens))
+
+
+def generate(prompt: TextOrIds, *, interventions: Iterable[Edit], conditions: Iterable[Condition], decompose: Any,
+             with_default: bool, stack: str, add_special_tokens: bool | None, options: dict[str, Any]) -> Call:
+    """Edits that a condition enables travel with that condition's id (split_edits)."""
     conditions = list(conditions)
     edits, vectors = split_edits(interventions, conditions)
     request = pb.GenerateRequest(
@@ -65,36 +136,30 @@ def generate_request(prompt: TextOrIds, *, stack: str, interventions: Iterable[E
     features = decompose_options(decompose)
     if features is not None:
         request.decompose.CopyFrom(features.to_proto())
-    return request
+    return Call("Generate", request)
 
 
-def score_request(text: TextOrIds, *, stack: str, interventions: Iterable[Edit], splice: Sequence[str] | str,
-                  add_special_tokens: bool | None) -> pb.ScoreRequest:
-    edits, vectors = split_edits(interventions, ())
-    return pb.ScoreRequest(stack=stack, input=text_input(text, add_special_tokens),
-                           interventions=[e.to_proto() for e in edits],
-                           steering_vectors=[v.to_proto() for v in vectors],
-                           splice_stages=[splice] if isinstance(splice, str) else list(splice))
+class Encoder:
+    """EncodeActivations, one per call: numbers requests from 0 and pairs each array with the next of `previous`
+    (residual stages), so the sync request iterator and the async writer send the same messages. Not retried:
+    the request stream is consumed as it is sent."""
 
+    method = "EncodeActivations"
 
-def feature_request(stack: str, stage: str, feature: int, top_n: int) -> pb.GetFeatureRequest:
-    return pb.GetFeatureRequest(stack=stack, stage=stage, feature=int(feature), top_n=top_n)
+    def __init__(self, *, stage: str, stack: str, previous: Iterable[Any] | None, top_k: int,
+                 include_error: bool) -> None:
+        self.stage = stage
+        self._fields = {"stage": stage, "stack": stack, "top_k": top_k, "include_error": include_error}
+        self._previous = None if previous is None else iter(previous)
+        self._sequence = 0
 
+    def request(self, array: Any) -> pb.EncodeActivationsRequest:
+        """The next request, for one (rows, d_in) array."""
+        msg = pb.EncodeActivationsRequest(sequence=self._sequence, activations=matrix(array), **self._fields)
+        if self._previous is not None:
+            msg.previous.CopyFrom(matrix(next(self._previous)))
+        self._sequence += 1
+        return msg
 
-def tokenize_request(text: str, add_special_tokens: bool | None) -> pb.TokenizeRequest:
-    msg = pb.TokenizeRequest(text=text)
-    if add_special_tokens is not None:
-        msg.add_special_tokens = add_special_tokens
-    return msg
-
-
-def encode_requests(arrays: Iterable[Any], *, stage: str, stack: str, previous: Iterable[Any] | None, top_k: int,
-                    include_error: bool) -> Iterator[pb.EncodeActivationsRequest]:
-    """One request per (rows, d_in) array, numbered from 0; `previous` runs in step for residual stages."""
-    previous_iter = iter(previous) if previous is not None else None
-    for sequence, array in enumerate(arrays):
-        msg = pb.EncodeActivationsRequest(sequence=sequence, stack=stack, stage=stage, activations=matrix(array),
-                                          top_k=top_k, include_error=include_error)
-        if previous_iter is not None:
-            msg.previous.CopyFrom(matrix(next(previous_iter)))
-        yield msg
+    def result(self, message: pb.EncodeActivationsResponse) -> ev.EncodedBatch:
+        return ev.encoded_batch(message, self.stage)

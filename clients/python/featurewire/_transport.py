@@ -17,11 +17,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from featurewire._version import __version__
+
+if TYPE_CHECKING:
+    from featurewire._requests import Call
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT_S = 60.0
@@ -178,3 +181,39 @@ def next_delay(error: grpc.RpcError, policy: RetryPolicy, retry: int, deadline: 
         return None
     delay = policy.delay(retry)
     return delay if deadline.allows(delay) else None
+
+
+class ClientBase:
+    """The constructor Client and AsyncClient share, so both read their arguments the same way."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None, tls: Any = False,
+                 timeout: float | None = DEFAULT_TIMEOUT_S, stream_timeout: float | None = DEFAULT_STREAM_TIMEOUT_S,
+                 options: Sequence[tuple[str, Any]] | dict[str, Any] = (), retries: int | RetryPolicy | None = None,
+                 metadata: Sequence[tuple[str, str]] = (), load_balancing: str | None = None,
+                 keepalive_s: float | None = DEFAULT_KEEPALIVE_S) -> None:
+        """`tls`: False, True (system roots), a root certificate (path or PEM bytes) or grpc.ChannelCredentials.
+        `retries`: None = the default RetryPolicy, 0 = none, n = n retries, or a RetryPolicy."""
+        self.settings = Settings.build(target, token=token, tls=tls, timeout=timeout, stream_timeout=stream_timeout,
+                                       options=options, retries=RetryPolicy() if retries is None else retries,
+                                       metadata=metadata, load_balancing=load_balancing, keepalive_s=keepalive_s)
+        self._connect()
+
+    def _connect(self) -> None:
+        """Open the channel now (Client) or prepare to open it inside the event loop (AsyncClient)."""
+        raise NotImplementedError
+
+
+class StreamBase:
+    """What Client's and AsyncClient's server streams share: the call to make, its deadline and retry policy."""
+
+    def __init__(self, client: ClientBase, call: Call, timeout: Any) -> None:
+        self._client, self._rpc = client, call
+        self._timeout = client.settings.timeout_for(timeout, stream=True)
+        self._policy = client.settings.retry if call.retry else NO_RETRY
+        self._call: Any = None
+        self._first: list[Any] = []
+
+    def cancel(self) -> None:
+        """Stop the call; the server stops its work within one step."""
+        if self._call is not None:
+            self._call.cancel()

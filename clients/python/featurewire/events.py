@@ -257,6 +257,49 @@ def generate_event(m: pb.GenerateResponse, names: Mapping[int, str]) -> Generate
     return None
 
 
+class DecomposeReader:
+    """Decompose messages as results, for Client's and AsyncClient's streams alike: the header comes first and
+    its stage names label every later token."""
+
+    def __init__(self) -> None:
+        self.header: DecomposeHeader | None = None
+        self._names: dict[int, str] = {}
+
+    def start(self, m: pb.DecomposeResponse | None) -> DecomposeHeader:
+        """Read the first message (None: the stream was empty)."""
+        if m is None or m.WhichOneof("event") != "header":
+            raise RuntimeError("the Decompose stream did not start with a header")
+        self.header = decompose_header(m.header)
+        self._names = {s.index: s.name for s in self.header.stages}
+        return self.header
+
+    def tokens(self, m: pb.DecomposeResponse) -> list[TokenFeatures]:
+        """A chunk's tokens, in position order; none for any other event (a newer server's)."""
+        if m.WhichOneof("event") != "chunk":
+            return []
+        return [token_features(token, self._names) for token in m.chunk.tokens]
+
+
+class GenerateReader:
+    """Generate messages as events, for Client's and AsyncClient's streams alike: Started names the stages later
+    events refer to, and every event is kept so that a Generation also covers the events already iterated."""
+
+    def __init__(self) -> None:
+        self.events: list[GenerateEvent] = []
+        self._names: dict[int, str] = {}
+
+    def event(self, m: pb.GenerateResponse) -> GenerateEvent | None:
+        event = generate_event(m, self._names)
+        if isinstance(event, Started):
+            self._names.update((s.index, s.name) for s in event.stages)
+        if event is not None:
+            self.events.append(event)
+        return event
+
+    def generation(self) -> Generation:
+        return collect_generation(self.events)
+
+
 def encoded_batch(m: pb.EncodeActivationsResponse, stage: str) -> EncodedBatch:
     """The rows of one EncodeActivations call all belong to the one stage it named."""
     names = {r.stage: stage for r in m.rows}

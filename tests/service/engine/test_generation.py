@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from core.errors import InvalidRequest
 from core.host.host_model import SamplingParams
 from core.sae import SAEConfig, build_sae
 from core.stack.identity import HostModelIdentity
 from core.stack.writer import StageSpec, write_stack
-from service.engine.generation import TextStream, generate_events
+from service.engine.generation import TextStream, generate_events, sample
 from service.engine.served import ServedStack, load_served_stack
 from service.engine.specs import (
     Action,
@@ -291,3 +292,20 @@ def test_text_stream_holds_back_partial_characters_and_stop_prefixes(tiny_gemma)
         if stop:
             break
     assert stop == "b c" and "".join(out) == stream.emitted == "a "
+
+
+@pytest.mark.parametrize("temperature", [1.17549435e-38, 1e-30, 1e-6])
+@pytest.mark.parametrize(("top_k", "top_p"), [(0, 1.0), (50, 0.95)])
+def test_a_tiny_temperature_samples_the_greedy_token(temperature, top_k, top_p):
+    """logits / 1.2e-38 overflows float32; the shifted scores never do, so sampling stays greedy, not NaN."""
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 30
+    spec = SamplingSpec(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
+    token, logprob = sample(logits, spec, torch.Generator().manual_seed(1))
+    assert token == int(logits.argmax()) and logprob == pytest.approx(float(logits.log_softmax(-1).max()))
+
+
+def test_a_steering_value_that_overflows_the_model_is_a_client_error(tiny_gemma, prompt):
+    vector = (3e38,) * tiny_gemma.summary().d_model
+    huge = SteeringSpec("blocks.1.hook_resid_post", vector, 3e38)
+    with pytest.raises(InvalidRequest, match="non-finite .* smaller intervention or steering values"):
+        run(tiny_gemma, None, prompt, steering=(huge,))

@@ -6,16 +6,13 @@ from collections import Counter
 import pytest
 import torch
 
+from trainer.evaluation.probe_tasks import ProbeTask, _assign_groups, build_probe_tasks, windows
 from trainer.evaluation.probing import (
-    ProbeTask,
-    _assign_groups,
-    build_probe_tasks,
     dense_probe_accuracy,
     one_vs_rest,
     run_probing,
     sparse_probe_accuracy,
     top_k_mean_diff,
-    windows,
 )
 
 

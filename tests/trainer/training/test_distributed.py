@@ -23,7 +23,7 @@ from trainer.training.config import config_from_dict, load_config
 from trainer.training.distributed import LOCAL, Distributed, from_env
 from trainer.training.loop import run_training
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 INTERRUPT_AT = 9  # after the checkpoint written at step 8 (checkpoint_every = 4)
 

@@ -24,7 +24,7 @@ from trainer.training.affine_fit import MomentAccumulator, fit_affine
 from trainer.training.error_predictors import SPLIT_EVERY, ErrorMoments, fit_error_predictors, fit_predictor
 
 D, N = 16, 5000
-SMOKE = Path(__file__).resolve().parents[2] / "trainer" / "configs" / "smoke.toml"
+SMOKE = Path(__file__).resolve().parents[3] / "trainer" / "configs" / "smoke.toml"
 IDENTITY = HostModelIdentity("test", "gemma3_text", 2, D, 100, "f" * 64, "w" * 64)
 
 

@@ -30,7 +30,7 @@ from trainer.training.meta_sae import (
 )
 from trainer.training.optimization import DeadLatentTracker, make_optimizer
 
-SMOKE = Path(__file__).resolve().parents[2] / "trainer" / "configs" / "smoke.toml"
+SMOKE = Path(__file__).resolve().parents[3] / "trainer" / "configs" / "smoke.toml"
 D_IN, D_SAE = 16, 64
 
 

@@ -13,7 +13,7 @@ from trainer.cli import main
 from trainer.training.config import config_from_dict, load_config
 from trainer.training.loop import run_training
 
-SMOKE = Path(__file__).resolve().parents[2] / "trainer" / "configs" / "smoke.toml"
+SMOKE = Path(__file__).resolve().parents[3] / "trainer" / "configs" / "smoke.toml"
 
 
 def test_smoke_train_then_eval_through_the_cli(tmp_path, capsys):

@@ -1,0 +1,120 @@
+"""Engine events and results -> response messages.
+
+Features travel as packed parallel arrays (ids uint32, values float) in `StageCodes`; stage indices are
+named from the served stack when there is one. An event of the wrong type is a programming error
+(TypeError), not a client's: the engine produces them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from featurewire.v1 import featurewire_pb2 as pb
+from featurewire.v1 import types_pb2 as t
+
+from service.convert.enums import ACTION_NUMBERS, BRANCHES, FINISH_REASONS
+from service.engine.specs import (
+    ConditionEvent,
+    DecomposeChunk,
+    DecomposeHeader,
+    FeatureInfo,
+    FinishEvent,
+    GenerateHeader,
+    ScoreResult,
+    StageCodes,
+    TokenEvent,
+)
+
+if TYPE_CHECKING:
+    from service.engine.served import ServedStack
+
+
+def stage_codes(codes: StageCodes) -> t.StageCodes:
+    msg = t.StageCodes(stage=codes.stage, ids=codes.ids, values=codes.values, l0=codes.l0)
+    if codes.error_norm is not None:
+        msg.error_norm = codes.error_norm
+    if codes.predicted_error_norm is not None:
+        msg.predicted_error_norm = codes.predicted_error_norm
+    return msg
+
+
+def _stage_refs(stack: ServedStack | None, indices: Sequence[int]) -> list[t.StageRef]:
+    if stack is None:
+        return []
+    stages = stack.loaded.stages
+    return [t.StageRef(index=i, name=stages[i].name, hookpoint=stages[i].hookpoint, d_sae=stages[i].sae.cfg.d_sae,
+                       signed=bool(stages[i].signed)) for i in indices]
+
+
+def decompose_response(event: DecomposeHeader | DecomposeChunk, stack: ServedStack) -> pb.DecomposeResponse:
+    if isinstance(event, DecomposeHeader):
+        return pb.DecomposeResponse(header=pb.DecomposeHeader(
+            stack=event.stack, stack_digest=event.stack_digest, stages=_stage_refs(stack, event.stages),
+            num_tokens=event.num_tokens, top_k=event.top_k))
+    if isinstance(event, DecomposeChunk):
+        return pb.DecomposeResponse(chunk=pb.DecomposeChunk(tokens=[
+            pb.TokenFeatures(token=t.Token(position=tf.position, id=tf.token_id, text=tf.text),
+                             features=[stage_codes(c) for c in tf.features])
+            for tf in event.tokens]))
+    raise TypeError(f"not a Decompose event: {type(event).__name__}")
+
+
+def _condition_event(event: ConditionEvent, stack: ServedStack | None) -> pb.ConditionEvent:
+    name = stack.loaded.stages[event.stage].name if stack is not None else str(event.stage)
+    return pb.ConditionEvent(branch=BRANCHES[event.branch], condition_id=event.condition_id, stage=name,
+                             feature=event.feature, position=event.position, value=event.value,
+                             action=ACTION_NUMBERS[event.action])
+
+
+def generate_response(event: GenerateHeader | TokenEvent | ConditionEvent | FinishEvent,
+                      stack: ServedStack | None) -> pb.GenerateResponse:
+    if isinstance(event, TokenEvent):
+        return pb.GenerateResponse(token=pb.TokenEvent(
+            branch=BRANCHES[event.branch], index=event.index, position=event.position, token_id=event.token_id,
+            text=event.text, logprob=event.logprob, features=[stage_codes(c) for c in event.features]))
+    if isinstance(event, ConditionEvent):
+        return pb.GenerateResponse(condition=_condition_event(event, stack))
+    if isinstance(event, FinishEvent):
+        finish = pb.FinishEvent(branch=BRANCHES[event.branch], reason=FINISH_REASONS[event.reason],
+                                stop_string=event.stop_string, prompt_tokens=event.prompt_tokens,
+                                generated_tokens=event.generated_tokens, text=event.text)
+        if event.trigger is not None:
+            finish.trigger.CopyFrom(_condition_event(event.trigger, stack))
+        return pb.GenerateResponse(finish=finish)
+    if isinstance(event, GenerateHeader):
+        return pb.GenerateResponse(header=pb.GenerateHeader(
+            stack=event.stack, stack_digest=event.stack_digest, stages=_stage_refs(stack, event.stages),
+            prompt=[t.Token(position=p, id=i, text=s) for p, (i, s) in enumerate(event.prompt)],
+            prompt_tokens=len(event.prompt), seed=event.seed, max_new_tokens=event.max_new_tokens,
+            branches=[BRANCHES[b] for b in event.branches]))
+    raise TypeError(f"not a Generate event: {type(event).__name__}")
+
+
+def score_response(result: ScoreResult) -> pb.ScoreResponse:
+    return pb.ScoreResponse(
+        num_tokens=len(result.token_ids), scored_tokens=result.scored_tokens, token_ids=result.token_ids,
+        clean_ce=result.clean_ce, edited_ce=result.edited_ce, kl=result.kl, edited=result.edited,
+        clean_ce_per_token=result.clean_ce_per_token, edited_ce_per_token=result.edited_ce_per_token,
+        kl_per_token=result.kl_per_token)
+
+
+def feature_response(info: FeatureInfo, stack: ServedStack) -> pb.GetFeatureResponse:
+    def scores(tokens):
+        return [pb.TokenScore(id=s.id, text=s.text, score=s.score) for s in tokens]
+
+    msg = pb.GetFeatureResponse(
+        stack=info.stack, stage=stack.loaded.stages[info.stage].name, stage_index=info.stage, feature=info.feature,
+        decoder_norm=info.decoder_norm, top_tokens=scores(info.top_tokens), bottom_tokens=scores(info.bottom_tokens),
+        top_examples=[pb.FeatureExample(text=x, position=p, value=v) for x, p, v in info.top_examples])
+    if info.density is not None:
+        msg.density = info.density
+    return msg
+
+
+def encode_response(sequence: int, rows: Sequence[StageCodes]) -> pb.EncodeActivationsResponse:
+    return pb.EncodeActivationsResponse(sequence=sequence, rows=[stage_codes(c) for c in rows])
+
+
+def tokenize_response(ids: Sequence[int], tokens: Sequence[str]) -> pb.TokenizeResponse:
+    return pb.TokenizeResponse(ids=ids, tokens=tokens)
