@@ -51,11 +51,11 @@ RUN case "${VARIANT}" in \
     esac
 WORKDIR /src
 COPY clients/python/ clients/python/
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY core/ core/
 COPY service/ service/
 COPY trainer/ trainer/
-RUN pip install ./clients/python . \
+RUN pip install -c constraints.txt ./clients/python . \
     && python3 -c "import torch; assert torch.__version__.split('+')[0] == '${TORCH_VERSION}', torch.__version__"
 
 # ---- runtime ---------------------------------------------------------------------------------------------

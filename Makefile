@@ -6,17 +6,32 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
+LOCK   := constraints.txt
 
-.PHONY: venv test lint demo demo-stack tour bench hookpoints protos clean-venv k8s-tools lint-k8s soak
+.PHONY: venv test lint lock demo demo-stack tour bench hookpoints protos clean-venv k8s-tools lint-k8s soak
 
 venv: $(STAMP)
 
-# Re-runs only when the dependency lists change; `make test` is fast when .venv is current.
-$(STAMP): pyproject.toml clients/python/pyproject.toml
+# Re-runs only when the dependency lists change; `make test` is fast when .venv is current. Every other
+# dependency is installed at the version recorded in constraints.txt (the versions the tests ran with).
+$(STAMP): pyproject.toml clients/python/pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]' -e clients/python
+	$(PY) -m pip install --quiet --disable-pip-version-check -c $(LOCK) -e '.[dev]' -e clients/python
 	@touch $@
+
+# Refresh constraints.txt: resolve the newest versions pyproject.toml allows in a scratch environment (torch
+# pinned first, as above) and record them. Then run `make test`: what the lock names is what CI installs.
+LOCK_VENV := .venv-lock
+
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(TORCH)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' -e clients/python
+	{ sed -n '/^#/p' $(LOCK); $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -v -E '^(torch==|-e |#)'; } \
+		> $(LOCK).new && mv $(LOCK).new $(LOCK)
+	rm -rf $(LOCK_VENV)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -86,7 +86,8 @@ def test_torch_is_pinned_like_the_makefile_and_installed_first() -> None:
     assert arg_defaults(found)["TORCH_VERSION"] == pin[1]
     runs = [ins.args for ins in found if ins.op == "RUN"]
     torch_run = next(i for i, run in enumerate(runs) if "torch==${TORCH_VERSION}" in run)
-    project_run = next(i for i, run in enumerate(runs) if re.search(r"pip install \./clients/python \.", run))
+    project_run = next(i for i, run in enumerate(runs)
+                       if re.search(r"pip install -c constraints\.txt \./clients/python \.", run))
     assert torch_run < project_run
     cpu = re.search(r"cpu\)\s*pip install --index-url \"\$\{TORCH_CPU_INDEX\}\" \"torch==\$\{TORCH_VERSION\}\"",
                     runs[torch_run])
