@@ -37,6 +37,8 @@ METHOD_LABELS = frozenset(
 CODES = frozenset(code.name for code in grpc.StatusCode)
 INTERVENTION_OPS = frozenset({"add", "set", "scale", "clamp", "ablate", "vector", "other"})
 OTHER = "other"
+PREFILL, DECODE = "prefill", "decode"
+PHASES = (PREFILL, DECODE)  # the `phase` label of the batcher's forward steps
 
 # Buckets sized for a model server: sub-millisecond metadata calls up to multi-minute generations.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
@@ -45,6 +47,13 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 TOKENS_PER_S_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0)
 L0_BUCKETS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0)
 ERROR_NORM_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
+# Rows per forward step: 1 is an unbatched step; the top buckets cover max_batch_size well past its default 16.
+STEP_ROWS_BUCKETS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0)
+# One forward step: a sub-millisecond decode on a GPU up to a long prompt's prefill on a CPU.
+STEP_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Waiting for the worker: one cycle (milliseconds) up to the request timeout (300 s by default).
+QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0,
+                      320.0)
 
 
 def method_label(method: str) -> str:
@@ -136,6 +145,19 @@ class Metrics:
             "featurewire_generation_tokens_per_second", "Decode speed of each finished generation (tokens/s).",
             buckets=TOKENS_PER_S_BUCKETS, registry=r)
         self.queue_depth = Gauge("featurewire_queue_depth", "Requests waiting for the engine worker.", registry=r)
+        self.queue_wait = Histogram(
+            "featurewire_queue_wait_seconds", "From a job's submission to the engine until the worker first works on "
+            "it (waiting in the queue for a batch slot, then for its turn in the cycle).", ("method",),
+            buckets=QUEUE_WAIT_BUCKETS, registry=r)
+        self.step_rows = Histogram("featurewire_step_rows", "Rows (sequences) in each batched forward step, by phase.",
+                                   ("phase",), buckets=STEP_ROWS_BUCKETS, registry=r)
+        self.step_duration = Histogram(
+            "featurewire_step_duration_seconds", "Time of each batched forward step, by phase (on CUDA the GPU's "
+            "time from the step's start to its end, read from events).", ("phase",), buckets=STEP_SECONDS_BUCKETS,
+            registry=r)
+        # Children bound once: the worker observes every step, and both phases are exported from the start.
+        self._step_rows = {phase: self.step_rows.labels(phase) for phase in PHASES}
+        self._step_duration = {phase: self.step_duration.labels(phase) for phase in PHASES}
         self.queue_capacity = Gauge("featurewire_queue_capacity", "Engine queue size beyond which requests are "
                                     "refused with RESOURCE_EXHAUSTED.", registry=r)
         self.interventions = Counter("featurewire_interventions", "Interventions applied, by operation.", ("op",),
@@ -192,6 +214,18 @@ class Metrics:
         """Read the depth from the scheduler at scrape time, so the gauge is never stale."""
         self.queue_depth.set_function(depth)
         self.queue_capacity.set(capacity)
+
+    def observe_queue_wait(self, method: str, seconds: float) -> None:
+        """How long a job waited between its submission and the worker's first work on it."""
+        self.queue_wait.labels(method_label(method)).observe(max(0.0, seconds))
+
+    def observe_step_rows(self, phase: str, rows: int) -> None:
+        """The rows of one batched forward step (`prefill` or `decode`)."""
+        self._step_rows[phase].observe(rows)
+
+    def observe_step_seconds(self, phase: str, seconds: float) -> None:
+        """The time of one batched forward step; apart from its rows because on CUDA it is read later."""
+        self._step_duration[phase].observe(max(0.0, seconds))
 
     def count_interventions(self, ops: Iterable[str] | Mapping[str, int]) -> None:
         """Count interventions by op name (`add`, `set`, `scale`, `clamp`, `ablate`, `vector`)."""

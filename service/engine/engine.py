@@ -10,11 +10,16 @@ Jobs wait in a bounded FIFO and run interleaved, up to `max_batch_size` at once;
 their forward passes to the batcher, which runs the rows of many requests as one batch (continuous
 batching: service/engine/scheduler.py, service/engine/batch.py). Other jobs advance one item per cycle
 between decode steps.
+
+Metrics (when given): the worker reports how long each job waited before its first work, and the rows and
+time of every batched forward step by phase (`_WorkerMetrics`), so queueing behind decode, slow prefills
+and small batches can be told apart on /metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 import time
@@ -25,7 +30,7 @@ import torch
 
 from core.errors import Overloaded
 from service.engine.batch import RowPass, run_rows
-from service.engine.scheduler import END, ERROR, ITEM, Batcher, Job, Scheduler
+from service.engine.scheduler import DECODE, END, ERROR, ITEM, PREFILL, Batcher, Job, Scheduler
 
 if TYPE_CHECKING:  # the engine stays importable without grpc/prometheus; Metrics is only passed in
     from core.host.host_model import HostModel
@@ -55,7 +60,9 @@ class Engine:
         self.config = config
         self.metrics = metrics
         self._scheduler = Scheduler(config.queue_size)
-        self._batcher = Batcher(self._run_rows, config.max_batch_size, config.max_batch_tokens, self._out_of_memory)
+        self._observer = None if metrics is None else _WorkerMetrics(metrics, getattr(host, "device", None))
+        self._batcher = Batcher(self._run_rows, config.max_batch_size, config.max_batch_tokens, self._out_of_memory,
+                                on_start=None if self._observer is None else self._observer.started)
         self._busy = threading.Event()
         self._thread = threading.Thread(target=self._work, name="featurewire-engine", daemon=True)
         if metrics is not None:
@@ -143,14 +150,89 @@ class Engine:
                     log.exception("engine worker: unexpected failure outside a job")
                 finally:
                     if not batcher.active:
+                        if self._observer is not None:
+                            self._flush_metrics()
                         self._busy.clear()
         log.debug("engine worker stopped")
 
+    def _flush_metrics(self) -> None:
+        """Idle: record the last steps' GPU times; a failure here must not stop the worker."""
+        assert self._observer is not None
+        try:
+            self._observer.flush()
+        except Exception:
+            log.exception("engine worker: reading the step timings failed")
+
     def _run_rows(self, rows: Sequence[RowPass]) -> None:
-        run_rows(self.host, rows)
+        if self._observer is None:
+            run_rows(self.host, rows)
+        else:
+            self._observer.step(rows, lambda: run_rows(self.host, rows))
 
     def _out_of_memory(self, job: Job) -> Overloaded:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         log.warning("%s ran out of memory; freed the CUDA cache and kept serving", job.method)
         return Overloaded(f"out of memory while running {job.method}; retry later or with a smaller request")
+
+
+class _WorkerMetrics:
+    """The worker's own view of scheduling: time queued before first work, and each forward step's rows and time.
+
+    Everything runs on the worker thread and costs a few microseconds per job or step. On CPU a pass is finished
+    when `run_rows` returns, so its wall time is its cost. On CUDA `run_rows` returns once the kernels are queued:
+    timing it would show launch time, and synchronizing every step would stall the worker. There a pair of CUDA
+    events brackets each step; their time is read once the GPU has passed the end event (polled at later steps,
+    and waited for when the worker goes idle, when nothing is left to stall).
+    """
+
+    MAX_PENDING = 256  # steps awaiting their CUDA events; past it, wait (the worker syncs every cycle anyway)
+
+    def __init__(self, metrics: Metrics, device: torch.device | None) -> None:
+        self.metrics = metrics
+        self.device = device
+        self.cuda = device is not None and device.type == "cuda"
+        self._pending: collections.deque[tuple[str, Any, Any]] = collections.deque()  # (phase, start, end)
+
+    def started(self, job: Job) -> None:
+        """The worker is about to work on `job` for the first time: it waited since its submission."""
+        self.metrics.observe_queue_wait(job.method, time.monotonic() - job.enqueued_at)
+
+    def step(self, rows: Sequence[RowPass], run: Callable[[], None]) -> None:
+        """Run one forward step over `rows` and record its rows and time by phase (rows without a cache: prefill)."""
+        if not rows:
+            run()
+            return
+        phase = PREFILL if rows[0].cache is None else DECODE
+        self.metrics.observe_step_rows(phase, len(rows))
+        if not self.cuda:
+            started = time.perf_counter()
+            try:
+                run()
+            finally:
+                self.metrics.observe_step_seconds(phase, time.perf_counter() - started)
+            return
+        stream = torch.cuda.current_stream(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        try:
+            run()
+        finally:
+            end.record(stream)
+            self._pending.append((phase, start, end))
+            self._collect(wait=len(self._pending) > self.MAX_PENDING)
+
+    def flush(self) -> None:
+        """Record every step still waiting for its CUDA events (blocks until the GPU has run them)."""
+        self._collect(wait=True)
+
+    def _collect(self, *, wait: bool) -> None:
+        pending = self._pending
+        while pending:
+            phase, start, end = pending[0]
+            if wait:
+                end.synchronize()
+            elif not end.query():
+                return  # later steps ran after this one on the same stream: not done either
+            pending.popleft()
+            self.metrics.observe_step_seconds(phase, start.elapsed_time(end) / 1000.0)

@@ -14,6 +14,9 @@ Requests thus join the running batch when their prefill is done and leave it whe
 two steps. Fairness: decode steps of running streams happen every cycle, whatever prefills wait, and a
 long prompt delays them by at most its own prefill once; prefills are admitted in arrival order, so
 long requests cannot starve short ones nor the reverse; plain jobs get one item per cycle, interleaved.
+
+Observability: the batcher calls `on_start(job)` when it first advances a job (the engine turns that into
+the queue-wait metric) and runs every forward step through `run_rows`, which the engine times.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from service.engine.batch import RowPass
 
 log = logging.getLogger(__name__)
 ITEM, ERROR, END = "item", "error", "end"
+PREFILL, DECODE = "prefill", "decode"  # the phases of forward steps (service.metrics.PHASES, without its import)
 
 
 @dataclass(eq=False)
@@ -110,6 +114,7 @@ class _Active:
     job: Job
     iterator: Iterator[Any] | Stepped
     pending: list[RowPass] = field(default_factory=list)  # passes it waits for
+    started: bool = False  # advanced at least once (on_start was called)
 
     @property
     def stepped(self) -> bool:
@@ -123,9 +128,11 @@ class Batcher:
     """The active jobs and one scheduling cycle over them (see the module docstring)."""
 
     def __init__(self, run_rows: RunRows, max_batch_size: int, max_batch_tokens: int,
-                 on_out_of_memory: Callable[[Job], Exception]) -> None:
+                 on_out_of_memory: Callable[[Job], Exception], *,
+                 on_start: Callable[[Job], None] | None = None) -> None:
         self.run_rows, self.max_rows, self.max_tokens = run_rows, max_batch_size, max_batch_tokens
         self.on_out_of_memory = on_out_of_memory
+        self.on_start = on_start  # called once per job, just before the worker first advances it
         self.active: list[_Active] = []
 
     @property
@@ -167,6 +174,10 @@ class Batcher:
     def _advance(self, entry: _Active) -> None:
         """A plain job by one item; a stepped one until it waits for passes or ends."""
         job = entry.job
+        if not entry.started:
+            entry.started = True
+            if self.on_start is not None:
+                self.on_start(job)
         try:
             while True:
                 if entry.stepped:

@@ -42,6 +42,9 @@ def exported() -> dict[str, set[str]]:
     metrics.count_prompt_tokens("/featurewire.v1.Featurewire/Generate", 3)
     metrics.observe_generation(8, 0.5)
     metrics.set_queue(1, 64)
+    metrics.observe_queue_wait("/featurewire.v1.Featurewire/Decompose", 2.0)
+    metrics.observe_step_rows("decode", 4)
+    metrics.observe_step_seconds("decode", 0.01)
     metrics.count_interventions(["set"])
     metrics.register_stack("demo", ["s0"], load_seconds=1.0)
     metrics.record_self_check("demo", True, {"s0": 0.9})
@@ -104,11 +107,27 @@ def test_dashboard_covers_the_serving_metrics() -> None:
     for family in ("featurewire_rpcs", "featurewire_rpc_duration_seconds", "featurewire_in_flight_requests",
                    "featurewire_queue_depth", "featurewire_time_to_first_token_seconds",
                    "featurewire_generated_tokens", "featurewire_stage_l0", "featurewire_stage_error_norm",
-                   "featurewire_stack_self_check_passed"):
+                   "featurewire_stack_self_check_passed", "featurewire_queue_wait_seconds", "featurewire_step_rows",
+                   "featurewire_step_duration_seconds"):
         assert family in bases, f"the dashboard has no panel on {family}"
     dashboard = json.loads(DASHBOARD.read_text())
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids)) and dashboard["uid"] == "featurewire"
+
+
+def test_scheduler_panels_split_by_their_labels_and_an_alert_watches_the_queue_wait() -> None:
+    """The scheduler panels show queue wait per method and steps per phase (not one blended line), and an
+    alert fires on a sustained p99 queue wait."""
+    for family, label in (("featurewire_queue_wait_seconds", "method"), ("featurewire_step_rows", "phase"),
+                          ("featurewire_step_duration_seconds", "phase")):
+        queries = [q for q in dashboard_queries() if family in q]
+        assert queries and all(re.search(rf"by \([^)]*\b{label}\b", q) for q in queries), family
+    rules = yaml.safe_load(RULES.read_text())["spec"]["groups"]
+    waits = [r for group in rules for r in group["rules"] if "featurewire_queue_wait_seconds_bucket" in r["expr"]]
+    assert len(waits) == 1
+    rule = waits[0]
+    assert "histogram_quantile(0.99" in rule["expr"] and rule["for"] == "10m"
+    assert re.search(r"by \([^)]*\bmethod\b", rule["expr"]) and "$labels.method" in rule["annotations"]["summary"]
 
 
 def test_hpa_scales_on_exported_metrics_served_by_the_adapter() -> None:

@@ -115,6 +115,35 @@ def test_engine_and_process_metrics(metrics):
     assert _samples(metrics)[("featurewire_queue_depth", ())] == 7
 
 
+def test_scheduler_metrics(metrics):
+    """Both phases are exported before any step (dashboards see 0, not no data); queue waits fold unknown
+    methods into `other`; rows and seconds land in their phase's buckets."""
+    samples = _samples(metrics)
+    for phase in ("prefill", "decode"):
+        assert samples[("featurewire_step_rows_count", (("phase", phase),))] == 0
+        assert samples[("featurewire_step_duration_seconds_count", (("phase", phase),))] == 0
+    metrics.observe_step_rows("decode", 16)
+    metrics.observe_step_rows("decode", 1)
+    metrics.observe_step_seconds("decode", 0.004)
+    metrics.observe_step_rows("prefill", 3)
+    metrics.observe_step_seconds("prefill", 0.3)
+    metrics.observe_queue_wait("/featurewire.v1.Featurewire/Decompose", 2.0)
+    metrics.observe_queue_wait("Decompose", -1.0)  # clocks never run backwards here, but never below 0
+    metrics.observe_queue_wait("warmup", 0.01)
+    samples = _samples(metrics)
+    decode = (("phase", "decode"),)
+    assert samples[("featurewire_step_rows_sum", decode)] == 17
+    assert samples[("featurewire_step_rows_bucket", (("le", "1.0"), *decode))] == 1
+    assert samples[("featurewire_step_rows_bucket", (("le", "12.0"), *decode))] == 1
+    assert samples[("featurewire_step_rows_bucket", (("le", "16.0"), *decode))] == 2
+    assert samples[("featurewire_step_duration_seconds_bucket", (("le", "0.005"), *decode))] == 1
+    assert samples[("featurewire_step_duration_seconds_sum", (("phase", "prefill"),))] == pytest.approx(0.3)
+    assert samples[("featurewire_queue_wait_seconds_count", (("method", "Decompose"),))] == 2
+    assert samples[("featurewire_queue_wait_seconds_sum", (("method", "Decompose"),))] == 2.0
+    assert samples[("featurewire_queue_wait_seconds_bucket", (("le", "1.0"), ("method", "Decompose")))] == 1
+    assert samples[("featurewire_queue_wait_seconds_count", (("method", "other"),))] == 1
+
+
 def test_http_server_serves_metrics(metrics):
     metrics.observe_rpc("ListStacks", "OK", 0.01)
     server, thread = start_metrics_server(0, metrics.registry, addr="127.0.0.1")
