@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from core.config import add_model_arguments, model_config_from_args
+from trainer.dashboards.cli import add_dashboards, add_explanations
 from trainer.data import corpus as corpus_mod
 
 PROG = "featurewire-train"
@@ -183,6 +184,33 @@ def _run_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export", help="write one stage of a stack in another library's format (SAELens)",
+        description="Write one stage of a stack as a SAELens SAE (cfg.json + sae_weights.safetensors) that "
+        "SAELens loads with SAE.load_from_disk. The stage's input scale is folded into the weights, so SAELens "
+        "reads raw activations and gives featurewire's codes and reconstructions. SA-GSAE and residual (ReSAE) "
+        "stages have no SAELens equivalent and are refused.",
+    )
+    parser.add_argument("--to", dest="target", required=True, choices=("saelens",))
+    parser.add_argument("--stack", required=True, metavar="DIR")
+    parser.add_argument("--stage", metavar="NAME", help="stage to export (default: the only stage of the stack)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory for cfg.json + sae_weights.safetensors")
+    parser.add_argument("--model-name", metavar="NAME",
+                        help="host model name written to cfg.json (default: the one named in the stack)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an SAE already in DIR")
+    parser.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from trainer.interop.export_saelens import export_saelens
+
+    result = export_saelens(args.stack, args.stage, args.out, model_name=args.model_name, overwrite=args.overwrite)
+    print(f"stage {result.stage!r} -> SAELens {result.architecture} SAE (input scale {result.input_scale:g} folded "
+          f"into the weights): {result.out_dir}")
+    return 0
+
+
 def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "sweep", help="train every config in a directory and compare the stacks",
@@ -310,7 +338,8 @@ def format_metrics(stages: list[dict], hookpoints: list[str]) -> str:
 
 
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_corpus, _add_train, _add_eval, _add_import, _add_sweep, _add_export_onnx, _add_report,
+    _add_corpus, _add_train, _add_eval, _add_import, _add_export, _add_sweep, _add_export_onnx, _add_report,
+    add_dashboards, add_explanations,
 )
 
 

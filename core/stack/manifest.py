@@ -24,7 +24,7 @@ import math
 import os
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,9 +167,13 @@ def check_onnx_entry(index: int, entry: Mapping[str, Any], files: Mapping[str, A
     return record
 
 
-def onnx_file_name(index: int, hookpoint: str, data: bytes) -> str:
-    """`stage_00_<hookpoint>.<12 hex of sha256>.onnx`: new content, new name (see the module docstring)."""
-    return f"stage_{index:02d}_{hookpoint}.{hashlib.sha256(data).hexdigest()[:12]}.onnx"
+def content_file_name(index: int | None, hookpoint: str, kind: str, data: bytes, suffix: str) -> str:
+    """`stage_00_<hookpoint>.<kind>.<12 hex of sha256><suffix>` (or `<kind>.<hash><suffix>` for a stack-level
+    file): new content, new name (see the module docstring). ONNX graphs keep their historical
+    `stage_00_<hookpoint>.<hash>.onnx`."""
+    digest = hashlib.sha256(data).hexdigest()[:12]
+    stem = kind if index is None else f"stage_{index:02d}_{hookpoint}" + ("" if kind == "onnx" else f".{kind}")
+    return f"{stem}.{digest}{suffix}"
 
 
 def check_meta_entry(index: int, entry: Mapping[str, Any], files: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -191,38 +195,57 @@ def check_meta_entry(index: int, entry: Mapping[str, Any], files: Mapping[str, A
     return record
 
 
+RecordFields = Mapping[str, Any] | Callable[[dict[str, Any], dict[str, Any]], Mapping[str, Any]]
+
+
+def attach_records(stack_dir: str | Path, kind: str, suffix: str,
+                   items: Mapping[int | None, tuple[bytes, RecordFields]]) -> list[str]:
+    """Write files next to a stack and record them under `kind` in their stage's entry (index) or in the manifest
+    itself (None): {index: (file bytes, record fields, or a function of (entry, files) giving them)}.
+
+    Each record gets file, sha256 and bytes added. New files are written first, then the manifest is swapped
+    atomically, and only then are the files they replace deleted, so a reader never sees a manifest whose hashes
+    do not match its files. Returns the new file names.
+    """
+    root = Path(stack_dir)
+    manifest, _ = load_manifest(root)
+    stages, files = manifest["stages"], manifest["files"]
+    written, replaced = [], []
+    for index, (data, fields) in sorted(items.items(), key=lambda item: -1 if item[0] is None else item[0]):
+        if index is not None and not 0 <= index < len(stages):
+            raise StackError(f"stage index {index} out of range: the stack has {len(stages)} stages")
+        entry = manifest if index is None else stages[index]
+        name = content_file_name(index, str(entry.get("hookpoint")), kind, data, suffix)
+        if not safe_name(name):
+            raise StackError(f"stage {index}: cannot name its {kind} file after hookpoint {entry.get('hookpoint')!r}")
+        write_atomic(root / name, data)
+        written.append(name)
+        old = entry.get(kind)
+        if isinstance(old, dict) and isinstance(old.get("file"), str) and old["file"] != name:
+            replaced.append(old["file"])
+            files.pop(old["file"], None)
+        sha = hashlib.sha256(data).hexdigest()
+        extra = fields(entry, files) if callable(fields) else fields
+        entry[kind] = {"file": name, "sha256": sha, "bytes": len(data), **extra}
+        files[name] = {"sha256": sha, "bytes": len(data)}
+    dump_manifest(root / MANIFEST, manifest)
+    for name in replaced:
+        if name.endswith(suffix) and safe_name(name):
+            (root / name).unlink(missing_ok=True)
+    return written
+
+
 def attach_onnx(stack_dir: str | Path, graphs: Mapping[int, tuple[bytes, Mapping[str, Any]]]) -> list[str]:
     """Write ONNX graphs next to a stack and list them: {stage index: (model bytes, record fields)}.
 
     The record fields (codes, opset, inputs, outputs, parity, ...) are stored in the stage's `onnx` record
     with file, sha256, bytes and source added. Returns the new file names.
     """
-    root = Path(stack_dir)
-    manifest, _ = load_manifest(root)
-    stages, files = manifest["stages"], manifest["files"]
-    written, replaced = [], []
-    for index, (data, fields) in sorted(graphs.items()):
-        if not 0 <= index < len(stages):
-            raise StackError(f"stage index {index} out of range: the stack has {len(stages)} stages")
-        entry = stages[index]
-        name = onnx_file_name(index, str(entry.get("hookpoint")), data)
-        if not safe_name(name):
-            raise StackError(f"stage {index}: cannot name its ONNX file after hookpoint {entry.get('hookpoint')!r}")
-        write_atomic(root / name, data)
-        written.append(name)
-        old = entry.get("onnx")
-        if isinstance(old, dict) and isinstance(old.get("file"), str) and old["file"] != name:
-            replaced.append(old["file"])
-            files.pop(old["file"], None)
-        sha = hashlib.sha256(data).hexdigest()
-        entry["onnx"] = {"file": name, "sha256": sha, "bytes": len(data), **fields,
-                         "source": stage_sources(entry, files)}
-        files[name] = {"sha256": sha, "bytes": len(data)}
-    dump_manifest(root / MANIFEST, manifest)
-    for name in replaced:
-        if name.endswith(".onnx") and safe_name(name):
-            (root / name).unlink(missing_ok=True)
-    return written
+    def record(fields: Mapping[str, Any]) -> RecordFields:
+        return lambda entry, files: {**fields, "source": stage_sources(entry, files)}
+
+    items = {index: (data, record(fields)) for index, (data, fields) in graphs.items()}
+    return attach_records(stack_dir, "onnx", ".onnx", items)
 
 
 # ------------------------------------------------------------------------------------- torch-free summary

@@ -26,6 +26,7 @@ files, and the torch-free parts (manifest, names, hashes, ONNX records) live in 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from torch import Tensor
 
 from core.sae.base import ARCHITECTURES, SAEConfig, SparseAutoencoder, build_sae
 from core.stack.affine import AffineMap
+from core.stack.dashboards import check_dashboard_entry, parse_explanations
 from core.stack.error_predictor import ErrorPredictor
 from core.stack.identity import HostModelIdentity
 from core.stack.manifest import (
@@ -67,6 +69,8 @@ class LoadedStage:
     affine: AffineMap | None = None
     error_predictor: ErrorPredictor | None = None
     meta_sae: SparseAutoencoder | None = None  # meta-latents of its features (core/stack/meta_sae.py)
+    dashboard: dict[str, Tensor] | None = None  # per-feature dashboards (core/stack/dashboards.py), on the CPU
+    dashboard_record: dict[str, Any] = field(default_factory=dict)  # its manifest record (tokens, corpus, ...)
 
 
 @dataclass
@@ -78,6 +82,7 @@ class LoadedStack:
     stages: list[LoadedStage]
     digest: str  # sha256 of the stack.json that was read (stack_digest)
     metrics: dict[str, Any] = field(default_factory=dict)  # stack-level, e.g. multi-layer splice
+    explanations: dict[str, dict[int, str]] = field(default_factory=dict)  # stage name -> feature -> text
 
     def stage(self, name: str) -> LoadedStage:
         for stage in self.stages:
@@ -119,6 +124,7 @@ def _stage_config(index: int, entry: Mapping[str, Any], files: Mapping[str, Any]
         if file is not None and file not in files:
             raise StackError(f"stage {index}: file {file!r} is not listed in stack.json files")
     check_onnx_entry(index, entry, files)
+    check_dashboard_entry(index, entry, files)
     _meta_config(index, entry, files)
     return cfg
 
@@ -180,6 +186,10 @@ def _build_stage(root: Path, index: int, entries: list[dict], cfg: SAEConfig, fi
         tensors = read_tensors(root, probes["file"], files[probes["file"]]["sha256"], want, what)
         error_predictor = ErrorPredictor.from_tensors({k: v.to(device) for k, v in tensors.items()}, probes)
     meta_sae = _load_meta_sae(root, index, entry, files, device)
+    dashboard = None
+    if (shape := check_dashboard_entry(index, entry, files)) is not None:
+        file = entry["dashboard"]["file"]
+        dashboard = read_tensors(root, file, files[file]["sha256"], shape.header(), f"stage {index}'s dashboard record")
     with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the caller's RNG alone
         sae = build_sae(cfg)
     sae.load_state_dict(state, strict=True)
@@ -190,7 +200,7 @@ def _build_stage(root: Path, index: int, entries: list[dict], cfg: SAEConfig, fi
         extra_tensors={k: v.to(device) for k, v in extra_tensors.items()},
         training=dict(entry.get("training") or {}), metrics=dict(entry.get("metrics") or {}),
         residual_of=residual["from_stage"] if residual else None, affine=affine, error_predictor=error_predictor,
-        meta_sae=meta_sae,
+        meta_sae=meta_sae, dashboard=dashboard, dashboard_record=dict(entry.get("dashboard") or {}),
     )
 
 
@@ -249,4 +259,21 @@ def read_stack(
     metrics = manifest.get("metrics") or {}
     if not isinstance(metrics, dict):
         raise StackError("stack.json: metrics must be an object")
-    return LoadedStack(root, name, str(manifest.get("created_by", "")), identity, built, digest, dict(metrics))
+    explanations = _read_explanations(root, manifest, {s.name: s.sae.d_sae for s in built})
+    return LoadedStack(root, name, str(manifest.get("created_by", "")), identity, built, digest, dict(metrics),
+                       explanations)
+
+
+def _read_explanations(root: Path, manifest: Mapping[str, Any],
+                       stages: Mapping[str, int]) -> dict[str, dict[int, str]]:
+    """The stack's explanations (stage name -> feature -> text), re-hashed as read; empty when it has none."""
+    record = manifest.get("explanations")
+    if record is None:
+        return {}
+    if not (isinstance(record, dict) and isinstance(record.get("file"), str) and record["file"] in manifest["files"]):
+        raise StackError("stack.json: explanations must be an object naming a listed file")
+    file = record["file"]
+    data = (root / file).read_bytes()
+    if hashlib.sha256(data).hexdigest() != manifest["files"][file]["sha256"]:
+        raise StackError(f"stack file {file!r} changed while the stack was being read")
+    return parse_explanations(data, stages)

@@ -15,24 +15,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
 from core import __version__
 from core.sae.base import SparseAutoencoder
 from core.stack.affine import AffineMap
+from core.stack.dashboards import check_dashboard_entry
 from core.stack.error_predictor import ErrorPredictor
 from core.stack.identity import HostModelIdentity
 from core.stack.manifest import (
     MANIFEST,
     SUPPORTED_FORMAT_VERSIONS,
     StackError,
+    attach_records,
     check_residual_hookpoints,
     dump_manifest,
     file_sha256,
     load_manifest,
     safe_name,
 )
-from core.stack.tensors import write_tensors
+from core.stack.tensors import ST_DTYPES, write_tensors
 
 FORMAT_VERSION = 1
 assert FORMAT_VERSION in SUPPORTED_FORMAT_VERSIONS
@@ -161,3 +164,22 @@ def stack_digest(stack_dir: str | Path) -> str:
     if not path.is_file():
         raise StackError(f"{path} does not exist: not a stack directory")
     return file_sha256(path)
+
+
+def attach_dashboards(stack_dir: str | Path, dashboards: Mapping[int, tuple[Mapping[str, Tensor], Mapping[str, Any]]],
+                      ) -> list[str]:
+    """Store feature dashboards in a stack: {stage index: (tensors, record fields)}; the tensors must match the
+    shape the record's integers declare (core/stack/dashboards.py), which is checked here as the reader will."""
+    manifest, _ = load_manifest(Path(stack_dir))
+    items = {}
+    for index, (tensors, fields) in dashboards.items():
+        entry = manifest["stages"][index] if 0 <= index < len(manifest["stages"]) else {}
+        shape = check_dashboard_entry(index, {**entry, "dashboard": {"file": "-", **fields}}, {"-": {}})
+        assert shape is not None
+        got = {k: (ST_DTYPES.get(v.dtype, "?"), tuple(v.shape)) for k, v in tensors.items()}
+        if got != shape.header():
+            raise StackError(f"stage {index}: the dashboard tensors do not match their record: "
+                             f"{sorted(set(got.items()) ^ set(shape.header().items()))[:4]}")
+        data = save_safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        items[index] = (data, dict(fields))
+    return attach_records(stack_dir, "dashboard", ".safetensors", items)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,14 +32,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.config import ModelConfig
 from core.host.host_model import HostModel
-from core.host.loading import load_host_model
-from core.stack.identity import HostModelIdentity
-from core.stack.reader import read_stack
 from core.stack.runtime import StackRuntime
 from trainer.data.activations import batch_windows, iter_windows, special_token_ids
-from trainer.data.corpus import Document, load_corpus, split_documents
+from trainer.data.corpus import Document
+from trainer.evaluation.held_out import open_held_out
 
 logger = logging.getLogger(__name__)
 
@@ -206,16 +202,7 @@ def stack_cooccurrence(stack_dir: str | Path, *, max_tokens: int = 16_384, calib
     """Per stage mean |φ| of a finished stack on the eval split of its training corpus, with more tokens than
     training's evaluation uses (the noise floor falls as 1/sqrt(n); the default corpus's eval split holds
     about 20k tokens, so more is not available there); the host model is the one the stack names."""
-    peek = read_stack(stack_dir)
-    host = load_host_model(ModelConfig.from_env(os.environ, name=peek.identity.name))
-    stack = read_stack(stack_dir, expect_model=HostModelIdentity.from_model(host.model, host.name),
-                       device=host.device)
-    config = stack.stages[0].training.get("config", {})
-    corpus, activations = config.get("corpus", {}), config.get("activations", {})
-    documents = load_corpus(corpus.get("spec", "default"), text_field=corpus.get("text_field", "text"))
-    splits = split_documents(documents, calibration_fraction=corpus.get("calibration_fraction", 0.05),
-                             eval_fraction=corpus.get("eval_fraction", 0.05), seed=corpus.get("split_seed", 0))
-    return cooccurrence_metrics(host, StackRuntime.from_loaded(stack), splits.eval,
-                                context_length=activations.get("context_length", 128),
-                                batch_size=activations.get("batch_size", 8), max_tokens=max_tokens,
+    held = open_held_out(stack_dir)
+    return cooccurrence_metrics(held.host, StackRuntime.from_loaded(held.stack), held.documents,
+                                context_length=held.context_length, batch_size=held.batch_size, max_tokens=max_tokens,
                                 calibration_tokens=calibration_tokens, relative=relative, block=block)

@@ -10,7 +10,6 @@ the stack runtime, the same code the service runs.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.config import ModelConfig
 from core.host.host_model import HostModel
-from core.host.loading import load_host_model
-from core.stack.identity import HostModelIdentity
-from core.stack.reader import read_stack
 from core.stack.runtime import StackRuntime
 from core.stack.writer import update_metrics
 from trainer.data.activations import WindowBatch, batch_windows, iter_windows, special_token_ids
-from trainer.data.corpus import Document, load_corpus, split_documents
+from trainer.data.corpus import Document
+from trainer.evaluation.held_out import open_held_out
 from trainer.evaluation.metrics import ReconstructionAccumulator
 from trainer.evaluation.probe_tasks import ProbeTask, build_probe_tasks
 from trainer.evaluation.probing import run_probing
@@ -141,19 +137,11 @@ def evaluate_stack_dir(stack_dir: str | Path, *, model: str | None = None, corpu
                        report_path: str | Path | None = None) -> dict[str, Any]:
     """Evaluate a stack on the eval split of its training corpus (or `corpus`) and record the metrics in
     its stack.json. The host model defaults to the one the stack names and must match its identity."""
-    peek = read_stack(stack_dir)
-    host = load_host_model(ModelConfig.from_env(os.environ, name=model or peek.identity.name))
-    stack = read_stack(stack_dir, expect_model=HostModelIdentity.from_model(host.model, host.name),
-                       device=host.device)
-    config = stack.stages[0].training.get("config", {})
-    corpus_cfg, activations = config.get("corpus", {}), config.get("activations", {})
-    spec = corpus or corpus_cfg.get("spec", "default")
-    documents = load_corpus(spec, text_field=corpus_cfg.get("text_field", "text"))
-    splits = split_documents(documents, calibration_fraction=corpus_cfg.get("calibration_fraction", 0.05),
-                             eval_fraction=corpus_cfg.get("eval_fraction", 0.05), seed=corpus_cfg.get("split_seed", 0))
+    held = open_held_out(stack_dir, model=model, corpus=corpus)
+    host, stack, spec = held.host, held.stack, held.corpus
     metrics, stack_metrics = evaluate_runtime(
-        host, StackRuntime.from_loaded(stack), splits.eval, context_length=activations.get("context_length", 128),
-        batch_size=activations.get("batch_size", 8), max_tokens=max_tokens, ce_windows=ce_windows, probing=probing)
+        host, StackRuntime.from_loaded(stack), held.documents, context_length=held.context_length,
+        batch_size=held.batch_size, max_tokens=max_tokens, ce_windows=ce_windows, probing=probing)
     for index, stage_metrics in enumerate(metrics):
         update_metrics(stack_dir, index, stage_metrics)
     if stack_metrics:
