@@ -164,9 +164,7 @@ class SideAccumulator:
 
     def _update_top(self, magnitude: Tensor, codes: Tensor, tokens: BatchTokens) -> None:
         n = self.settings.top_n
-        k = min(n, magnitude.shape[0])
-        value, row = magnitude.topk(k, dim=0)  # (k, H)
-        value, row = value.T.contiguous(), row.T.contiguous()  # (H, k)
+        value, row = _batch_top(magnitude, min(n, magnitude.shape[0]))  # (H, k)
         row = torch.where(value > 0, row, -1)
         doc = torch.where(row >= 0, tokens.doc[row.clamp_min(0)], -1)
         pos = torch.where(row >= 0, tokens.pos[row.clamp_min(0)], -1)
@@ -239,6 +237,20 @@ class SideAccumulator:
         self.count, self.sum, self.max, self.hist = state["count"], state["sum"], state["max"], state["hist"]
         self.top = Examples(*(state[f"top.{f.name}"] for f in fields(Examples)))
         self.reservoir = Examples(*(state[f"reservoir.{f.name}"] for f in fields(Examples)))
+
+
+def _batch_top(magnitude: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per feature, the k largest values of a batch (N, H) and their rows, (H, k) each; among equal values the
+    earlier rows (earlier documents and positions) win, as in the total order, which topk alone does not promise.
+    Features with a tie across the k-th value are re-sorted stably (rare outside synthetic data)."""
+    value, row = magnitude.topk(k, dim=0)  # (k, H)
+    kth = value[-1]
+    ambiguous = (kth > 0) & ((magnitude == kth).sum(0) > (value == kth).sum(0))  # (H,)
+    if bool(ambiguous.any()):
+        cols = ambiguous.nonzero(as_tuple=True)[0]
+        ordered, rows = magnitude[:, cols].sort(dim=0, descending=True, stable=True)
+        value[:, cols], row[:, cols] = ordered[:k], rows[:k]
+    return value.T.contiguous(), row.T.contiguous()
 
 
 def _rank_in_runs(keys: Tensor) -> Tensor:

@@ -1,0 +1,137 @@
+"""The dashboard pass on the tiny Gemma with a stack of three kinds of stage (a planted ReLU feature on the
+embeddings, a ReSAE residual TopK stage, a signed SA-GSAE stage), against a brute-force pass that keeps the full
+code matrix; then the stored files through read_stack, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.sae import SAEConfig, build_sae
+from core.stack.affine import AffineMap
+from core.stack.identity import HostModelIdentity
+from core.stack.reader import read_stack
+from core.stack.runtime import StackRuntime
+from core.stack.writer import StageSpec, write_stack
+from trainer.dashboards.accumulator import DashboardSettings
+from trainer.dashboards.build import build_dashboards, select_documents
+from trainer.data.corpus import load_corpus
+from trainer.evaluation.evaluate import _batches
+
+ROOT = Path(__file__).resolve().parents[3]
+EMBED, RESID, SIGNED = "blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"
+SETTINGS = DashboardSettings(top_n=5, context=3, quantiles=3, per_quantile=2, logit_n=4, neighbours=3, cooccurrence=3)
+CONTEXT, BATCH, TOKENS = 48, 4, 1500
+
+
+@pytest.fixture(scope="module")
+def documents():
+    return load_corpus("default")[:6]
+
+
+@pytest.fixture(scope="module")
+def planted(tiny_gemma, documents):
+    """The token the planted feature (stage 0, feature 0) fires on: a frequent one in the selected text."""
+    selected = select_documents(tiny_gemma, documents, TOKENS)
+    ids = torch.cat([batch.input_ids[keep] for batch, keep in _batches(tiny_gemma, selected, CONTEXT, BATCH)])
+    return int(torch.mode(ids).values)
+
+
+@pytest.fixture
+def stack(tmp_path, tiny_gemma, planted) -> Path:
+    torch.manual_seed(0)
+    d = tiny_gemma.summary().d_model
+    embedding = tiny_gemma.model.get_input_embeddings().weight.detach()  # (V, d)
+    scale = float(tiny_gemma.model.model.embed_tokens.embed_scale) if hasattr(
+        tiny_gemma.model.model.embed_tokens, "embed_scale") else 1.0
+    direction = embedding[planted] * scale  # resid_pre of block 0 for that token, whatever the context
+    scores = embedding * scale @ direction  # (V,)
+    others = torch.cat([scores[:planted], scores[planted + 1:]])
+    threshold = float((scores[planted] + others.max()) / 2)
+    relu = build_sae(SAEConfig("relu", d_in=d, d_sae=32)).eval()
+    with torch.no_grad():
+        relu.b_dec.zero_()
+        relu.W_enc[:, 0] = direction
+        relu.b_enc[0] = -threshold
+    affine = AffineMap(torch.randn(d, d) * 0.1, torch.randn(d) * 0.1, 0.1, 0.5, 0.9)
+    resid = build_sae(SAEConfig("topk", d_in=d, d_sae=48, k=6)).eval()
+    signed = build_sae(SAEConfig("sa_gsae", d_in=d, d_sae=40)).eval()
+    specs = [StageSpec(relu, EMBED, 1.0, name="embed"),
+             StageSpec(resid, RESID, 0.9, name="resid", residual_of=0, affine=affine),
+             StageSpec(signed, SIGNED, 0.3, name="signed")]
+    return write_stack(tmp_path / "stack", "dash", HostModelIdentity.from_model(tiny_gemma.model, tiny_gemma.name),
+                       specs)
+
+
+def brute_force(host, stack_dir: Path, documents):
+    """Every stage's full (N, H) code matrix with each token's document, position and id."""
+    runtime = StackRuntime.from_loaded(read_stack(stack_dir))
+    codes, meta = [[] for _ in runtime.stages], []
+    for batch, keep in _batches(host, documents, CONTEXT, BATCH):
+        captures = host.forward(batch.input_ids, reads=runtime.hookpoints, attention_mask=batch.attention_mask).captures
+        flowed = {hp: captures[hp][keep] for hp in runtime.hookpoints}
+        for i, result in runtime.decompose(flowed).items():
+            codes[i].append(result.codes)
+        meta.append(torch.stack([batch.doc_index[keep].long(), batch.doc_position[keep].long(),
+                                 batch.input_ids[keep]], 1))
+    return [torch.cat(c) for c in codes], torch.cat(meta)
+
+
+def test_the_pass_equals_brute_force_over_the_full_code_matrix(tiny_gemma, stack, documents, planted):
+    summary = build_dashboards(stack, tiny_gemma, documents, corpus="default", settings=SETTINGS,
+                               context_length=CONTEXT, batch_size=BATCH, max_tokens=TOKENS, progress=False)
+    selected = select_documents(tiny_gemma, documents, TOKENS)
+    codes, meta = brute_force(tiny_gemma, stack, selected)
+    loaded = read_stack(stack)
+    assert summary["tokens"] == meta.shape[0] and summary["documents"] == len(selected)
+    for stage, z in zip(loaded.stages, codes, strict=True):
+        board = stage.dashboard
+        assert board is not None and stage.dashboard_record["tokens"] == meta.shape[0]
+        sides = [z.clamp_min(0), (-z).clamp_min(0)] if stage.signed else [z.clamp_min(0)]
+        assert board["count"].shape[0] == len(sides)
+        for s, magnitude in enumerate(sides):
+            assert board["count"][s].tolist() == (magnitude > 0).sum(0).tolist()
+            torch.testing.assert_close(board["max"][s], magnitude.max(0).values)
+            assert board["hist"][s].sum(1).tolist() == (magnitude > 0).sum(0).tolist()
+            for f in range(z.shape[1]):
+                rows = (magnitude[:, f] > 0).nonzero(as_tuple=True)[0].tolist()
+                best = sorted(rows, key=lambda r: (-float(magnitude[r, f]), int(meta[r, 0]), int(meta[r, 1])))
+                best = best[: SETTINGS.top_n]
+                got = [(int(d), int(p)) for d, p in zip(board["top_doc"][s, f], board["top_pos"][s, f], strict=True)
+                       if d >= 0]
+                assert got == [(int(meta[r, 0]), int(meta[r, 1])) for r in best], (stage.name, s, f)
+    planted_board = loaded.stages[0].dashboard
+    occurrences = int((meta[:, 2] == planted).sum())
+    assert occurrences >= SETTINGS.top_n and int(planted_board["count"][0, 0]) == occurrences
+    centre = SETTINGS.context
+    assert (planted_board["top_tokens"][0, 0, :, centre] == planted).all()  # every top example is that token
+    assert (planted_board["top_acts"][0, 0, :, centre] > 0).all()
+    assert loaded.stages[1].dashboard["cross_stage"].ge(0).any()  # the residual stage sees stage 0 through A
+
+
+def test_the_cli_stores_dashboards_and_explanations_that_the_reader_verifies(tmp_path, stack):
+    run = [sys.executable, "-m", "trainer"]
+    done = subprocess.run([*run, "dashboards", "--stack", str(stack), "--tokens", "400", "--top-n", "3",
+                           "--context", "2", "--quiet", "--model", "tiny-random", "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "tokens/s" in done.stdout and "embed:" in done.stdout
+    lines = tmp_path / "explanations.jsonl"
+    lines.write_text(json.dumps({"stage": "embed", "feature": 0, "explanation": "the planted token"}) + "\n"
+                     + json.dumps({"stage": "signed", "feature": 3, "explanation": "something signed"}) + "\n")
+    done = subprocess.run([*run, "explanations", "--stack", str(stack), "--from", str(lines)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    loaded = read_stack(stack)
+    assert loaded.explanations == {"embed": {0: "the planted token"}, "signed": {3: "something signed"}}
+    assert loaded.stages[0].dashboard["top_tokens"].shape[-2:] == (3, 5)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"stage": "nope", "feature": 0, "explanation": "x"}) + "\n")
+    done = subprocess.run([*run, "explanations", "--stack", str(stack), "--from", str(bad)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "not a stage of this stack" in done.stderr
