@@ -135,3 +135,34 @@ def test_the_cli_stores_dashboards_and_explanations_that_the_reader_verifies(tmp
     done = subprocess.run([*run, "explanations", "--stack", str(stack), "--from", str(bad)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "not a stage of this stack" in done.stderr
+
+
+def test_two_gloo_ranks_give_the_single_process_dashboards(tmp_path, stack):
+    """torchrun with 2 processes: each rank reads every other document, rank 0 merges and writes the stack."""
+    import shutil
+
+    from pydoc_data.topics import topics
+
+    single, double = tmp_path / "single", tmp_path / "double"
+    shutil.copytree(stack, single)
+    shutil.copytree(stack, double)
+    corpus = tmp_path / "corpus.jsonl"  # many short documents, so the eval split has several
+    corpus.write_text("".join(json.dumps({"id": name, "text": text[:600]}) + "\n" for name, text in topics.items()))
+    args = ["dashboards", "--corpus", str(corpus), "--tokens", "1500", "--top-n", "4", "--context", "2", "--quiet", "--model", "tiny-random",
+            "--device", "cpu", "--batch-size", "4"]
+    done = subprocess.run([sys.executable, "-m", "trainer", *args, "--stack", str(single)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "trainer", *args, "--stack", str(double)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = read_stack(single), read_stack(double)
+    for a, b in zip(one.stages, two.stages, strict=True):
+        assert a.dashboard_record["tokens"] == b.dashboard_record["tokens"] > 0
+        assert a.dashboard_record["documents"] == b.dashboard_record["documents"] >= 2
+        for key, value in a.dashboard.items():
+            if value.is_floating_point():
+                torch.testing.assert_close(b.dashboard[key], value, rtol=1e-6, atol=1e-6, msg=f"{a.name}: {key}")
+            else:
+                assert torch.equal(b.dashboard[key], value), f"{a.name}: {key}"
