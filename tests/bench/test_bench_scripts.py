@@ -46,3 +46,13 @@ def test_onnx_encode_reports_kernels_memory_and_grpc():
     assert set(result["servers"]) == {"activation_only", "full"}
     assert all(s["rss_mib"] > 0 and s["grpc_vectors_per_s"] > 0 for s in result["servers"].values())
     assert len(result["comparisons"]) == 4 and all(c["ratio"] > 0 for c in result["comparisons"])
+
+
+def test_dashboards_reports_the_ratio_and_memory(tmp_path):
+    smoke = BENCH.parent / "trainer" / "configs" / "smoke.toml"
+    subprocess.run([sys.executable, "-m", "trainer", "train", "--config", str(smoke), "--out", str(tmp_path / "run"),
+                    "--quiet"], check=True, capture_output=True, timeout=300)
+    stack = tmp_path / "run" / "stack"
+    result = _run("dashboards.py", "--stack", str(stack), "--tokens", "200", "--repeats", "1", "--warmup", "0")
+    assert result["ratio"] > 0 and result["tokens"] > 0
+    assert [m["state_mib"] for m in result["memory"]][0] == result["memory"][1]["state_mib"]

@@ -140,7 +140,6 @@ def test_the_cli_stores_dashboards_and_explanations_that_the_reader_verifies(tmp
 def test_two_gloo_ranks_give_the_single_process_dashboards(tmp_path, stack):
     """torchrun with 2 processes: each rank reads every other document, rank 0 merges and writes the stack."""
     import shutil
-
     from pydoc_data.topics import topics
 
     single, double = tmp_path / "single", tmp_path / "double"
@@ -148,8 +147,8 @@ def test_two_gloo_ranks_give_the_single_process_dashboards(tmp_path, stack):
     shutil.copytree(stack, double)
     corpus = tmp_path / "corpus.jsonl"  # many short documents, so the eval split has several
     corpus.write_text("".join(json.dumps({"id": name, "text": text[:600]}) + "\n" for name, text in topics.items()))
-    args = ["dashboards", "--corpus", str(corpus), "--tokens", "1500", "--top-n", "4", "--context", "2", "--quiet", "--model", "tiny-random",
-            "--device", "cpu", "--batch-size", "4"]
+    args = ["dashboards", "--corpus", str(corpus), "--tokens", "1500", "--top-n", "4", "--context", "2", "--quiet",
+            "--model", "tiny-random", "--device", "cpu", "--batch-size", "4"]
     done = subprocess.run([sys.executable, "-m", "trainer", *args, "--stack", str(single)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
