@@ -481,3 +481,25 @@ def test_a_message_with_bad_utf8_is_invalid_argument(fuzz_server: ServedProcess,
             list(channel.stream_stream(SERVICE + method)(iter([payload]), timeout=TIMEOUT_S))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "cannot be parsed" in refused.value.details() and "bad UTF-8" in refused.value.details()
+
+
+# ------------------------------------------------------------------- regressions found by the long profile
+
+
+def test_the_smallest_normal_temperature_samples_instead_of_failing(fuzz_server: ServedProcess) -> None:
+    """logits / 1.17549435e-38 overflowed float32 and torch.multinomial raised on NaN probabilities (INTERNAL)."""
+    request = pb.GenerateRequest(prompt=t.Input(text="0"), sampling=pb.SamplingParams(
+        temperature=1.17549435e-38, max_new_tokens=3, seed=1))
+    code, responses = outcome("Generate", lambda: fuzz_server.stub.Generate(request, timeout=TIMEOUT_S))
+    assert code == grpc.StatusCode.OK and responses[-1].HasField("finish")
+
+
+def test_steering_that_overflows_the_model_is_a_client_error(fuzz_server: ServedProcess, world: World) -> None:
+    hookpoint, d = world.hookpoints[0]
+    huge = t.SteeringVector(hookpoint=hookpoint, values=[3e38] * d, scale=3e38)
+    request = pb.GenerateRequest(prompt=t.Input(text="Hello there"), steering_vectors=[huge],
+                                 sampling=pb.SamplingParams(max_new_tokens=2))
+    with pytest.raises(grpc.RpcError) as error:
+        list(fuzz_server.stub.Generate(request, timeout=TIMEOUT_S))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "smaller intervention or steering values" in error.value.details()
