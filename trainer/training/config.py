@@ -2,8 +2,8 @@
 
 A config file has the sections [model], [corpus], [activations], [sae], [training], [eval] and the
 optional [meta_sae] (meta-SAE regularised training; absent means off); every
-key is optional except `stack.hookpoints`. Unknown sections or keys are refused with the list of
-valid ones, so a typo never silently falls back to a default.
+key is optional except `stack.hookpoints` (and `meta_sae.lambda_per_dim` in a [meta_sae] table). Unknown
+sections or keys are refused with the list of valid ones, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 from core.config import ModelConfig
 from core.sae.base import ARCHITECTURES, SAEConfig
+from core.stack.dashboards import LIMITS as DASHBOARD_LIMITS
 
 
 @dataclass(frozen=True)
@@ -146,16 +147,19 @@ class DistributedSection:
 @dataclass(frozen=True)
 class MetaSAESection:
     """Meta-SAE regularised training (reference/methods.md §D), for every stage; the section's presence
-    switches it on. The TOML key for `lambda_` is `lambda` (a Python keyword)."""
+    switches it on. `lambda_per_dim` is the paper's λ₂, so its 0.3 means what it means there."""
 
+    lambda_per_dim: float
+    """λ₂ on the paper's per-dimension scale (required: there is no default, see RETIRED_META_KEYS). The paper's
+    loss is mean_{tokens, dims}(x − x̂)² + λ₂·mean_i p_i; ours sums squared error over the d_in dimensions
+    (E‖x‖² = d_in, like the paper's unit-variance inputs), i.e. is d_in times the paper's, so the primary loss
+    adds d_in·λ₂·mean_i p_i (trainer/training/meta_sae.py: penalty_weight). The paper's best is 0.3."""
     width: int = 256
     """Meta-latents m (≪ the primary width; the paper uses ≈9%)."""
     k: int = 4
     """Mean active meta-latents per decoder row (BatchTopK)."""
-    lambda_: float = 0.3
-    """λ₂: weight of mean_i exp(−‖d_i − meta(d_i)‖²/σ²) in the primary loss."""
     sigma2: float = 1.0
-    """σ² of the penalty's kernel."""
+    """σ² of the penalty's kernel exp(−‖d_i − meta(d_i)‖²/σ²) over unit rows (no d_in scaling: as in the paper)."""
     primary_steps: int = 10
     """Primary optimiser steps per phase (the meta-SAE is a frozen critic meanwhile)."""
     meta_steps: int = 5
@@ -169,11 +173,58 @@ class MetaSAESection:
         if self.k > self.width:
             raise ValueError(f"meta_sae.k must be <= meta_sae.width ({self.width}), got {self.k}")
         finite = [isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-                  for v in (self.lambda_, self.sigma2)]
-        if not finite[0] or self.lambda_ < 0:
-            raise ValueError(f"meta_sae.lambda must be a finite number >= 0, got {self.lambda_!r}")
+                  for v in (self.lambda_per_dim, self.sigma2)]
+        if not finite[0] or self.lambda_per_dim < 0:
+            raise ValueError(f"meta_sae.lambda_per_dim must be a finite number >= 0, got {self.lambda_per_dim!r}")
         if not finite[1] or self.sigma2 <= 0:
             raise ValueError(f"meta_sae.sigma2 must be a finite number > 0, got {self.sigma2!r}")
+
+
+RETIRED_META_KEYS = ("lambda", "lambda_")
+"""[meta_sae] `lambda` (stored as `lambda_`) weighed the penalty against our summed-over-d_in loss, d_in times less
+than the paper's λ₂ at the same number. It is refused rather than reinterpreted, and `lambda_per_dim` has no
+default, so no existing config (nor a stored run's config, when the report decides what to reuse) can silently
+change meaning."""
+
+
+def _check_meta_lambda(values: dict[str, Any], allowed: set[str]) -> None:
+    """Refuse the retired `lambda`, saying how to convert it, and require λ₂ (after a typo's own error)."""
+    retired = [key for key in RETIRED_META_KEYS if key in values]
+    if retired:
+        old = values[retired[0]]
+        same = f"{old / 640:.6g}" if isinstance(old, int | float) and not isinstance(old, bool) else "lambda / 640"
+        raise ValueError(
+            f"meta_sae.{retired[0]} is retired: it weighed the penalty against the reconstruction loss summed over "
+            f"the d_in dimensions, d_in times less than the paper's λ₂ at the same number. Use "
+            f"meta_sae.lambda_per_dim, λ₂ on the paper's per-dimension scale (its best is 0.3). For the same "
+            f"training as before multiply by 1/d_in: lambda_per_dim = lambda / d_in, d_in the hookpoint width "
+            f"(Gemma 3 270M's 640: {retired[0]} = {old!r} becomes lambda_per_dim = {same}); for the paper's "
+            f"setting, lambda_per_dim = 0.3")
+    if "lambda_per_dim" not in values and set(values) <= allowed:
+        raise ValueError("meta_sae.lambda_per_dim is required (λ₂ on the paper's per-dimension scale, e.g. 0.3, its "
+                         "best); it has no default, so a config written for the retired meta_sae.lambda cannot "
+                         "silently change meaning")
+
+
+@dataclass(frozen=True)
+class DashboardSection:
+    """Feature dashboards computed as the last step of `train`, as `featurewire-train dashboards` does later."""
+
+    tokens: int = 50_000
+    """Held-out tokens the pass reads."""
+    top_n: int = 20
+    context: int = 10
+    quantiles: int = 5
+    per_quantile: int = 4
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1:
+            raise ValueError(f"dashboards.tokens must be >= 1, got {self.tokens}")
+        for name in ("top_n", "context", "quantiles", "per_quantile"):
+            low = 0 if name == "context" else 1
+            if not low <= getattr(self, name) <= DASHBOARD_LIMITS[name]:
+                raise ValueError(f"dashboards.{name} must be in [{low}, {DASHBOARD_LIMITS[name]}], "
+                                 f"got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -189,6 +240,9 @@ class TrainConfig:
     """Absent (None) unless the config has a [meta_sae] table."""
     distributed: DistributedSection | None = field(default=None, metadata={"section": DistributedSection})
     """Absent (None: data mode) unless the config has a [distributed] table."""
+    dashboards: DashboardSection | None = field(default=None, metadata={"section": DashboardSection})
+    """Absent (None: no dashboards) unless the config has a [dashboards] table; not part of the fingerprint (it
+    changes nothing that is trained)."""
 
     def __post_init__(self) -> None:
         if not self.stack.hookpoints:
@@ -224,7 +278,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for optional in ("meta_sae", "distributed"):
+        for optional in ("meta_sae", "distributed", "dashboards"):
             if data.get(optional) is None:
                 data.pop(optional, None)  # configs without it keep their fingerprint
         if not data["sae"]["sparsity_coefficients"]:
@@ -234,8 +288,9 @@ class TrainConfig:
         return data
 
     def fingerprint(self) -> str:
-        """Hash of the canonical JSON: a resumed run must match the config it started with."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        """Hash of the canonical JSON: a resumed run must match the config it started with ([dashboards] aside)."""
+        data = {k: v for k, v in self.to_dict().items() if k != "dashboards"}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     def collection_fingerprint(self) -> str:
         """Hash of just what determines the collected activations (reused across SAE sweeps)."""
@@ -245,16 +300,14 @@ class TrainConfig:
 
 
 _SECTIONS = {f.name: f.metadata.get("section", f.default_factory) for f in fields(TrainConfig)}  # type: ignore[misc]
-_KEY_ALIASES = {"meta_sae": {"lambda": "lambda_"}}  # TOML key -> field name
 
 
 def _section(name: str, values: dict[str, Any]) -> Any:
     cls = _SECTIONS[name]
-    aliases = _KEY_ALIASES.get(name, {})
-    values = {aliases.get(k, k): v for k, v in values.items()}
     allowed = {f.name for f in fields(cls)}
+    if name == "meta_sae":
+        _check_meta_lambda(values, allowed)
     unknown = set(values) - allowed
-    allowed = allowed - set(aliases.values()) | set(aliases)  # name keys as the TOML file spells them
     if unknown:
         raise ValueError(f"unknown key(s) {sorted(unknown)} in [{name}]; allowed: {', '.join(sorted(allowed))}")
     if name == "stack" and "hookpoints" in values:

@@ -31,6 +31,8 @@ from core.stack.error_predictor import ErrorPredictor
 from core.stack.identity import HostModelIdentity
 from core.stack.runtime import RuntimeStage, StackRuntime
 from core.stack.writer import StageSpec, write_stack
+from trainer.dashboards.accumulator import DashboardSettings
+from trainer.dashboards.build import build_dashboards
 from trainer.data.activations import ActivationManifest, collect_activations, iterate_batches
 from trainer.data.corpus import Document, Splits, load_corpus, split_documents
 from trainer.evaluation.cooccurrence import cooccurrence_metrics
@@ -252,6 +254,17 @@ def fit_held_out_predictors(host: HostModel, splits: Splits, cfg: TrainConfig, o
     return predictors
 
 
+def stack_dashboards(cfg: TrainConfig, host: HostModel, splits: Splits, stack_dir: Path,
+                     progress: bool) -> dict[str, Any]:
+    """The [dashboards] step: every feature's dashboard from the eval split, stored in the new stack."""
+    d, a = cfg.dashboards, cfg.activations
+    assert d is not None
+    settings = DashboardSettings(top_n=d.top_n, context=d.context, quantiles=d.quantiles, per_quantile=d.per_quantile)
+    return build_dashboards(stack_dir, host, splits.eval, corpus=cfg.corpus.spec, settings=settings,
+                            context_length=a.context_length, batch_size=a.batch_size, max_tokens=d.tokens,
+                            progress=progress)
+
+
 def run_training(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True, cache_dir: Path | None = None,
                  on_step: Callable[[int], None] | None = None, parallel: Distributed = LOCAL) -> TrainResult:
     out_dir = Path(out_dir)
@@ -306,6 +319,8 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True
               "stages": [{"hookpoint": hp, "architecture": st.sae.cfg.architecture, "d_sae": st.sae.d_sae,
                           "training": s, "eval": m}
                          for hp, st, s, m in zip(cfg.stack.hookpoints, states, summaries, metrics, strict=True)]}
+    if cfg.dashboards is not None:  # on rank 0 alone here; `featurewire-train dashboards` spreads over torchrun ranks
+        report["dashboards"] = stack_dashboards(cfg, host, splits, stack_dir, progress)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     logger.info("stack written to %s", stack_dir)
     return TrainResult(stack_dir, report)

@@ -1,9 +1,17 @@
 """Meta-SAE regularised training (MetaSAEs, reference/methods.md §D).
 
 A small BatchTopK meta-SAE learns to reconstruct the primary SAE's unit decoder rows d_i, and the
-primary loss pays λ·mean_i p_i with p_i = exp(−‖d_i − Ŵ_i‖²/σ²), Ŵ_i = meta(d_i). A row that is an
+primary loss pays d·λ₂·mean_i p_i with p_i = exp(−‖d_i − Ŵ_i‖²/σ²), Ŵ_i = meta(d_i). A row that is an
 easy sum of a few meta-latents (p_i ≈ 1) is a composite of other concepts; the penalty pushes it to be
 more atomic.
+
+Scale of λ₂ (`[meta_sae] lambda_per_dim`): the paper minimises (1/d)·E‖x − x̂‖² + λ₂·mean_i p_i, a squared
+error averaged over the d dimensions of inputs normalised per token to zero mean and unit variance (‖x‖² ≈ d;
+its code's `.pow(2).mean()`). Ours (`SparseAutoencoder.mse`) minimises E‖x − x̂‖², summed over d, on inputs
+scaled so that E‖x‖² = d: d × the paper's reconstruction term at the same fit. The paper's trade-off in our units:
+    L = E‖x − x̂‖² + d·λ₂·mean_i p_i = d·[(1/d)·E‖x − x̂‖² + λ₂·mean_i p_i],
+the paper's objective times d: every gradient ratio (penalty vs reconstruction, on W_dec as elsewhere) is the
+paper's, at any d. λ₂ = 0.3 is the paper's best whatever the hookpoint width.
 
 Gradient flow (§D.2, as in the paper's code): Ŵ is computed under no_grad from W_dec.detach(), so
 ∂p_i/∂d_i = −(2/σ²) p_i (d_i − Ŵ_i): a step on the penalty moves each row away from its meta
@@ -73,11 +81,18 @@ def decomposability(W_dec: Tensor, meta: SparseAutoencoder, sigma2: float) -> Te
     return torch.exp(-distance / sigma2).mean()
 
 
+def penalty_weight(section: MetaSAESection, d_in: int) -> float:
+    """The penalty's weight in our loss, d_in·λ₂: our reconstruction loss sums over the d_in dimensions where the
+    paper's averages, so λ₂ (per dimension, the paper's scale) is multiplied by d_in (module docstring)."""
+    return section.lambda_per_dim * d_in
+
+
 def penalty_term(meta_state: StageTrainingState, section: MetaSAESection) -> Callable[[SparseAutoencoder], Tensor]:
-    """The extra primary-loss term for `train_step`: λ·decomposability(W_dec)."""
+    """The extra primary-loss term for `train_step`: d_in·λ₂·decomposability(W_dec)."""
 
     def penalty(sae: SparseAutoencoder) -> Tensor:
-        return section.lambda_ * decomposability(sae.W_dec, meta_state.sae, section.sigma2)
+        weight = penalty_weight(section, sae.W_dec.shape[1])
+        return weight * decomposability(sae.W_dec, meta_state.sae, section.sigma2)
 
     return penalty
 
@@ -108,7 +123,8 @@ def meta_phase(W_dec: Tensor, meta_state: StageTrainingState, steps: int) -> dic
 @torch.no_grad()
 def meta_metrics(W_dec: Tensor, meta: SparseAutoencoder, section: MetaSAESection | None = None) -> dict[str, float]:
     """Calibrate the meta-SAE's serving threshold on the final rows (mean L0 = k), then measure it there:
-    FVE of the rows, L0, dead meta-latents, mean p_i and, with `section`, the penalty λ·mean p_i."""
+    FVE of the rows, L0, dead meta-latents, mean p_i and, with `section`, the penalty d·λ₂·mean p_i as it enters
+    our loss (comparable with the summed-over-d `mse`; the paper's scale is meta_penalty / d)."""
     rows = unit_rows(W_dec)  # (H, d)
     if isinstance(meta, BatchTopKSAE):
         meta.calibrate_threshold_(rows)
@@ -119,7 +135,7 @@ def meta_metrics(W_dec: Tensor, meta: SparseAutoencoder, section: MetaSAESection
                "meta_dead_fraction": float((z == 0).all(dim=0).float().mean()),
                "meta_width": meta.d_sae, "meta_k": meta.cfg.k, "meta_mean_p": mean_p}
     if section is not None:
-        metrics["meta_penalty"] = section.lambda_ * mean_p
+        metrics["meta_penalty"] = penalty_weight(section, W_dec.shape[1]) * mean_p
     return metrics
 
 

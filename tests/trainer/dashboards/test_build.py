@@ -165,3 +165,19 @@ def test_two_gloo_ranks_give_the_single_process_dashboards(tmp_path, stack):
                 torch.testing.assert_close(b.dashboard[key], value, rtol=1e-6, atol=1e-6, msg=f"{a.name}: {key}")
             else:
                 assert torch.equal(b.dashboard[key], value), f"{a.name}: {key}"
+
+
+def test_a_dashboards_section_makes_them_the_last_step_of_train(tmp_path):
+    from trainer.training.config import config_from_dict, load_config
+    from trainer.training.loop import run_training
+
+    base = load_config(ROOT / "trainer" / "configs" / "smoke.toml")
+    data = base.to_dict() | {"dashboards": {"tokens": 300, "top_n": 3, "context": 2}}
+    cfg = config_from_dict(data)
+    assert cfg.fingerprint() == base.fingerprint()  # dashboards change nothing that is trained
+    result = run_training(cfg, tmp_path / "run", progress=False)
+    loaded = read_stack(result.stack_dir)
+    assert all(s.dashboard is not None and s.dashboard_record["top_n"] == 3 for s in loaded.stages)
+    assert result.report["dashboards"]["tokens"] >= 300
+    with pytest.raises(ValueError, match="dashboards.top_n must be in"):
+        config_from_dict(base.to_dict() | {"dashboards": {"top_n": 10_000}})

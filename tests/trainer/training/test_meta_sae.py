@@ -1,5 +1,6 @@
-"""Meta-SAE regularised training: the penalty's gradient flow, the alternating schedule, unit decoder rows,
-checkpoints, and the meta-SAE in the stack (written, read back, served, refused when tampered with)."""
+"""Meta-SAE regularised training: the penalty's gradient flow and its λ₂ scale (the paper's, at any d_in), the
+retired `lambda` key, the alternating schedule, unit decoder rows, checkpoints, and the meta-SAE in the stack
+(written, read back, served, refused when tampered with)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from core.stack.manifest import StackError
 from core.stack.meta_sae import meta_latents
 from core.stack.reader import read_stack
 from trainer.training.checkpoint import StageTrainingState, load_checkpoint, save_checkpoint
-from trainer.training.config import MetaSAESection, config_from_dict
+from trainer.training.config import MetaSAESection, config_from_dict, load_config
 from trainer.training.loop import _step_stage
 from trainer.training.meta_sae import (
     build_meta_state,
@@ -25,12 +26,14 @@ from trainer.training.meta_sae import (
     fit_meta_sae,
     meta_phase,
     penalty_term,
+    penalty_weight,
     reconstruct_rows,
     unit_rows,
 )
 from trainer.training.optimization import DeadLatentTracker, make_optimizer
 
-SMOKE = Path(__file__).resolve().parents[3] / "trainer" / "configs" / "smoke.toml"
+CONFIGS = Path(__file__).resolve().parents[3] / "trainer" / "configs"
+SMOKE = CONFIGS / "smoke.toml"
 D_IN, D_SAE = 16, 64
 
 
@@ -54,7 +57,7 @@ def distances(W_dec: torch.Tensor, meta: torch.nn.Module) -> torch.Tensor:
 
 
 def test_the_penalty_pushes_rows_away_from_their_meta_reconstruction_and_leaves_the_meta_sae_alone(one_thread):
-    section = MetaSAESection(width=8, k=2, lambda_=1.0, sigma2=1.0)
+    section = MetaSAESection(width=8, k=2, lambda_per_dim=1.0, sigma2=1.0)
     state = primary_state()
     meta = build_meta_state(section, state.sae.W_dec, 1e-2)
     meta_phase(state.sae.W_dec, meta, 100)  # a critic that reconstructs the rows somewhat
@@ -68,7 +71,7 @@ def test_the_penalty_pushes_rows_away_from_their_meta_reconstruction_and_leaves_
     term = penalty_term(meta, section)(state.sae)
     term.backward()
     assert all(param.grad is None for param in meta.sae.parameters())  # nothing flows into the critic
-    expected = -2 * p[:, None] * (state.sae.W_dec.detach() - target) / D_SAE  # ∂ mean p / ∂d_i, §D.2
+    expected = -2 * D_IN * p[:, None] * (state.sae.W_dec.detach() - target) / D_SAE  # d·∂ mean p / ∂d_i, §D.2
     torch.testing.assert_close(state.sae.W_dec.grad, expected)
 
     optimizer = torch.optim.SGD([state.sae.W_dec], lr=0.5)  # a step on the penalty alone
@@ -83,15 +86,101 @@ def test_the_penalty_pushes_rows_away_from_their_meta_reconstruction_and_leaves_
     torch.testing.assert_close(state.sae.W_dec.norm(dim=1), torch.ones(D_SAE))
 
 
+def copies(sae: torch.nn.Module, n: int, *, rows_are_inputs: bool) -> dict[str, torch.Tensor]:
+    """A state_dict for the same SAE on inputs [x, …, x] (n copies, d_in → n·d_in) that is the same problem in
+    per-dimension terms: decoder rows [w, …, w]/√n stay unit. For the primary (inputs x with E‖x‖² = d_in, so
+    [x, …, x] keeps the per-dimension scale) codes grow by √n and x̂ becomes [x̂, …, x̂]; for the meta-SAE (inputs
+    unit rows [d, …, d]/√n) codes are unchanged and its reconstruction is [Ŵ, …, Ŵ]/√n."""
+    state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    root = n ** 0.5
+    state["W_enc"] = torch.cat([state["W_enc"]] * n, dim=0) / root  # (n·d, H)
+    state["W_dec"] = torch.cat([state["W_dec"]] * n, dim=1) / root  # (H, n·d)
+    state["b_dec"] = torch.cat([state["b_dec"]] * n) / (root if rows_are_inputs else 1)
+    state["b_enc"] = state["b_enc"] * (1 if rows_are_inputs else root)
+    return state
+
+
+def gradient_norms(sae: torch.nn.Module, meta: StageTrainingState, section: MetaSAESection, x: torch.Tensor,
+                   weight: float | None = None) -> tuple[float, float]:
+    """(‖∂ reconstruction/∂W_dec‖, ‖∂ penalty/∂W_dec‖); `weight` replaces d_in·λ₂ (the retired scale: λ alone)."""
+    grads = []
+    for loss in (lambda: sae(x).losses["mse"],
+                 lambda: (penalty_term(meta, section)(sae) if weight is None else
+                          weight * decomposability(sae.W_dec, meta.sae, section.sigma2))):
+        sae.zero_grad(set_to_none=True)
+        loss().backward()
+        grads.append(float(sae.W_dec.grad.norm()))
+    return grads[0], grads[1]
+
+
+@pytest.mark.parametrize("n", [2, 5])
+def test_lambda_per_dim_weighs_the_penalty_against_reconstruction_alike_at_every_d_in(n: int, one_thread):
+    """The same per-dimension problem at d_in and n·d_in: at λ₂ = 0.3 the penalty's decoder gradient relative to
+    the reconstruction's is the same (the retired scale, λ alone, would weigh it n times less), and it is the
+    paper's ratio, ‖∂ λ₂·mean p‖ / ‖∂ mean_{tokens,dims}(x − x̂)²‖, at both widths."""
+    section = MetaSAESection(width=8, k=2, lambda_per_dim=0.3, sigma2=1.0)
+    small = primary_state().sae
+    meta_small = build_meta_state(section, small.W_dec, 1e-2)
+    meta_phase(small.W_dec, meta_small, 50)  # a critic with p_i well away from 0 and 1
+    meta_small.sae.eval()
+    x = torch.randn(64, D_IN)  # E‖x‖² = d_in, as training scales it
+    small.init_b_dec_(x)
+
+    big = build_sae(SAEConfig(architecture="topk", d_in=n * D_IN, d_sae=D_SAE, k=4))
+    big.load_state_dict(copies(small, n, rows_are_inputs=False))
+    meta_big = build_meta_state(section, big.W_dec, 1e-2)
+    meta_big.sae.load_state_dict(copies(meta_small.sae, n, rows_are_inputs=True))
+    meta_big.sae.eval()
+    x_big = torch.cat([x] * n, dim=1)  # (N, n·d_in)
+    torch.testing.assert_close(decomposability(big.W_dec, meta_big.sae, 1.0),
+                               decomposability(small.W_dec, meta_small.sae, 1.0))  # same p_i
+    assert 0.05 < float(decomposability(small.W_dec, meta_small.sae, 1.0).detach()) < 0.95
+
+    ratios = {}
+    for d_in, sae, meta, data in ((D_IN, small, meta_small, x), (n * D_IN, big, meta_big, x_big)):
+        rec, pen = gradient_norms(sae, meta, section, data)
+        ratios[d_in] = pen / rec
+        assert penalty_weight(section, d_in) == pytest.approx(0.3 * d_in)
+        _, pen_paper = gradient_norms(sae, meta, section, data, weight=0.3)  # λ₂·mean p, also the retired scale
+        rec_paper = rec / d_in  # ∂ of the paper's per-dimension mean: mean_{tokens,dims} = ours / d_in
+        assert pen / rec == pytest.approx(pen_paper / rec_paper, rel=1e-5)
+        ratios[f"old {d_in}"] = pen_paper / rec  # `lambda = 0.3` against our summed loss
+    assert ratios[n * D_IN] == pytest.approx(ratios[D_IN], rel=1e-4)
+    assert ratios[f"old {n * D_IN}"] == pytest.approx(ratios[f"old {D_IN}"] / n, rel=1e-4)
+
+
+def test_the_retired_lambda_key_is_refused_with_how_to_convert_it(tmp_path: Path):
+    hookpoints = {"hookpoints": ["blocks.1.hook_resid_post"]}
+    for key in ("lambda", "lambda_"):  # as a TOML file spells it, and as a stored run's config.to_dict() did
+        with pytest.raises(ValueError, match=f"meta_sae.{key} is retired") as caught:
+            config_from_dict({"stack": hookpoints, "meta_sae": {"width": 8, "k": 2, key: 0.3}})
+        message = str(caught.value)
+        assert "lambda_per_dim = lambda / d_in" in message and "multiply by 1/d_in" in message
+        assert "becomes lambda_per_dim = 0.00046875" in message  # 0.3 / 640, Gemma 3 270M's width
+        assert message.endswith("for the paper's setting, lambda_per_dim = 0.3")
+    old = tmp_path / "old.toml"
+    old.write_text('[stack]\nhookpoints = ["blocks.1.hook_resid_post"]\n[meta_sae]\nlambda = 0.3\n')
+    with pytest.raises(ValueError, match=r"old\.toml: meta_sae\.lambda is retired"):
+        load_config(old)
+
+
+def test_shipped_meta_configs_are_on_the_paper_scale():
+    for path in sorted(CONFIGS.rglob("*.toml")):
+        cfg = load_config(path)  # none uses the retired key
+        if cfg.meta_sae is not None:
+            assert cfg.meta_sae.lambda_per_dim == 0.3, path  # the paper's best λ₂, moved there on purpose
+    assert load_config(CONFIGS / "meta" / "meta.toml").meta_sae is not None
+
+
 def test_decomposability_is_high_for_rows_the_meta_sae_reconstructs(one_thread):
-    section = MetaSAESection(width=8, k=2)
+    section = MetaSAESection(width=8, k=2, lambda_per_dim=0.3)
     atoms = torch.nn.functional.normalize(torch.randn(8, D_IN), dim=1)
     pairs = torch.nn.functional.normalize(atoms[torch.randint(0, 8, (D_SAE,))] + atoms[torch.randint(0, 8, (D_SAE,))],
                                           dim=1)  # (H, d): every row a sum of two meta-directions
     meta, metrics = fit_meta_sae(pairs, section, steps=400, lr=1e-2)
     assert metrics["meta_fve"] > 0.8 and metrics["meta_l0"] == pytest.approx(2.0)
     assert float(decomposability(pairs, meta, 1.0)) > 0.8
-    assert metrics["meta_penalty"] == pytest.approx(section.lambda_ * metrics["meta_mean_p"])
+    assert metrics["meta_penalty"] == pytest.approx(0.3 * D_IN * metrics["meta_mean_p"])  # as it enters our loss
     random_rows = torch.nn.functional.normalize(torch.randn(D_SAE, D_IN), dim=1)
     assert float(decomposability(random_rows, meta, 1.0)) < float(decomposability(pairs, meta, 1.0))
 
@@ -99,7 +188,7 @@ def test_decomposability_is_high_for_rows_the_meta_sae_reconstructs(one_thread):
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_phases_alternate_and_rows_stay_unit_norm(architecture: str, one_thread):
     data = {"stack": {"hookpoints": ["blocks.1.hook_resid_post"]}, "training": {"warmup_steps": 0},
-            "meta_sae": {"width": 8, "k": 2, "lambda": 10.0, "primary_steps": 3, "meta_steps": 2}}
+            "meta_sae": {"width": 8, "k": 2, "lambda_per_dim": 10.0 / D_IN, "primary_steps": 3, "meta_steps": 2}}
     cfg = config_from_dict(data)
     state = primary_state(architecture)
     state.meta = build_meta_state(cfg.meta_sae, state.sae.W_dec, 1e-2)
@@ -119,7 +208,7 @@ def test_phases_alternate_and_rows_stay_unit_norm(architecture: str, one_thread)
 
 
 def test_checkpoints_carry_the_meta_sae(tmp_path: Path, one_thread):
-    section = MetaSAESection(width=8, k=2)
+    section = MetaSAESection(width=8, k=2, lambda_per_dim=0.3)
     state = primary_state("batchtopk")
     state.meta = build_meta_state(section, state.sae.W_dec, 1e-2)
     meta_phase(state.sae.W_dec, state.meta, 3)
@@ -134,12 +223,13 @@ def test_checkpoints_carry_the_meta_sae(tmp_path: Path, one_thread):
 
 
 @pytest.mark.parametrize(("values", "needle"), [
-    ({"width": 0}, "meta_sae.width must be an integer >= 1"),
-    ({"width": 4, "k": 5}, "meta_sae.k must be <= meta_sae.width"),
-    ({"lambda": -0.1}, "meta_sae.lambda must be a finite number >= 0"),
-    ({"sigma2": 0}, "meta_sae.sigma2 must be a finite number > 0"),
-    ({"primary_steps": 0}, "meta_sae.primary_steps must be an integer >= 1"),
-    ({"lamda": 0.3}, r"unknown key\(s\) \['lamda'\] in \[meta_sae\]; allowed: k, lambda, meta_steps"),
+    ({"width": 0, "lambda_per_dim": 0.3}, "meta_sae.width must be an integer >= 1"),
+    ({"width": 4, "k": 5, "lambda_per_dim": 0.3}, "meta_sae.k must be <= meta_sae.width"),
+    ({"lambda_per_dim": -0.1}, "meta_sae.lambda_per_dim must be a finite number >= 0"),
+    ({"lambda_per_dim": 0.3, "sigma2": 0}, "meta_sae.sigma2 must be a finite number > 0"),
+    ({"lambda_per_dim": 0.3, "primary_steps": 0}, "meta_sae.primary_steps must be an integer >= 1"),
+    ({"lamda_per_dim": 0.3}, r"unknown key\(s\) \['lamda_per_dim'\] in \[meta_sae\]; allowed: k, lambda_per_dim, "),
+    ({"width": 8}, "meta_sae.lambda_per_dim is required"),
 ])
 def test_meta_config_errors_name_the_problem(values: dict, needle: str):
     with pytest.raises(ValueError, match=needle):
@@ -149,8 +239,10 @@ def test_meta_config_errors_name_the_problem(values: dict, needle: str):
 def test_configs_without_meta_sae_keep_their_fingerprint():
     plain = config_from_dict({"stack": {"hookpoints": ["blocks.1.hook_resid_post"]}})
     assert plain.meta_sae is None and "meta_sae" not in plain.to_dict()
-    meta = config_from_dict({"stack": {"hookpoints": ["blocks.1.hook_resid_post"]}, "meta_sae": {"lambda": 0.5}})
-    assert meta.meta_sae == MetaSAESection(lambda_=0.5) and meta.fingerprint() != plain.fingerprint()
+    meta = config_from_dict({"stack": {"hookpoints": ["blocks.1.hook_resid_post"]},
+                             "meta_sae": {"lambda_per_dim": 0.5}})
+    assert meta.meta_sae == MetaSAESection(lambda_per_dim=0.5) and meta.fingerprint() != plain.fingerprint()
+    assert config_from_dict(meta.to_dict()) == meta  # a stored run's config reads back
 
 
 def test_solo_and_meta_runs_compare_and_the_meta_sae_round_trips_and_is_verified(tmp_path: Path):
@@ -161,7 +253,8 @@ def test_solo_and_meta_runs_compare_and_the_meta_sae_round_trips_and_is_verified
     data["activations"].update(max_tokens=2048, store=str(tmp_path / "store"))
     data["eval"] = {"max_tokens": 256, "ce_windows": 4}
     solo = config_from_dict(data)
-    data["meta_sae"] = {"width": 16, "k": 2, "lambda": 0.3, "sigma2": 1.0, "primary_steps": 2, "meta_steps": 2}
+    data["meta_sae"] = {"width": 16, "k": 2, "lambda_per_dim": 0.3, "sigma2": 1.0, "primary_steps": 2,
+                        "meta_steps": 2}
     joint = config_from_dict(data)
     with pytest.raises(ValueError, match="must share activations"):
         compare_solo_and_meta(solo, config_from_dict({**data, "training": {**data["training"], "lr": 0.1}}), tmp_path)
