@@ -76,6 +76,8 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     add("--host", help="address to bind (env FEATUREWIRE_HOST; default [::])")
     add("--port", type=int, help="gRPC port, 0 = any free port (env FEATUREWIRE_PORT; default 50051)")
     add("--metrics-port", type=int, help="Prometheus port, 0 = off (env FEATUREWIRE_METRICS_PORT; default 9090)")
+    add("--http-port", type=int, help="HTTP/JSON gateway port (POST /v1/<Method>, SSE streams, /healthz, /readyz), "
+        "0 = any free port; off unless set (env FEATUREWIRE_HTTP_PORT; docs/api.md)")
     add("--tls-cert", help="PEM certificate chain; TLS is on with --tls-key (env FEATUREWIRE_TLS_CERT)")
     add("--tls-key", help="PEM private key (env FEATUREWIRE_TLS_KEY)")
     add("--auth-token-file", help="file holding the bearer token every call must carry "
@@ -98,7 +100,7 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
 def _server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig.from_env(
         os.environ, stacks=tuple(args.stacks) if args.stacks else None, host=args.host, port=args.port,
-        metrics_port=args.metrics_port, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        metrics_port=args.metrics_port, http_port=args.http_port, tls_cert=args.tls_cert, tls_key=args.tls_key,
         auth_token_file=args.auth_token_file, max_new_tokens=args.max_new_tokens, queue_size=args.queue_size,
         max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
         drain_grace_s=args.drain_grace_s, self_check=False if args.no_self_check else None,

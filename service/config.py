@@ -36,6 +36,8 @@ class ServerConfig:
     """Prometheus HTTP port; 0 disables the metrics server."""
     metrics_host: str = "0.0.0.0"
     """Address the metrics HTTP server binds."""
+    http_port: int | None = None
+    """HTTP/JSON gateway port (binds `host`, like gRPC); None turns the gateway off, 0 picks a free port."""
     stacks: tuple[Path, ...] = ()
     """SAE stack directories to load at startup (env: colon- or comma-separated)."""
     max_message_bytes: int = 64 * 1024 * 1024
@@ -89,6 +91,11 @@ class ServerConfig:
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
+        if self.http_port is not None:
+            if not 0 <= self.http_port <= 65535:
+                raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
+            if self.http_port and self.http_port in (self.port, self.metrics_port):
+                raise ValueError(f"http_port must differ from port and metrics_port, got {self.http_port}")
         if not 4096 <= self.max_message_bytes <= _MAX_GRPC_MESSAGE:
             raise ValueError(f"max_message_bytes must be in [4096, {_MAX_GRPC_MESSAGE}], got {self.max_message_bytes}")
         for name in ("queue_size", "max_new_tokens", "max_prompt_tokens", "max_top_k", "max_interventions",
@@ -153,7 +160,7 @@ class ServerConfig:
             raise
 
 
-_INT_FIELDS = frozenset({"port", "metrics_port", "max_message_bytes", "queue_size", "max_new_tokens",
+_INT_FIELDS = frozenset({"port", "metrics_port", "http_port", "max_message_bytes", "queue_size", "max_new_tokens",
                          "max_prompt_tokens", "max_top_k", "max_interventions", "max_batch_vectors",
                          "max_batch_size", "max_batch_tokens"})
 _FLOAT_FIELDS = frozenset({"request_timeout_s", "drain_grace_s"})
@@ -163,6 +170,8 @@ _BOOL_FIELDS = frozenset({"auth_exempt_health", "self_check"})
 def _parse(variable: str, raw: str, name: str) -> object:
     """Turn one environment value into the field's type, naming the variable when it is malformed."""
     text = raw.strip()
+    if name == "http_port" and not text:
+        return None  # set but empty: the gateway stays off
     if name in _INT_FIELDS:
         try:
             return int(text)

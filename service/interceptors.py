@@ -24,13 +24,15 @@ import grpc
 
 from core.errors import InvalidRequest, ServiceError
 from service.config import ServerConfig
-from service.metrics import Metrics
+from service.metrics import GRPC, HTTP, Metrics
 from service.status import to_status
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
 AUTHORIZATION_KEY = "authorization"
+TRANSPORT_KEY = "x-featurewire-transport"
+"""Set to `http` by the HTTP/JSON gateway on the calls it makes; only the metrics' `transport` label reads it."""
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -49,6 +51,11 @@ Wrapper = Callable[[Behaviour, bool], Behaviour]
 def current_request_id() -> str:
     """The id of the RPC being handled on this task, or "-" outside one."""
     return request_id_var.get()
+
+
+def is_safe_request_id(value: str | None) -> bool:
+    """Whether RequestIdInterceptor keeps a caller's `x-request-id` as it is (else it makes a new one)."""
+    return value is not None and _SAFE_REQUEST_ID.fullmatch(value) is not None
 
 
 class RequestIdFilter(logging.Filter):
@@ -150,7 +157,10 @@ def outcome_code(context: grpc.aio.ServicerContext, error: BaseException | None)
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts every RPC by method and final code, observes its latency and tracks in-flight calls."""
+    """Counts every RPC by method, final code and transport, observes its latency and tracks in-flight calls.
+
+    The transport is `http` when the call carries `x-featurewire-transport: http` (the gateway's calls), else grpc.
+    """
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -158,6 +168,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         method = details.method
         metrics = self.metrics
+        transport = HTTP if _metadata(details, TRANSPORT_KEY) == HTTP else GRPC
 
         def enter(_: Any, context: grpc.aio.ServicerContext) -> float:
             metrics.track_in_flight(method, 1)
@@ -165,11 +176,11 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
         def leave(start: float, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
             metrics.track_in_flight(method, -1)
-            metrics.observe_rpc(method, outcome_code(context, error), time.perf_counter() - start)
+            metrics.observe_rpc(method, outcome_code(context, error), time.perf_counter() - start, transport)
 
         handler = await continuation(details)
         if handler is None:  # grpc answers UNIMPLEMENTED without running anything
-            metrics.observe_rpc(method, grpc.StatusCode.UNIMPLEMENTED, 0.0)
+            metrics.observe_rpc(method, grpc.StatusCode.UNIMPLEMENTED, 0.0, transport)
         return _wrap(handler, lambda behaviour, _: _around(behaviour, enter, leave))
 
 
@@ -182,7 +193,7 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         given = _metadata(details, REQUEST_ID_KEY)
-        request_id = given if given and _SAFE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        request_id = given if given is not None and is_safe_request_id(given) else uuid.uuid4().hex
 
         def enter(_: Any, context: grpc.aio.ServicerContext) -> contextvars.Token[str]:
             context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))

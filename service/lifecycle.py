@@ -8,6 +8,10 @@ SIGTERM/SIGINT: readiness off and new calls refused (UNAVAILABLE), then `server.
 in-flight streams finish for up to `drain_grace_s` before cancelling them; `run_server` then returns 0.
 A second signal while draining cancels what is left.
 
+With `http_port` set, the HTTP/JSON gateway (service/http/) starts right after the gRPC listener, on the
+same loop; it makes every call through gRPC, so it drains with it (503), and it is shut down once the
+gRPC server has stopped.
+
 Why a base class of its own: the full server (service/server.py) loads torch, transformers and a host
 model; the activation-only server (service/activation_server.py) must not, so this module imports
 neither (grpc, reflection and prometheus only).
@@ -51,7 +55,9 @@ class ServerBase(abc.ABC):
         self.health = Health()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._gateway: Any = None  # service.http.gateway.HttpGateway when http_port is set
         self._metrics_http: Any = None
         self._stop_task: asyncio.Future[None] | None = None
         self._cancelling: asyncio.Task[None] | None = None
@@ -84,12 +90,14 @@ class ServerBase(abc.ABC):
         """Bind and answer health checks, then load and warm up; SERVING when done."""
         self._grpc = self._build()
         self.port = self._bind(self._grpc)
+        gateway_target = self._gateway_target(self._grpc)
         await self._grpc.start()
         await self.health.set_starting()
         scheme = "TLS" if self.config.tls_enabled else "plaintext"
         log.info("featurewire listening on %s:%d (%s)", self.config.host, self.port, scheme)
         try:
             self._start_metrics()
+            await self._start_gateway(gateway_target)
             await self._load()
             await self._warm_up()
         except BaseException:
@@ -124,6 +132,29 @@ class ServerBase(abc.ABC):
             raise FailedPrecondition(f"cannot listen on {address} (in use or not a local address)")
         return port
 
+    def _gateway_target(self, server: grpc.aio.Server) -> str | None:
+        """Where the HTTP gateway calls this server: its own port on 127.0.0.1 when that listener is plaintext and
+        reachable there; else (TLS, or a host that is not loopback or a wildcard) a plaintext port on 127.0.0.1
+        added for the gateway alone, on the same server (same servicer and interceptors, auth included)."""
+        if self.config.http_port is None:
+            return None
+        if not self.config.tls_enabled and self.config.host.strip("[]") in ("::", "0.0.0.0", "127.0.0.1"):
+            return self.target
+        port = server.add_insecure_port("127.0.0.1:0")
+        if not port:
+            raise FailedPrecondition("cannot listen on 127.0.0.1 for the HTTP gateway's calls")
+        return f"127.0.0.1:{port}"
+
+    async def _start_gateway(self, target: str | None) -> None:
+        if target is None:
+            return
+        from service.http.gateway import HttpGateway  # starlette and uvicorn are imported only when it is on
+
+        self._gateway = HttpGateway(self.config, target)
+        self.http_port = await self._gateway.start()
+        scheme = "https" if self.config.tls_enabled else "http"
+        log.info("HTTP/JSON gateway on %s://%s:%d (calls %s)", scheme, self.config.host, self.http_port, target)
+
     def _start_metrics(self) -> None:
         if self.config.metrics_port == 0:
             return
@@ -156,6 +187,9 @@ class ServerBase(abc.ABC):
         if self._grpc is not None:
             log.info("stopping: in-flight calls get up to %.1fs", grace)
             await self._grpc.stop(grace)
+        if self._gateway is not None:  # every call it made has ended with the gRPC server
+            await self._gateway.stop()
+            self._gateway = None
         await self._shutdown_backend()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

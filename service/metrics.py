@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 SERVICE = "featurewire.v1.Featurewire"
 FEATUREWIRE_METHODS = (
     "GetServerInfo", "ListStacks", "GetFeature", "Tokenize", "Decompose", "Generate", "Score", "EncodeActivations",
+    "SearchFeatures", "ListFeatures",
 )
 _OTHER_SERVICES = {
     "grpc.health.v1.Health": "Health.",
@@ -35,6 +36,8 @@ METHOD_LABELS = frozenset(
     + ("Health.Check", "Health.Watch", "Health.List", "Reflection.ServerReflectionInfo", "other")
 )
 CODES = frozenset(code.name for code in grpc.StatusCode)
+GRPC, HTTP = "grpc", "http"
+TRANSPORTS = (GRPC, HTTP)  # the `transport` label: a gRPC client, or the HTTP/JSON gateway (service/http/)
 INTERVENTION_OPS = frozenset({"add", "set", "scale", "clamp", "ablate", "vector", "other"})
 OTHER = "other"
 PREFILL, DECODE = "prefill", "decode"
@@ -129,10 +132,12 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         r = registry
-        self.rpcs = Counter("featurewire_rpcs", "Finished RPCs by method and gRPC status code.",
-                            ("method", "code"), registry=r)
-        self.rpc_duration = Histogram("featurewire_rpc_duration_seconds", "RPC wall time until the status is sent.",
-                                      ("method",), buckets=LATENCY_BUCKETS, registry=r)
+        self.rpcs = Counter("featurewire_rpcs", "Finished RPCs by method, gRPC status code and transport (grpc, "
+                            "or http for calls made by the HTTP/JSON gateway).", ("method", "code", "transport"),
+                            registry=r)
+        self.rpc_duration = Histogram("featurewire_rpc_duration_seconds", "RPC wall time until the status is sent, "
+                                      "by method and transport.", ("method", "transport"), buckets=LATENCY_BUCKETS,
+                                      registry=r)
         self.in_flight = Gauge("featurewire_in_flight_requests", "RPCs currently being handled.", ("method",),
                                registry=r)
         self.time_to_first_token = Histogram(
@@ -180,11 +185,12 @@ class Metrics:
         self._stages: set[tuple[str, str]] = set()
 
     # -- RPCs ---------------------------------------------------------------------------------------
-    def observe_rpc(self, method: str, code: grpc.StatusCode | str | None, seconds: float) -> None:
-        """Count one finished RPC and its latency; unknown methods fold into `other`."""
-        label = method_label(method)
-        self.rpcs.labels(label, code_label(code)).inc()
-        self.rpc_duration.labels(label).observe(max(0.0, seconds))
+    def observe_rpc(self, method: str, code: grpc.StatusCode | str | None, seconds: float,
+                    transport: str = GRPC) -> None:
+        """Count one finished RPC and its latency; unknown methods fold into `other`, unknown transports into grpc."""
+        label, via = method_label(method), transport if transport in TRANSPORTS else GRPC
+        self.rpcs.labels(label, code_label(code), via).inc()
+        self.rpc_duration.labels(label, via).observe(max(0.0, seconds))
 
     def track_in_flight(self, method: str, delta: int) -> None:
         self.in_flight.labels(method_label(method)).inc(delta)

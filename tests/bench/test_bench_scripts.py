@@ -56,3 +56,10 @@ def test_dashboards_reports_the_ratio_and_memory(tmp_path):
     result = _run("dashboards.py", "--stack", str(stack), "--tokens", "200", "--repeats", "1", "--warmup", "0")
     assert result["ratio"] > 0 and result["tokens"] > 0
     assert [m["state_mib"] for m in result["memory"]][0] == result["memory"][1]["state_mib"]
+
+
+def test_http_gateway_reports_the_ratio():
+    result = _run("http_gateway.py", "--tokens", "16", "--repeats", "1", "--warmup", "0")
+    assert set(result["median_seconds"]) == {"grpc", "http", "json_encode"}
+    assert result["messages"] >= 2 and result["json_bytes"] > result["protobuf_bytes"] > 0
+    assert len(result["comparisons"]) == 2 and all(c["ratio"] > 0 for c in result["comparisons"])

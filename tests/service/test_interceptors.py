@@ -80,7 +80,8 @@ class Harness:
         return self.channel.unary_stream(f"/{SERVICE}/{method}")
 
     def count(self, method: str, code: str) -> float:
-        value = self.metrics.registry.get_sample_value("featurewire_rpcs_total", {"method": method, "code": code})
+        value = self.metrics.registry.get_sample_value("featurewire_rpcs_total",
+                                                       {"method": method, "code": code, "transport": "grpc"})
         return value or 0.0
 
     async def wait_count(self, method: str, code: str, expected: float) -> None:
@@ -230,7 +231,8 @@ def test_metrics_count_every_outcome():
         ]:
             await h.wait_count(method, code, expected)
         registry = h.metrics.registry
-        assert registry.get_sample_value("featurewire_rpc_duration_seconds_count", {"method": "GetServerInfo"}) == 4
+        assert registry.get_sample_value("featurewire_rpc_duration_seconds_count",
+                                         {"method": "GetServerInfo", "transport": "grpc"}) == 4
         assert registry.get_sample_value("featurewire_in_flight_requests", {"method": "Decompose"}) == 0
 
     run(body)

@@ -44,12 +44,25 @@ def test_rpc_counts_and_latency(metrics):
     for code in (grpc.StatusCode.OK, grpc.StatusCode.OK, "INVALID_ARGUMENT", None):
         metrics.observe_rpc("/featurewire.v1.Featurewire/Generate", code, 0.5)
     samples = _samples(metrics)
-    assert samples[("featurewire_rpcs_total", (("code", "OK"), ("method", "Generate")))] == 3
-    assert samples[("featurewire_rpcs_total", (("code", "INVALID_ARGUMENT"), ("method", "Generate")))] == 1
-    assert samples[("featurewire_rpc_duration_seconds_count", (("method", "Generate"),))] == 4
-    assert samples[("featurewire_rpc_duration_seconds_sum", (("method", "Generate"),))] == pytest.approx(2.0)
-    le = samples[("featurewire_rpc_duration_seconds_bucket", (("le", "0.5"), ("method", "Generate")))]
+    grpc_ = ("transport", "grpc")
+    assert samples[("featurewire_rpcs_total", (("code", "OK"), ("method", "Generate"), grpc_))] == 3
+    assert samples[("featurewire_rpcs_total", (("code", "INVALID_ARGUMENT"), ("method", "Generate"), grpc_))] == 1
+    assert samples[("featurewire_rpc_duration_seconds_count", (("method", "Generate"), grpc_))] == 4
+    assert samples[("featurewire_rpc_duration_seconds_sum", (("method", "Generate"), grpc_))] == pytest.approx(2.0)
+    le = samples[("featurewire_rpc_duration_seconds_bucket", (("le", "0.5"), ("method", "Generate"), grpc_))]
     assert le == 4
+
+
+def test_rpcs_are_split_by_transport(metrics):
+    """The HTTP gateway's calls count under transport="http"; any other value folds into grpc."""
+    metrics.observe_rpc("/featurewire.v1.Featurewire/Tokenize", "OK", 0.1, "http")
+    metrics.observe_rpc("/featurewire.v1.Featurewire/Tokenize", "OK", 0.1)
+    metrics.observe_rpc("/featurewire.v1.Featurewire/Tokenize", "OK", 0.1, "carrier-pigeon")
+    samples = _samples(metrics)
+    ok = (("code", "OK"), ("method", "Tokenize"))
+    assert samples[("featurewire_rpcs_total", (*ok, ("transport", "http")))] == 1
+    assert samples[("featurewire_rpcs_total", (*ok, ("transport", "grpc")))] == 2
+    assert samples[("featurewire_rpc_duration_seconds_count", (("method", "Tokenize"), ("transport", "http")))] == 1
 
 
 def test_labels_stay_bounded(metrics):
@@ -150,7 +163,7 @@ def test_http_server_serves_metrics(metrics):
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics", timeout=10) as response:
             body = response.read().decode()
-        assert 'featurewire_rpcs_total{code="OK",method="ListStacks"} 1.0' in body
+        assert 'featurewire_rpcs_total{code="OK",method="ListStacks",transport="grpc"} 1.0' in body
     finally:
         server.shutdown()
         server.server_close()

@@ -191,7 +191,7 @@ def test_serve_command_drains_on_sigterm_and_exits_0():
             info = pb_grpc.FeaturewireStub(channel).GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
             assert info.model.name == "tiny-random" and not info.stacks
         scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-        assert 'featurewire_rpcs_total{code="OK",method="GetServerInfo"} 1.0' in scrape
+        assert 'featurewire_rpcs_total{code="OK",method="GetServerInfo",transport="grpc"} 1.0' in scrape
         assert 'model="tiny-random"' in scrape and "featurewire_model_load_seconds" in scrape
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
