@@ -81,10 +81,11 @@ hookpoints: $(STAMP)
 # mixed load on a server process (the default model with runs/demo/stack when it exists, else the tiny model).
 SOAK_FUZZ_EXAMPLES ?= 2000
 SOAK_SECONDS ?= 180
+SOAK_CLIENTS ?= 16
 
 soak: $(STAMP)
 	FEATUREWIRE_FUZZ_EXAMPLES=$(SOAK_FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/reliability/test_fuzz.py
-	$(PY) -m tests.reliability.load --duration $(SOAK_SECONDS) --clients 16
+	$(PY) -m tests.reliability.load --duration $(SOAK_SECONDS) --clients $(SOAK_CLIENTS)
 
 bench: $(DEMO_STACK)
 	$(PY) bench/hook_overhead.py

@@ -156,6 +156,12 @@ class ActivationOnlyServicer(pb_grpc.FeaturewireServicer):
     async def GetFeature(self, request: pb.GetFeatureRequest, context: grpc.aio.ServicerContext):
         self._unsupported("GetFeature")
 
+    async def SearchFeatures(self, request: pb.SearchFeaturesRequest, context: grpc.aio.ServicerContext):
+        self._unsupported("SearchFeatures")
+
+    async def ListFeatures(self, request: pb.ListFeaturesRequest, context: grpc.aio.ServicerContext):
+        self._unsupported("ListFeatures")
+
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext):
         self._unsupported("Tokenize")
 

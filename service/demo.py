@@ -2,8 +2,8 @@
 
 Starts `featurewire-serve serve` in a subprocess with a stack, waits for readiness over grpc.health.v1,
 then, as a client using only the generated stubs: reads the server info, decomposes a prompt (top
-features per token and stage, actual vs predicted error norm), picks a feature of a residual stage that
-a concept text activates, steers a generation with it (error-preserving, residualized) next to the
+features per token and stage, actual vs predicted error norm), finds the feature a concept text activates
+most with SearchFeatures, prints its dashboard (GetFeature), steers a generation with it next to the
 unsteered DEFAULT branch in the same call, scores a sentence with that stage spliced, prints a few
 Prometheus metrics, and shuts the server down with SIGTERM (graceful drain).
 """
@@ -29,8 +29,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from core.config import ModelConfig
 
 PROMPT = "I think that dogs are"
-CONCEPT = "We celebrated the wedding with love, joy, kisses and happiness. Love, love and more love."
-NEUTRAL = "The table lists the function arguments, their types and their default values."
+CONCEPT = "One by one: one copy, one more time, one of the two, and then one again."
+STEER_STAGE = 0  # the stage whose features SearchFeatures ranks on the concept text (see the closing notes)
+STEER_MULTIPLE = 2.0  # SET the feature to this multiple of its held-out max (larger values break the text)
+MAX_DENSITY = 0.02
+STOP_WORDS = frozenset({"the", "a", "and", "by", "of", "then", "time", "more", ""})
 READY_TIMEOUT_S = 600
 
 
@@ -100,31 +103,60 @@ def _show_decomposition(stub: pb_grpc.FeaturewireStub) -> None:
         print(f"{token.token.text!r:>10}  " + "   ".join(cells))
 
 
-def _concept_feature(stub: pb_grpc.FeaturewireStub, stage: str) -> tuple[int, float]:
-    """The feature at `stage` most specific to CONCEPT against NEUTRAL, and its typical signed value."""
-    scores: dict[str, dict[int, float]] = {}
-    for name, text in (("concept", CONCEPT), ("neutral", NEUTRAL)):
-        _, tokens = _decompose(stub, text, top_k=16, stages=[stage])
-        totals: dict[int, float] = defaultdict(float)
-        for token in tokens[1:]:
-            for i, v in zip(token.features[0].ids, token.features[0].values, strict=True):
-                totals[i] += v / (len(tokens) - 1)
-        scores[name] = totals
-    best = max(scores["concept"], key=lambda i: abs(scores["concept"][i]) - abs(scores["neutral"].get(i, 0.0)))
-    return best, scores["concept"][best]
+def _pick_feature(stub: pb_grpc.FeaturewireStub, stage: str) -> pb.FeatureMatch:
+    """SearchFeatures on the concept text at `stage`: the strongest match that fires on at most MAX_DENSITY of
+    held-out tokens (a specific feature, not a dense one that fires everywhere), else the strongest match."""
+    request = pb.SearchFeaturesRequest(text=pb.TextQuery(text=CONCEPT, reduction=pb.REDUCTION_MAX), stages=[stage],
+                                       page_size=50)
+    matches = list(stub.SearchFeatures(request, timeout=120).features)
+    _section(f"SearchFeatures {CONCEPT!r} at {stage}: strongest matches")
+    for match in matches[:5]:
+        density = f"{match.density:.4f}" if match.HasField("density") else "n/a"
+        print(f"  feature {match.feature:<5} max |z| {match.score:.2f}  density {density}  "
+              f"{pb.Sign.Name(match.sign).removeprefix('SIGN_').lower()}")
+    specific = [m for m in matches if m.HasField("density") and 0 < m.density <= MAX_DENSITY]
+    picked = (specific or matches)[0]
+    print(f"picked the strongest match that fires on at most {MAX_DENSITY:.0%} of held-out tokens: feature "
+          f"{picked.feature} (rank {matches.index(picked) + 1}, max |z| {picked.score:.2f})")
+    return picked
+
+
+def _marked(example: pb.DashboardExample) -> str:
+    return "".join(f"[[{tok.text}]]" if i == example.index else tok.text for i, tok in enumerate(example.tokens))
+
+
+def _show_feature(stub: pb_grpc.FeaturewireStub, stage: str, match: pb.FeatureMatch) -> pb.DashboardSide:
+    """The feature's dashboard summary; returns the side (sign) the concept text activated."""
+    feature = stub.GetFeature(pb.GetFeatureRequest(stage=stage, feature=match.feature, top_n=8), timeout=60)
+    sign = match.sign if match.sign != pb.SIGN_UNSPECIFIED else pb.SIGN_POSITIVE
+    side = next(s for s in feature.dashboard.sides if s.sign == sign or len(feature.dashboard.sides) == 1)
+    _section(f"GetFeature {stage} #{match.feature} ({pb.Sign.Name(sign).removeprefix('SIGN_').lower()} side)")
+    print(f"density {side.density:.4f} over {feature.dashboard.tokens:,} held-out tokens, mean {side.mean:.2f}, "
+          f"max {side.max:.2f}")
+    print("top examples (firing token in [[ ]]):")
+    for example in side.top_examples[:4]:
+        print(f"  {example.value:+.2f}  {_marked(example)!r}")
+    lens = feature.top_tokens if sign == pb.SIGN_POSITIVE else feature.bottom_tokens
+    print("logit lens (tokens it promotes): " + ", ".join(repr(s.text) for s in lens[:8]))
+    if feature.dashboard.neighbours:
+        nearest = ", ".join(f"#{n.feature} ({n.cosine:.2f})" for n in feature.dashboard.neighbours[:4])
+        print(f"nearest features: {nearest}")
+    return side
 
 
 def _show_steering(stub: pb_grpc.FeaturewireStub, info: pb.GetServerInfoResponse) -> None:
     stages = info.stacks[0].stages
-    stage = next((s for s in stages if s.HasField("residual_of")), stages[len(stages) // 2])
-    feature, mean_value = _concept_feature(stub, stage.name)
-    value = 8 * mean_value
-    _section(f"Generate: ADD {value:+.1f} to feature {feature} of {stage.name} (picked by the concept text)")
+    stage = stages[STEER_STAGE if len(stages) > STEER_STAGE else len(stages) // 2].name
+    match = _pick_feature(stub, stage)
+    side = _show_feature(stub, stage, match)
+    value = STEER_MULTIPLE * side.max * (-1 if side.sign == pb.SIGN_NEGATIVE else 1)
+    _section(f"Generate: SET feature {match.feature} of {stage} to {value:+.2f} ({STEER_MULTIPLE}x its max) "
+             "next to the unsteered DEFAULT branch")
     request = pb.GenerateRequest(
-        prompt=t.Input(text=PROMPT), sampling=pb.SamplingParams(max_new_tokens=24, temperature=0.0, seed=0),
-        interventions=[t.Intervention(stage=stage.name, feature=feature, op=t.INTERVENTION_OP_ADD, value=value,
+        prompt=t.Input(text=PROMPT), sampling=pb.SamplingParams(max_new_tokens=20, temperature=0.0, seed=0),
+        interventions=[t.Intervention(stage=stage, feature=match.feature, op=t.INTERVENTION_OP_SET, value=value,
                                       positions=t.Positions(scope=t.POSITION_SCOPE_ALL))],
-        decompose=t.DecomposeOptions(stages=[stage.name], top_k=1, include_error=True), with_default=True)
+        decompose=t.DecomposeOptions(stages=[stage], top_k=1, include_error=True), with_default=True)
     texts: dict[int, str] = defaultdict(str)
     errors: list[tuple[float, str]] = []
     for message in stub.Generate(request, timeout=600):
@@ -136,11 +168,15 @@ def _show_steering(stub: pb_grpc.FeaturewireStub, info: pb.GetServerInfoResponse
                 errors.append((codes.error_norm, predicted))
     print(f"steered: {PROMPT}|{texts[t.BRANCH_STEERED]!r}")
     print(f"default: {PROMPT}|{texts[t.BRANCH_DEFAULT]!r}")
+    words = {w.strip(" .,:").lower() for w in CONCEPT.split()} - STOP_WORDS
+    for branch, name in ((t.BRANCH_STEERED, "steered"), (t.BRANCH_DEFAULT, "default")):
+        seen = sorted(w for w in words if w in texts[branch].lower().replace(",", " ").replace(".", " ").split())
+        print(f"concept words in the {name} continuation: {', '.join(seen) or 'none'}")
     print("steered tokens' error norm at that stage (actual / predicted): "
           + ", ".join(f"{a:.1f}/{p}" for a, p in errors[:8]) + (" …" if len(errors) > 8 else ""))
     sentence = "The quick brown fox jumps over the lazy dog because it wants to play."
-    score = stub.Score(pb.ScoreRequest(input=t.Input(text=sentence), splice_stages=[stage.name]), timeout=120)
-    print(f"Score with {stage.name} spliced: CE {score.clean_ce:.3f} → {score.edited_ce:.3f} nats/token, "
+    score = stub.Score(pb.ScoreRequest(input=t.Input(text=sentence), splice_stages=[stage]), timeout=120)
+    print(f"Score with {stage} spliced: CE {score.clean_ce:.3f} → {score.edited_ce:.3f} nats/token, "
           f"KL {score.kl:.3f} over {score.scored_tokens} tokens")
 
 

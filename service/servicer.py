@@ -32,9 +32,11 @@ from service.engine.activations import encode_batch, encode_targets
 from service.engine.decompose import decompose_events
 from service.engine.encode_spec import EncodeSpec, EncodeValidator
 from service.engine.engine import Engine, deadline_after
+from service.engine.feature_specs import Page
 from service.engine.features import feature_info
 from service.engine.generation import generate_events
 from service.engine.score import score
+from service.engine.search import list_features, search_features
 from service.engine.served import ServedStack
 from service.engine.specs import (
     DecomposeChunk,
@@ -123,6 +125,27 @@ class FeaturewireServicer(pb_grpc.FeaturewireServicer):
         info = await rt.engine.call(lambda: feature_info(rt.host, stack, stage, feature, top_n),
                                     deadline=self._deadline(context), method="GetFeature")
         return to_proto.feature_response(info, stack)
+
+    async def SearchFeatures(self, request: pb.SearchFeaturesRequest, context: grpc.aio.ServicerContext):
+        rt = self._rt()
+        spec = to_spec.search_spec(request, rt.validator)
+        stack = rt.stacks[spec.stack]
+        result = await rt.engine.call(lambda: search_features(rt.host, stack, spec), deadline=self._deadline(context),
+                                      method="SearchFeatures")
+        return to_proto.search_response(result, stack, self._next_page(rt, spec.page, result.next_offset))
+
+    async def ListFeatures(self, request: pb.ListFeaturesRequest, context: grpc.aio.ServicerContext):
+        rt = self._rt()
+        spec = to_spec.list_spec(request, rt.validator)
+        stack = rt.stacks[spec.stack]
+        result = await rt.engine.call(lambda: list_features(stack, spec), deadline=self._deadline(context),
+                                      method="ListFeatures")
+        return to_proto.list_response(result, stack, self._next_page(rt, spec.page, result.next_offset))
+
+    @staticmethod
+    def _next_page(rt: Runtime, page: Page, offset: int | None) -> str:
+        """The signed token of the next page, bound to the request's query; "" after the last page."""
+        return "" if offset is None else rt.validator.pages.token(page.query, offset)
 
     # -- compute --------------------------------------------------------------------------------
     async def Decompose(self, request: pb.DecomposeRequest,

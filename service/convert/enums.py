@@ -14,6 +14,7 @@ from featurewire.v1 import featurewire_pb2 as pb
 from featurewire.v1 import types_pb2 as t
 
 from service.engine.encode_spec import RAW_DTYPES
+from service.engine.feature_specs import FeatureSort, Reduction, Sign, TokenDirection
 from service.engine.specs import Action, Branch, Comparison, FinishReason, Op, Scope
 
 E = TypeVar("E", bound=Enum)
@@ -30,8 +31,12 @@ SCOPES = table(t.PositionScope, "POSITION_SCOPE_", Scope)
 COMPARISONS = table(t.Comparison, "COMPARISON_", Comparison)
 ACTIONS = table(t.ConditionAction, "CONDITION_ACTION_", Action)
 DTYPES = {t.DType.Value(f"DTYPE_{name}"): name for name in RAW_DTYPES}
+REDUCTIONS = table(pb.Reduction, "REDUCTION_", Reduction)
+TOKEN_DIRECTIONS = table(pb.TokenDirection, "TOKEN_DIRECTION_", TokenDirection)
+FEATURE_SORTS = table(pb.FeatureSort, "FEATURE_SORT_", FeatureSort)
 
 # spec member -> proto number (responses)
 BRANCHES = {m: n for n, m in table(t.Branch, "BRANCH_", Branch).items()}
 FINISH_REASONS = {m: n for n, m in table(pb.FinishReason, "FINISH_REASON_", FinishReason).items()}
 ACTION_NUMBERS = {m: n for n, m in ACTIONS.items()}
+SIGNS = {m: n for n, m in table(pb.Sign, "SIGN_", Sign).items()}

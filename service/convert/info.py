@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from service.engine.served import ServedStack
 
 SERVING_MODES = {"full": pb.SERVING_MODE_FULL, "activation_only": pb.SERVING_MODE_ACTIVATION_ONLY}
-FULL_RPCS = ("GetServerInfo", "ListStacks", "GetFeature", "Tokenize", "Decompose", "Generate", "Score")
+FULL_RPCS = ("GetServerInfo", "ListStacks", "GetFeature", "Tokenize", "Decompose", "Generate", "Score",
+             "SearchFeatures", "ListFeatures")
 ACTIVATION_ONLY_RPCS = ("GetServerInfo", "ListStacks")
 
 
@@ -47,8 +48,9 @@ def numeric_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, f
 
 
 def _stage_record(stage: Any, key: str) -> bool:
-    """Whether a stage carries an optional record (density, top examples) in its extras or extra tensors."""
-    return key in (stage.extras or {}) or key in (stage.extra_tensors or {})
+    """Whether a stage carries an optional record (density, top examples) in its extras or extra tensors, or a
+    dashboard, which has both."""
+    return stage.dashboard is not None or key in (stage.extras or {}) or key in (stage.extra_tensors or {})
 
 
 def _summary_info(summary: StackSummary, has_error_predictor: Any) -> pb.StackInfo:
@@ -78,7 +80,9 @@ def stack_info(stack: ServedStack | OnnxStack) -> pb.StackInfo:
             index=s.index, name=s.name, hookpoint=s.hookpoint, architecture=s.sae.cfg.architecture,
             d_in=s.sae.cfg.d_in, d_sae=s.sae.cfg.d_sae, signed=bool(s.signed), input_scale=s.input_scale,
             has_error_predictor=stack.has_error_predictor(s.index), has_density=_stage_record(s, "density"),
-            has_top_examples=_stage_record(s, "top_examples"), metrics=numeric_metrics(s.metrics))
+            has_top_examples=_stage_record(s, "top_examples"), metrics=numeric_metrics(s.metrics),
+            has_dashboard=s.dashboard is not None, has_explanations=bool(loaded.explanations.get(s.name)),
+            has_meta_sae=s.meta_sae is not None)
         if s.residual_of is not None:
             info.residual_of = s.residual_of
         stages.append(info)

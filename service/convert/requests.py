@@ -15,16 +15,32 @@ from featurewire.v1 import featurewire_pb2 as pb
 from featurewire.v1 import types_pb2 as t
 
 from core.errors import InvalidRequest
-from service.convert.enums import ACTIONS, COMPARISONS, DTYPES, OPS, SCOPES, E
+from service.convert.enums import (
+    ACTIONS,
+    COMPARISONS,
+    DTYPES,
+    FEATURE_SORTS,
+    OPS,
+    REDUCTIONS,
+    SCOPES,
+    TOKEN_DIRECTIONS,
+    E,
+)
 from service.engine.encode_spec import EncodeSpec, MatrixIn
+from service.engine.feature_specs import ListSpec, SearchSpec
 from service.engine.inputs import (
     ConditionIn,
     DecomposeOptionsIn,
     InputIn,
     InterventionIn,
+    ListFeaturesIn,
     PositionsIn,
     SamplingIn,
+    SearchIn,
+    SpanIn,
     SteeringIn,
+    TextQueryIn,
+    TokenQueryIn,
 )
 from service.engine.specs import DecomposeSpec, GenerateSpec, ScoreSpec
 
@@ -126,6 +142,35 @@ def score_spec(req: pb.ScoreRequest, v: RequestValidator) -> ScoreSpec:
 def feature_request(req: pb.GetFeatureRequest, v: RequestValidator) -> tuple[ServedStack, int, int, int]:
     """(stack, stage index, feature id, top_n)."""
     return v.get_feature(req.stack, req.stage, req.feature, req.top_n)
+
+
+def _text_query(msg: pb.TextQuery) -> TextQueryIn:
+    return TextQueryIn(text=msg.text, span=SpanIn(msg.span.start, msg.span.end) if msg.HasField("span") else None,
+                       reduction=_enum(msg.reduction, REDUCTIONS, pb.Reduction, "text.reduction"),
+                       add_special_tokens=msg.add_special_tokens if msg.HasField("add_special_tokens") else None)
+
+
+def _token_query(msg: pb.TokenQuery) -> TokenQueryIn:
+    which = msg.WhichOneof("token")
+    return TokenQueryIn(text=msg.text if which == "text" else None, id=msg.id if which == "id" else None,
+                        direction=_enum(msg.direction, TOKEN_DIRECTIONS, pb.TokenDirection, "token.direction"))
+
+
+def search_spec(req: pb.SearchFeaturesRequest, v: RequestValidator) -> SearchSpec:
+    which = req.WhichOneof("query")
+    return v.search_features(SearchIn(
+        stack=req.stack, text=_text_query(req.text) if which == "text" else None,
+        token=_token_query(req.token) if which == "token" else None,
+        explanation=req.explanation if which == "explanation" else None, stages=tuple(req.stages),
+        page_size=req.page_size, page_token=req.page_token))
+
+
+def list_spec(req: pb.ListFeaturesRequest, v: RequestValidator) -> ListSpec:
+    return v.list_features(ListFeaturesIn(
+        stack=req.stack, stage=req.stage, min_density=req.min_density if req.HasField("min_density") else None,
+        max_density=req.max_density if req.HasField("max_density") else None,
+        sort=_enum(req.sort, FEATURE_SORTS, pb.FeatureSort, "sort"), descending=req.descending,
+        page_size=req.page_size, page_token=req.page_token))
 
 
 def _matrix(msg: t.Matrix, present: bool, field: str) -> MatrixIn | None:

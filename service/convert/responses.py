@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 from featurewire.v1 import featurewire_pb2 as pb
 from featurewire.v1 import types_pb2 as t
 
-from service.convert.enums import ACTION_NUMBERS, BRANCHES, FINISH_REASONS
+from service.convert.enums import ACTION_NUMBERS, BRANCHES, FINISH_REASONS, SIGNS
+from service.engine.feature_specs import Example, FeatureDashboard, ListPage, Neighbour, SearchPage
 from service.engine.specs import (
     ConditionEvent,
     DecomposeChunk,
@@ -109,7 +110,62 @@ def feature_response(info: FeatureInfo, stack: ServedStack) -> pb.GetFeatureResp
         top_examples=[pb.FeatureExample(text=x, position=p, value=v) for x, p, v in info.top_examples])
     if info.density is not None:
         msg.density = info.density
+    if info.dashboard is not None:
+        msg.dashboard.CopyFrom(dashboard(info.dashboard, stack))
+    msg.explanation = info.explanation
+    if info.meta_latents is not None:
+        msg.meta_latents.CopyFrom(pb.MetaLatents(ids=info.meta_latents.ids, values=info.meta_latents.values,
+                                                 width=info.meta_latents.width))
     return msg
+
+
+def _example(x: Example) -> pb.DashboardExample:
+    return pb.DashboardExample(tokens=[pb.ExampleToken(id=tok.id, text=tok.text, value=tok.value) for tok in x.tokens],
+                               index=x.index, value=x.value, document=x.document, position=x.position)
+
+
+def _neighbours(items: Sequence[Neighbour], stack: ServedStack) -> list[pb.FeatureNeighbour]:
+    names = stack.stage_names
+    return [pb.FeatureNeighbour(stage=names[n.stage], stage_index=n.stage, feature=n.feature, cosine=n.cosine)
+            for n in items if 0 <= n.stage < len(names)]
+
+
+def dashboard(d: FeatureDashboard, stack: ServedStack) -> pb.FeatureDashboard:
+    sides = [pb.DashboardSide(sign=SIGNS[side.sign], count=side.count, density=side.density, mean=side.mean,
+                              max=side.max, histogram=pb.Histogram(edges=side.edges, counts=side.counts),
+                              top_examples=[_example(x) for x in side.top_examples],
+                              quantiles=[pb.QuantileGroup(low=q.low, high=q.high, share=q.share,
+                                                          examples=[_example(x) for x in q.examples])
+                                         for q in side.quantiles])
+             for side in d.sides]
+    return pb.FeatureDashboard(
+        tokens=d.tokens, documents=d.documents, corpus=d.corpus, context=d.context, sides=sides,
+        neighbours=_neighbours(d.neighbours, stack), cross_stage_neighbours=_neighbours(d.cross_stage, stack),
+        cooccurring=[pb.CoOccurringFeature(feature=c.feature, jaccard=c.jaccard) for c in d.cooccurring])
+
+
+def search_response(result: SearchPage, stack: ServedStack, next_page_token: str) -> pb.SearchFeaturesResponse:
+    """`next_page_token`: signed by the servicer for result.next_offset ("" on the last page)."""
+    names = stack.stage_names
+    matches = []
+    for m in result.matches:
+        match = pb.FeatureMatch(stage=names[m.stage], stage_index=m.stage, feature=m.feature, score=m.score,
+                                sign=SIGNS[m.sign] if m.sign is not None else pb.SIGN_UNSPECIFIED,
+                                position=m.position, explanation=m.explanation)
+        if m.density is not None:
+            match.density = m.density
+        matches.append(match)
+    tokens = [t.Token(position=p, id=i, text=s) for p, (i, s) in enumerate(result.tokens)]
+    return pb.SearchFeaturesResponse(stack=result.stack, features=matches, next_page_token=next_page_token,
+                                     total=result.total, tokens=tokens)
+
+
+def list_response(result: ListPage, stack: ServedStack, next_page_token: str) -> pb.ListFeaturesResponse:
+    features = [pb.FeatureSummary(feature=f.feature, density=f.density, max=f.max, mean=f.mean,
+                                  explanation=f.explanation) for f in result.features]
+    return pb.ListFeaturesResponse(stack=result.stack, stage=stack.stage_names[result.stage],
+                                   stage_index=result.stage, features=features,
+                                   next_page_token=next_page_token, total=result.total, tokens=result.tokens)
 
 
 def encode_response(sequence: int, rows: Sequence[StageCodes]) -> pb.EncodeActivationsResponse:

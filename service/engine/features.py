@@ -1,8 +1,10 @@
 """What is known about one feature: its decoder direction in activation units, the logit lens through
-the host model's unembedding, and the density and top examples when the stack recorded them.
+the host model's unembedding, and what the stack records: the dashboard (service/engine/dashboard.py), the
+explanation and the meta-latents, or the older density and top examples.
 
-Optional records a stack may carry per stage (the trainer or an importer writes them; GetFeature and
-StageInfo report them when present):
+The dashboard, when the stage has one, also fills the old `density` and `top_examples` fields, so clients that
+predate it keep working. Otherwise, optional records a stack may carry per stage (the trainer or an importer
+writes them; GetFeature and StageInfo report them when present):
 - density: `extra_tensors["density"]` (d_sae,) or `extras["density"]` (a list of d_sae numbers), the
   fraction of evaluated tokens on which each feature was non-zero;
 - top examples: `extras["top_examples"]`, a mapping from the feature id (as a string) to a list of
@@ -20,6 +22,7 @@ from torch import Tensor
 from core.errors import NotFound
 from core.host.host_model import HostModel
 from core.stack.reader import LoadedStage
+from service.engine.dashboard import explanation, feature_dashboard, feature_meta_latents, summary_examples
 from service.engine.decompose import token_texts
 from service.engine.served import ServedStack
 from service.engine.specs import FeatureInfo, TokenScore
@@ -91,7 +94,8 @@ def feature_examples(stage: LoadedStage, feature: int) -> tuple[tuple[str, int, 
 
 @torch.inference_mode()
 def feature_info(host: HostModel, stack: ServedStack, stage: int, feature: int, top_n: int) -> FeatureInfo:
-    """Decoder norm, logit-lens top and bottom tokens, density and top examples of one feature."""
+    """Decoder norm, logit-lens top and bottom tokens, dashboard, explanation, meta-latents, density and top
+    examples of one feature."""
     if not 0 <= stage < len(stack.runtime.stages):
         raise NotFound(f"stack {stack.name!r} has no stage {stage}; it has {len(stack.runtime.stages)}")
     d_sae = stack.runtime.stages[stage].sae.d_sae
@@ -100,6 +104,14 @@ def feature_info(host: HostModel, stack: ServedStack, stage: int, feature: int, 
     direction = decoder_direction(stack, stage, feature)  # (d,)
     top, bottom = logit_lens(host, direction, top_n)
     loaded = stack.loaded.stages[stage]
+    dashboard = feature_dashboard(host, loaded, feature)
+    if dashboard is None:
+        density, examples = feature_density(loaded, feature), feature_examples(loaded, feature)
+    else:
+        fired = sum(side.count for side in dashboard.sides)
+        density = fired / dashboard.tokens if dashboard.tokens else 0.0
+        examples = summary_examples(host, dashboard)
     return FeatureInfo(stack=stack.name, stage=stage, feature=feature, decoder_norm=float(direction.norm()),
-                       top_tokens=top, bottom_tokens=bottom, density=feature_density(loaded, feature),
-                       top_examples=feature_examples(loaded, feature))
+                       top_tokens=top, bottom_tokens=bottom, density=density, top_examples=examples,
+                       dashboard=dashboard, explanation=explanation(stack.loaded, loaded, feature),
+                       meta_latents=feature_meta_latents(loaded, feature))

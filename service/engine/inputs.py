@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from service.config import ServerConfig
+from service.engine.feature_specs import FeatureSort, Reduction, TokenDirection
 from service.engine.specs import Action, Comparison, Op, Scope
 
 DEFAULT_TOP_K = 32
@@ -23,6 +24,8 @@ DEFAULT_CHUNK_TOKENS, MAX_CHUNK_TOKENS = 32, 256
 MAX_TEMPERATURE = 10.0
 MAX_CHARS_PER_TOKEN = 64  # texts longer than this many characters per allowed token are refused untokenized
 MAX_SEED = 2**64 - 1
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 20, 200  # SearchFeatures / ListFeatures results per page
+MAX_QUERY_CHARS = 1000  # SearchFeatures by explanation: the query's length
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class Limits:
     max_conditions: int
     max_stop_strings: int
     max_top_n: int
+    max_page_size: int
+    default_page_size: int
     max_batch_vectors: int
     max_message_bytes: int
     queue_size: int
@@ -55,6 +60,7 @@ class Limits:
             max_prompt_tokens=config.max_prompt_tokens, max_top_k=config.max_top_k,
             default_top_k=min(DEFAULT_TOP_K, config.max_top_k), max_interventions=config.max_interventions,
             max_conditions=config.max_interventions, max_stop_strings=MAX_STOP_STRINGS, max_top_n=MAX_TOP_N,
+            max_page_size=MAX_PAGE_SIZE, default_page_size=DEFAULT_PAGE_SIZE,
             max_batch_vectors=config.max_batch_vectors, max_message_bytes=config.max_message_bytes,
             queue_size=config.queue_size,
         )
@@ -128,3 +134,49 @@ class ConditionIn:
     threshold: float
     action: Action | None
     positions: PositionsIn | None = None
+
+
+@dataclass(frozen=True)
+class SpanIn:
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class TextQueryIn:
+    text: str
+    span: SpanIn | None = None
+    reduction: Reduction | None = None  # None = MAX
+    add_special_tokens: bool | None = None
+
+
+@dataclass(frozen=True)
+class TokenQueryIn:
+    text: str | None = None  # exactly one of text and id
+    id: int | None = None
+    direction: TokenDirection | None = None  # None = PROMOTES
+
+
+@dataclass(frozen=True)
+class SearchIn:
+    """SearchFeaturesRequest: exactly one of text / token / explanation (all None = no query set)."""
+
+    stack: str = ""
+    text: TextQueryIn | None = None
+    token: TokenQueryIn | None = None
+    explanation: str | None = None
+    stages: Sequence[str] = ()
+    page_size: int = 0
+    page_token: str = ""
+
+
+@dataclass(frozen=True)
+class ListFeaturesIn:
+    stack: str = ""
+    stage: str = ""
+    min_density: float | None = None
+    max_density: float | None = None
+    sort: FeatureSort | None = None  # None = DENSITY
+    descending: bool = False
+    page_size: int = 0
+    page_token: str = ""

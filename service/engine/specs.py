@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from service.engine.feature_specs import FeatureDashboard, MetaLatents
+
 
 class Op(StrEnum):
     """How an intervention edits one feature's value z: z+v, v, z·v, clamp(z, lo, hi), 0."""
@@ -261,3 +263,6 @@ class FeatureInfo:
     bottom_tokens: tuple[TokenScore, ...]
     density: float | None = None
     top_examples: tuple[tuple[str, int, float], ...] = ()  # (text, position, value)
+    dashboard: FeatureDashboard | None = None
+    explanation: str = ""
+    meta_latents: MetaLatents | None = None

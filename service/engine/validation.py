@@ -39,6 +39,8 @@ from service.engine.inputs import (
     SamplingIn,
     SteeringIn,
 )
+from service.engine.paging import PageSigner
+from service.engine.search_validation import FeatureQueryValidation
 from service.engine.specs import (
     Action,
     Comparison,
@@ -81,15 +83,18 @@ def _count(items: Sequence[object], bound: int, field: str, limit_name: str) -> 
         raise InvalidRequest(f"{field} has {len(items)} entries; at most {bound} (Limits.{limit_name})")
 
 
-class RequestValidator:
-    """Validates requests against one host model, the loaded stacks (first = default) and the limits."""
+class RequestValidator(FeatureQueryValidation):
+    """Validates requests against one host model, the loaded stacks (first = default) and the limits
+    (SearchFeatures and ListFeatures: service/engine/search_validation.py)."""
 
-    def __init__(self, host: HostModel, stacks: Mapping[str, ServedStack], config: ServerConfig) -> None:
+    def __init__(self, host: HostModel, stacks: Mapping[str, ServedStack], config: ServerConfig,
+                 pages: PageSigner | None = None) -> None:
         self.host = host
         self.stacks = stacks
         self.config = config
         self.limits = Limits.from_config(config)
         self.vocab_size = int(host.model.config.vocab_size)
+        self.pages = pages or PageSigner()
 
     # ---------------------------------------------------------------------------------------- names
 

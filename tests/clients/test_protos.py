@@ -3,7 +3,7 @@
 - the committed code is exactly what `make protos` produces from the .proto files today;
 - every enum starts with `<ENUM_NAME>_UNSPECIFIED = 0` and prefixes its values with its name;
 - every message, field, oneof, enum, enum value, service and method carries a comment;
-- the service has the eight RPCs with the documented streaming kinds;
+- the service has the ten RPCs with the documented streaming kinds;
 - the dependency floors admit no grpcio/protobuf older than what the generated code checks at import.
 """
 
@@ -31,6 +31,8 @@ RPCS = {
     "GetServerInfo": (False, False),
     "ListStacks": (False, False),
     "GetFeature": (False, False),
+    "SearchFeatures": (False, False),
+    "ListFeatures": (False, False),
     "Tokenize": (False, False),
     "Decompose": (False, True),
     "Generate": (False, True),
@@ -159,7 +161,7 @@ def test_every_element_is_commented(file_set):
     assert not missing, "uncommented elements (say what it is, its units and allowed range):\n" + "\n".join(missing)
 
 
-def test_service_has_the_eight_rpcs_with_their_streaming_kinds(file_set):
+def test_service_has_the_ten_rpcs_with_their_streaming_kinds(file_set):
     services = [(f.package, s) for f in file_set.file for s in f.service]
     assert [(package, s.name) for package, s in services] == [("featurewire.v1", "Featurewire")]
     methods = {m.name: m for m in services[0][1].method}

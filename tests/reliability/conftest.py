@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,28 @@ def rel_stack(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_training(load_config(SMOKE), tmp_path_factory.mktemp("rel-stack"), progress=False).stack_dir
 
 
+FUZZ_EXPLANATIONS = {"blocks.1.hook_resid_post": {0: "cats and dogs", 3: "the word the"},
+                     "blocks.2.hook_mlp_out": {1: "Dogs"}}
+
+
+@pytest.fixture(scope="session")
+def fuzz_stack(rel_stack: Path, tiny_gemma, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the smoke stack with feature dashboards and explanations, so the fuzzer reaches GetFeature's
+    dashboard, ListFeatures and explanation search too."""
+    from core.stack.dashboards import attach_explanations
+    from trainer.dashboards.accumulator import DashboardSettings
+    from trainer.dashboards.build import build_dashboards
+    from trainer.data.corpus import load_corpus
+
+    stack = Path(shutil.copytree(rel_stack, tmp_path_factory.mktemp("fuzz-stack") / "stack"))
+    settings = DashboardSettings(top_n=4, context=3, quantiles=3, per_quantile=2, logit_n=5, neighbours=4,
+                                 cooccurrence=4)
+    build_dashboards(stack, tiny_gemma, load_corpus("default")[:4], corpus="default", settings=settings,
+                     context_length=64, batch_size=8, max_tokens=2000, progress=False)
+    attach_explanations(stack, FUZZ_EXPLANATIONS)
+    return stack
+
+
 @pytest.fixture(scope="session")
 def rel_loop() -> Iterator[ServerLoop]:
     loop = ServerLoop()
@@ -80,9 +103,9 @@ class ServedProcess:
 
 
 @pytest.fixture(scope="session")
-def fuzz_server(rel_stack: Path) -> Iterator[ServedProcess]:
+def fuzz_server(fuzz_stack: Path) -> Iterator[ServedProcess]:
     env = {f"FEATUREWIRE_{name.upper()}": str(value) for name, value in FUZZ_LIMITS.items()}
-    server = launch(["--model", "tiny-random", "--device", "cpu", "--stack", str(rel_stack), "--host", "127.0.0.1",
+    server = launch(["--model", "tiny-random", "--device", "cpu", "--stack", str(fuzz_stack), "--host", "127.0.0.1",
                      "--port", "0", "--metrics-port", "0", "--drain-grace", "5"], env=env)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     try:

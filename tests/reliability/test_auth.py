@@ -65,6 +65,8 @@ def calls(channel: grpc.Channel) -> dict[str, Callable[[list[tuple[str, str]]], 
         "ListStacks": unary("ListStacks", pb.ListStacksRequest()),
         "GetFeature": unary("GetFeature", pb.GetFeatureRequest(stage=STAGE, feature=1)),
         "Tokenize": unary("Tokenize", pb.TokenizeRequest(text="hello")),
+        "SearchFeatures": unary("SearchFeatures", pb.SearchFeaturesRequest(token=pb.TokenQuery(id=5))),
+        "ListFeatures": unary("ListFeatures", pb.ListFeaturesRequest(stage=STAGE)),
         "Decompose": streaming("Decompose", pb.DecomposeRequest(input=t.Input(text="hello there"))),
         "Generate": streaming("Generate", pb.GenerateRequest(prompt=t.Input(text="hello"), interventions=[
             t.Intervention(stage=STAGE, feature=1, op=t.INTERVENTION_OP_ADD, value=1.0)])),
@@ -105,7 +107,8 @@ def test_the_right_token_is_served_and_health_is_exempt(guarded: Running) -> Non
     for scheme in ("Bearer", "bearer"):
         for name, call in calls(guarded.channel).items():
             code, details = code_of(lambda c=call, s=scheme: c([("authorization", f"{s} {TOKEN}")]))
-            assert code == grpc.StatusCode.OK, (name, code, details)
+            served = grpc.StatusCode.FAILED_PRECONDITION if name == "ListFeatures" else grpc.StatusCode.OK
+            assert code == served, (name, code, details)  # the smoke stack has no dashboards to list
     assert guarded.health() == guarded.health("readiness") == "SERVING"  # no token needed for probes
 
 

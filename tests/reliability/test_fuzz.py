@@ -261,6 +261,61 @@ def feature_requests(draw: st.DrawFn, w: World) -> pb.GetFeatureRequest:
                                 feature=draw(features(w, sane)), top_n=draw(st.one_of(st.integers(0, 120), U32)))
 
 
+PAGE_TOKENS = ["", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "not a token", "\x00", "=" * 64, "A" * 5000]
+
+
+def page_fields(draw: st.DrawFn, sane: bool) -> dict:
+    if sane:
+        return {"page_size": draw(st.integers(0, 30)), "page_token": ""}
+    return {"page_size": draw(st.one_of(st.integers(0, 250), U32)),
+            "page_token": draw(st.one_of(st.sampled_from(PAGE_TOKENS), TEXT))}
+
+
+@st.composite
+def search_requests(draw: st.DrawFn, w: World) -> pb.SearchFeaturesRequest:
+    sane = draw(st.booleans())
+    stages = st.lists(st.sampled_from(w.stages), unique=True, max_size=2) if sane else st.lists(names(w), max_size=3)
+    msg = pb.SearchFeaturesRequest(stack=draw(stacks(w, sane)), stages=draw(stages), **page_fields(draw, sane))
+    kind = draw(st.sampled_from(["text", "token", "explanation"] + ([] if sane else ["none"])))
+    if kind == "text":
+        text = draw(SANE_TEXT if sane else TEXT)
+        query = pb.TextQuery(text=text, reduction=draw(known(pb.Reduction, sane)))
+        if draw(st.booleans()):
+            if sane and len(text) > 1:
+                start = draw(st.integers(0, len(text) - 1))
+                query.span.CopyFrom(pb.Span(start=start, end=draw(st.integers(start + 1, len(text)))))
+            elif not sane:
+                query.span.CopyFrom(pb.Span(start=draw(U32), end=draw(U32)))
+        if draw(st.booleans()):
+            query.add_special_tokens = draw(st.booleans())
+        msg.text.CopyFrom(query)
+    elif kind == "token":
+        query = pb.TokenQuery(direction=draw(known(pb.TokenDirection, sane)))
+        if draw(st.booleans()):
+            query.id = draw(st.integers(0, w.vocab - 1) if sane else st.one_of(st.integers(0, w.vocab - 1), U32))
+        elif sane or draw(st.booleans()):
+            query.text = draw(st.sampled_from([" the", "the", "a", ".", " "]) if sane else TEXT)
+        msg.token.CopyFrom(query)
+    elif kind == "explanation":
+        msg.explanation = draw(st.sampled_from(["cats", "the Dogs", "word"]) if sane else TEXT)
+    return msg
+
+
+@st.composite
+def list_requests(draw: st.DrawFn, w: World) -> pb.ListFeaturesRequest:
+    sane = draw(st.booleans())
+    msg = pb.ListFeaturesRequest(stack=draw(stacks(w, sane)), stage=draw(names(w, sane)),
+                                 sort=draw(known(pb.FeatureSort, sane)), descending=draw(st.booleans()),
+                                 **page_fields(draw, sane))
+    density = st.floats(0, 1) if sane else st.one_of(st.floats(0, 1), st.floats(), st.just(float("nan")))
+    low, high = sorted([draw(density), draw(density)]) if sane else (draw(density), draw(density))
+    if draw(st.booleans()):
+        msg.min_density = low
+    if draw(st.booleans()):
+        msg.max_density = high
+    return msg
+
+
 @st.composite
 def tokenize_requests(draw: st.DrawFn) -> pb.TokenizeRequest:
     msg = pb.TokenizeRequest(text=draw(st.one_of(TEXT, st.sampled_from(["y" * 3072, "z" * 3073, "w" * 500_000]))))
@@ -409,6 +464,42 @@ def test_get_feature_and_tokenize(fuzz_server: ServedProcess, world: World, data
         assert len(responses[0].ids) == len(responses[0].tokens)
 
 
+def check_page(response, request, d_sae: dict[str, int], limit: int) -> None:
+    assert len(response.features) <= (request.page_size or 20) <= limit
+    for item in response.features:
+        stage = getattr(item, "stage", None) or request.stage
+        assert item.feature < d_sae[stage]
+
+
+@FUZZ
+@given(data=st.data())
+def test_search_and_list_features(fuzz_server: ServedProcess, world: World, data: st.DataObject) -> None:
+    """Any page that comes back is well formed, and its next_page_token is accepted for the same query."""
+    d_sae = dict(zip(world.stages, world.d_sae, strict=True))
+    search = data.draw(search_requests(world))
+    code, responses = outcome("SearchFeatures", lambda: fuzz_server.stub.SearchFeatures(search, timeout=TIMEOUT_S))
+    if code == grpc.StatusCode.OK:
+        check_page(responses[0], search, d_sae, 200)
+        if not search.HasField("token"):  # text and explanation matches come best first
+            scores = [m.score for m in responses[0].features]
+            assert scores == sorted(scores, reverse=True)
+        if responses[0].next_page_token:
+            search.page_token = responses[0].next_page_token
+            code, _ = outcome("SearchFeatures", lambda: fuzz_server.stub.SearchFeatures(search, timeout=TIMEOUT_S))
+            assert code == grpc.StatusCode.OK
+    listing = data.draw(list_requests(world))
+    code, responses = outcome("ListFeatures", lambda: fuzz_server.stub.ListFeatures(listing, timeout=TIMEOUT_S))
+    if code == grpc.StatusCode.OK:
+        check_page(responses[0], listing, d_sae, 200)
+        low = listing.min_density if listing.HasField("min_density") else 0.0
+        high = listing.max_density if listing.HasField("max_density") else 1.0
+        assert all(low <= f.density <= high for f in responses[0].features)
+        if responses[0].next_page_token:
+            listing.page_token = responses[0].next_page_token
+            code, _ = outcome("ListFeatures", lambda: fuzz_server.stub.ListFeatures(listing, timeout=TIMEOUT_S))
+            assert code == grpc.StatusCode.OK
+
+
 @FUZZ
 @given(data=st.data())
 def test_encode_activations(fuzz_server: ServedProcess, world: World, data: st.DataObject) -> None:
@@ -421,7 +512,7 @@ def test_encode_activations(fuzz_server: ServedProcess, world: World, data: st.D
 
 
 METHODS = ("GetServerInfo", "ListStacks", "GetFeature", "Tokenize", "Decompose", "Generate", "Score",
-           "EncodeActivations")
+           "EncodeActivations", "SearchFeatures", "ListFeatures")
 
 
 @st.composite

@@ -100,7 +100,8 @@ def test_its_codes_equal_the_full_servers(activation_only: Running, server_loop:
 
 @pytest.mark.parametrize("rpc,request_", [
     ("GetFeature", pb.GetFeatureRequest(stage=SIGNED)), ("Tokenize", pb.TokenizeRequest(text="x")),
-    ("Score", pb.ScoreRequest()), ("Decompose", pb.DecomposeRequest()), ("Generate", pb.GenerateRequest())])
+    ("Score", pb.ScoreRequest()), ("Decompose", pb.DecomposeRequest()), ("Generate", pb.GenerateRequest()),
+    ("SearchFeatures", pb.SearchFeaturesRequest(explanation="cat")), ("ListFeatures", pb.ListFeaturesRequest())])
 def test_rpcs_that_need_the_model_are_unimplemented_with_a_reason(activation_only: Running, rpc: str,
                                                                   request_) -> None:
     with pytest.raises(grpc.RpcError) as error:
@@ -119,7 +120,7 @@ def test_health_metrics_and_validation_work_as_in_the_full_server(activation_onl
     list(activation_only.stub.EncodeActivations(iter(encode_requests(captured(tiny_gemma))), timeout=60))
     text = activation_only.server.metrics.exposition().decode()
     assert f'featurewire_stage_l0_count{{stack="resae",stage="{RESID}"}}' in text
-    assert 'featurewire_rpcs_total{code="INVALID_ARGUMENT",method="EncodeActivations"}' in text
+    assert 'featurewire_rpcs_total{code="INVALID_ARGUMENT",method="EncodeActivations",transport="grpc"}' in text
     assert 'featurewire_build_info{device="cpu",dtype="float32",model=""' in text
 
 

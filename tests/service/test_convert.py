@@ -238,12 +238,13 @@ def test_server_info_describes_the_tiny_model(tiny_gemma, stacks):
     caps = info.capabilities
     assert caps.mode == pb.SERVING_MODE_FULL and caps.auth_required and caps.steering_vectors
     assert list(caps.rpcs) == ["GetServerInfo", "ListStacks", "GetFeature", "Tokenize", "Decompose", "Generate",
-                               "Score"]
+                               "Score", "SearchFeatures", "ListFeatures"]
     assert len(caps.intervention_ops) == 5 and len(caps.condition_actions) == 2 and caps.encode_backend == ""
     lim = info.limits
     assert (lim.max_new_tokens, lim.default_max_new_tokens, lim.max_prompt_tokens, lim.max_top_k,
             lim.default_top_k) == (512, 64, 2048, 16, 16)
     assert (lim.max_interventions, lim.max_conditions, lim.max_stop_strings, lim.max_top_n) == (64, 64, 16, 100)
+    assert (lim.max_page_size, lim.default_page_size) == (200, 20)
     assert (lim.max_batch_vectors, lim.max_message_bytes, lim.queue_size) == (4096, 64 * 1024 * 1024, 64)
     ver = info.versions
     assert (ver.server, ver.api, ver.python) == (service.__version__, "v1", platform.python_version())

@@ -46,6 +46,14 @@ from featurewire.events import (
     Token,
     TokenFeatures,
 )
+from featurewire.feature_results import (
+    DashboardExample,
+    FeatureDashboard,
+    FeatureList,
+    FeatureMatch,
+    FeatureSummary,
+    SearchResult,
+)
 from featurewire.results import (
     Feature,
     ScoreResult,
@@ -57,10 +65,11 @@ from featurewire.results import (
 
 __all__ = [
     "AsyncClient", "AsyncDecomposeStream", "AsyncGenerateStream", "Cancelled", "Client", "Condition",
-    "ConditionFired", "DeadlineExceeded", "DecomposeHeader", "DecomposeOptions", "DecomposeStream", "Decomposition",
-    "EncodedBatch", "FailedPrecondition", "Feature", "FeaturewireError", "Finished", "GenerateStream", "Generation",
+    "ConditionFired", "DashboardExample", "DeadlineExceeded", "DecomposeHeader", "DecomposeOptions", "DecomposeStream",
+    "Decomposition", "EncodedBatch", "FailedPrecondition", "Feature", "FeatureDashboard", "FeatureList",
+    "FeatureMatch", "FeatureSummary", "FeaturewireError", "Finished", "GenerateStream", "Generation",
     "Internal", "Intervention", "InvalidArgument", "NotFound", "PermissionDenied", "Positions", "ResourceExhausted",
-    "RetryPolicy", "ScoreResult", "ServerInfo", "StackInfo", "StageCodes", "StageInfo", "StageRef", "Started",
-    "TextToken", "Token", "TokenFeatures", "Tokens", "Unauthenticated", "Unavailable", "Unimplemented", "Vector",
-    "__version__", "feature_matrix", "to_numpy",
+    "RetryPolicy", "ScoreResult", "SearchResult", "ServerInfo", "StackInfo", "StageCodes", "StageInfo", "StageRef",
+    "Started", "TextToken", "Token", "TokenFeatures", "Tokens", "Unauthenticated", "Unavailable", "Unimplemented",
+    "Vector", "__version__", "feature_matrix", "to_numpy",
 ]

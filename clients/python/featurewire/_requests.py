@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from featurewire import events as ev
+from featurewire import feature_results as fr
 from featurewire import results as rs
 from featurewire.arrays import matrix
 from featurewire.builders import Condition, DecomposeOptions, Edit, decompose_options, split_edits
@@ -97,6 +98,62 @@ def stacks() -> Call:
 def feature(stack: str, stage: str, feature: int, top_n: int) -> Call:
     return Call("GetFeature", pb.GetFeatureRequest(stack=stack, stage=stage, feature=int(feature), top_n=top_n),
                 rs.feature)
+
+
+def _choice(value: str, table: dict[str, int], name: str) -> int:
+    """A short lower-case option ("max", "density") -> its proto number; anything else fails here."""
+    number = table.get(value.lower()) if isinstance(value, str) else None
+    if number is None:
+        raise ValueError(f"{name} must be one of {', '.join(table)}, got {value!r}")
+    return number
+
+
+REDUCTIONS = {"max": pb.REDUCTION_MAX, "mean": pb.REDUCTION_MEAN}
+DIRECTIONS = {"promotes": pb.TOKEN_DIRECTION_PROMOTES, "suppresses": pb.TOKEN_DIRECTION_SUPPRESSES}
+SORTS = {"density": pb.FEATURE_SORT_DENSITY, "max": pb.FEATURE_SORT_MAX}
+
+
+def search_features(*, text: str | None, span: tuple[int, int] | None, token: str | int | None,
+                    explanation: str | None, stages: Sequence[str] | str | None, reduce: str, direction: str,
+                    stack: str, page_size: int, page_token: str, add_special_tokens: bool | None) -> Call:
+    """Exactly one of text (optionally a character span [start, end) of it), token (a one-token string or an id)
+    and explanation (words)."""
+    given = [name for name, value in (("text", text), ("token", token), ("explanation", explanation))
+             if value is not None]
+    if len(given) != 1:
+        raise ValueError(f"pass exactly one of text, token and explanation (got {', '.join(given) or 'none'})")
+    if span is not None and text is None:
+        raise ValueError("span applies to a text search only")
+    request = pb.SearchFeaturesRequest(stack=stack, stages=_names(stages), page_size=page_size,
+                                       page_token=page_token)
+    if text is not None:
+        query = _special_tokens(pb.TextQuery(text=text, reduction=_choice(reduce, REDUCTIONS, "reduce")),
+                                add_special_tokens)
+        if span is not None:
+            start, end = span
+            query.span.CopyFrom(pb.Span(start=int(start), end=int(end)))
+        request.text.CopyFrom(query)
+    elif token is not None:
+        query = pb.TokenQuery(direction=_choice(direction, DIRECTIONS, "direction"))
+        if isinstance(token, str):
+            query.text = token
+        else:
+            query.id = int(token)
+        request.token.CopyFrom(query)
+    else:
+        request.explanation = explanation or ""
+    return Call("SearchFeatures", request, fr.search_result)
+
+
+def list_features(stage: str, *, min_density: float | None, max_density: float | None, sort: str,
+                  descending: bool, stack: str, page_size: int, page_token: str) -> Call:
+    request = pb.ListFeaturesRequest(stack=stack, stage=stage, sort=_choice(sort, SORTS, "sort"),
+                                     descending=descending, page_size=page_size, page_token=page_token)
+    if min_density is not None:
+        request.min_density = float(min_density)
+    if max_density is not None:
+        request.max_density = float(max_density)
+    return Call("ListFeatures", request, fr.feature_list)
 
 
 def tokenize(text: str, add_special_tokens: bool | None) -> Call:

@@ -21,6 +21,7 @@ import grpc.aio
 
 from featurewire import _requests as rq
 from featurewire import events as ev
+from featurewire import feature_results as fr
 from featurewire import results as rs
 from featurewire._transport import DEFAULT, ClientBase, Deadline, StreamBase, next_delay
 from featurewire.builders import Condition, Edit
@@ -173,6 +174,23 @@ class AsyncClient(ClientBase):
     async def feature(self, stack: str, stage: str, feature: int, *, top_n: int = 0,
                       timeout: Any = DEFAULT) -> rs.Feature:
         return await self._unary(rq.feature(stack, stage, feature, top_n), timeout)
+
+    async def search_features(self, text: str | None = None, *, span: tuple[int, int] | None = None,
+                              token: str | int | None = None, explanation: str | None = None,
+                              stages: Sequence[str] | str | None = None, reduce: str = "max",
+                              direction: str = "promotes", stack: str = "", page_size: int = 0, page_token: str = "",
+                              add_special_tokens: bool | None = None, timeout: Any = DEFAULT) -> fr.SearchResult:
+        return await self._unary(rq.search_features(text=text, span=span, token=token, explanation=explanation,
+                                                    stages=stages, reduce=reduce, direction=direction, stack=stack,
+                                                    page_size=page_size, page_token=page_token,
+                                                    add_special_tokens=add_special_tokens), timeout)
+
+    async def list_features(self, stage: str, *, min_density: float | None = None, max_density: float | None = None,
+                            sort: str = "density", descending: bool = False, stack: str = "", page_size: int = 0,
+                            page_token: str = "", timeout: Any = DEFAULT) -> fr.FeatureList:
+        return await self._unary(rq.list_features(stage, min_density=min_density, max_density=max_density, sort=sort,
+                                                  descending=descending, stack=stack, page_size=page_size,
+                                                  page_token=page_token), timeout)
 
     async def tokenize(self, text: str, *, add_special_tokens: bool | None = None,
                        timeout: Any = DEFAULT) -> rs.Tokens:

@@ -3,7 +3,9 @@
     featurewire info
     featurewire decompose "The cat sat on the mat" --top-k 5 --stage blocks.6.hook_resid_post
     featurewire generate "My favourite food is" --set blocks.6.hook_resid_post:123=8@generated --with-default
-    featurewire feature "" blocks.6.hook_resid_post 123
+    featurewire feature blocks.6.hook_resid_post 123          (or: feature STACK STAGE ID)
+    featurewire search "The cat sat on the mat" --span 4:7    (or --token-text " cat", --explanation "animals")
+    featurewire features blocks.6.hook_resid_post --max-density 0 --all   (the dead features)
     featurewire score "The cat sat on the mat" --splice blocks.6.hook_resid_post
 
 Edits: `--set/--add/--scale STAGE:FEATURE=VALUE`, `--clamp STAGE:FEATURE=LO:HI` (either bound may be
@@ -145,11 +147,60 @@ def cmd_generate(client: Client, args: argparse.Namespace) -> None:
     _print(" ".join(render.finish_line(f) for f in finishes) + f" seed {result.seed}")
 
 
+def feature_target(ref: Sequence[str]) -> tuple[str, str, int]:
+    """`STAGE ID` or `STACK STAGE ID` -> (stack, stage, id); stack "", "-" or "default" = the default stack."""
+    if len(ref) not in (2, 3) or not ref[-1].strip().isdigit():
+        raise ValueError(f"feature {' '.join(ref)!r}: expected STAGE ID or STACK STAGE ID (ID a number)")
+    *stack, stage, feature = ref
+    name = stack[0] if stack else ""
+    return ("" if name in ("-", "default") else name), stage, int(feature)
+
+
 def cmd_feature(client: Client, args: argparse.Namespace) -> None:
-    stack = "" if args.stack in ("-", "default") else args.stack
-    feature = client.feature(stack, args.stage, args.id, top_n=args.top_n, timeout=args.timeout)
+    stack, stage, number = feature_target(args.ref)
+    feature = client.feature(stack, stage, number, top_n=args.top_n, timeout=args.timeout)
     for line in [render.to_json(feature)] if args.json else render.feature_lines(feature):
         _print(line)
+
+
+def _span(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    start, colon, end = text.partition(":")
+    if not colon or not start.strip().isdigit() or not end.strip().isdigit():
+        raise ValueError(f"--span {text!r}: expected START:END, character offsets with END excluded")
+    return int(start), int(end)
+
+
+def _pages(fetch: Callable[[str], Any], every: bool) -> Any:
+    """The first page, and with `every` each following one (the server's next_page_token) until the last."""
+    token = ""
+    while True:
+        page = fetch(token)
+        yield page
+        token = page.next_page_token
+        if not every or not token:
+            return
+
+
+def cmd_search(client: Client, args: argparse.Namespace) -> None:
+    stages = [name for item in args.stages or () for name in item.split(",") if name]
+    token = args.token_text if args.token_text is not None else args.token_id
+    for page in _pages(lambda page_token: client.search_features(
+            args.text, span=_span(args.span), token=token, explanation=args.explanation, stages=stages,
+            reduce=args.reduce, direction="suppresses" if args.suppresses else "promotes", stack=args.stack,
+            page_size=args.page_size, page_token=page_token or args.page_token, timeout=args.timeout), args.all):
+        for line in [render.to_json(page)] if args.json else render.search_lines(page):
+            _print(line)
+
+
+def cmd_features(client: Client, args: argparse.Namespace) -> None:
+    for page in _pages(lambda page_token: client.list_features(
+            args.stage, min_density=args.min_density, max_density=args.max_density, sort=args.sort,
+            descending=args.descending, stack=args.stack, page_size=args.page_size,
+            page_token=page_token or args.page_token, timeout=args.timeout), args.all):
+        for line in [render.to_json(page)] if args.json else render.feature_list_lines(page):
+            _print(line)
 
 
 def cmd_score(client: Client, args: argparse.Namespace) -> None:
@@ -193,6 +244,13 @@ def _edit_flags(p: argparse.ArgumentParser) -> None:
                                                       "START:END (default: all)")
 
 
+def _paging(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--page-size", type=int, default=0, help="results per page (0 = the server's default)")
+    p.add_argument("--page-token", default="", help="continue from a page (the token a previous page printed)")
+    p.add_argument("--all", action="store_true", help="every page, one after the other")
+    p.add_argument("--stack", default="")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
     parser = argparse.ArgumentParser(prog="featurewire", parents=[common],
@@ -227,11 +285,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--stack", default="")
-    p = add("feature", cmd_feature, "one feature: decoder norm, logit-lens tokens, density, examples")
-    p.add_argument("stack", help='stack name; "" or - for the default stack')
-    p.add_argument("stage")
-    p.add_argument("id", type=int)
+    p = add("feature", cmd_feature, "one feature: decoder norm, logit-lens tokens and its dashboard (density per "
+            "sign, examples, neighbours), explanation and meta-latents when the stack has them")
+    p.add_argument("ref", nargs="+", metavar="[STACK] STAGE ID",
+                   help='the stage and feature id, optionally after a stack name ("" or - for the default)')
     p.add_argument("--top-n", type=int, default=0, help="logit-lens tokens each way (0 = 10)")
+    p = add("search", cmd_search, "features a text activates, whose logit lens promotes a token, or whose "
+            "explanation has some words")
+    p.add_argument("text", nargs="?", help="rank features by their activation on this text")
+    p.add_argument("--span", metavar="START:END", help="only the tokens overlapping these characters of the text")
+    p.add_argument("--reduce", choices=("max", "mean"), default="max", help="over the tokens (default max)")
+    p.add_argument("--token-text", metavar="TOKEN", help="rank by the logit lens of this one-token string (--token "
+                                                         "is the bearer token)")
+    p.add_argument("--token-id", type=int, metavar="ID", help="rank by the logit lens of this token id")
+    p.add_argument("--suppresses", action="store_true", help="with a token: the features lowering it most")
+    p.add_argument("--explanation", metavar="WORDS", help="rank by the words the features' explanations contain")
+    p.add_argument("--stages", action="append", metavar="A,B", help="stages to search (default: every stage)")
+    _paging(p)
+    p = add("features", cmd_features, "a stage's features from its dashboard, filtered by density and sorted")
+    p.add_argument("stage")
+    p.add_argument("--min-density", type=float, metavar="D", help="keep density >= D (default 0)")
+    p.add_argument("--max-density", type=float, metavar="D", help="keep density <= D (default 1; 0: dead features)")
+    p.add_argument("--sort", choices=("density", "max"), default="density", help="order (default density)")
+    p.add_argument("--descending", action="store_true", help="largest first")
+    _paging(p)
     p = add("score", cmd_score, "teacher-forced CE of a text, clean and edited or spliced, and their KL")
     p.add_argument("text")
     p.add_argument("--splice", action="append", metavar="STAGE", help="replace a stage by its reconstruction")

@@ -21,6 +21,7 @@ import grpc
 
 from featurewire import _requests as rq
 from featurewire import events as ev
+from featurewire import feature_results as fr
 from featurewire import results as rs
 from featurewire._transport import DEFAULT, ClientBase, Deadline, StreamBase, next_delay
 from featurewire.builders import Condition, Edit
@@ -159,8 +160,32 @@ class Client(ClientBase):
         return self._unary(rq.stacks(), timeout)
 
     def feature(self, stack: str, stage: str, feature: int, *, top_n: int = 0, timeout: Any = DEFAULT) -> rs.Feature:
-        """One feature's decoder norm and logit-lens tokens; stack "" = the default stack."""
+        """One feature's decoder norm and logit-lens tokens, and its dashboard, explanation and meta-latents when
+        the stack has them; stack "" = the default stack."""
         return self._unary(rq.feature(stack, stage, feature, top_n), timeout)
+
+    def search_features(self, text: str | None = None, *, span: tuple[int, int] | None = None,
+                        token: str | int | None = None, explanation: str | None = None,
+                        stages: Sequence[str] | str | None = None, reduce: str = "max", direction: str = "promotes",
+                        stack: str = "", page_size: int = 0, page_token: str = "",
+                        add_special_tokens: bool | None = None, timeout: Any = DEFAULT) -> fr.SearchResult:
+        """Features a text activates most (`reduce` "max" or "mean" over the text, or over characters `span`
+        [start, end) of it), whose logit lens promotes (`direction` "suppresses": lowers) a `token` most (a
+        one-token string or an id), or whose explanation contains the `explanation` words. One page; pass
+        `next_page_token` back with the same query for the next."""
+        return self._unary(rq.search_features(text=text, span=span, token=token, explanation=explanation,
+                                              stages=stages, reduce=reduce, direction=direction, stack=stack,
+                                              page_size=page_size, page_token=page_token,
+                                              add_special_tokens=add_special_tokens), timeout)
+
+    def list_features(self, stage: str, *, min_density: float | None = None, max_density: float | None = None,
+                      sort: str = "density", descending: bool = False, stack: str = "", page_size: int = 0,
+                      page_token: str = "", timeout: Any = DEFAULT) -> fr.FeatureList:
+        """A stage's features from its dashboard with density in [min_density, max_density], sorted by "density"
+        or "max" (e.g. descending=False and max_density=0 for the dead ones). One page, as search_features."""
+        return self._unary(rq.list_features(stage, min_density=min_density, max_density=max_density, sort=sort,
+                                            descending=descending, stack=stack, page_size=page_size,
+                                            page_token=page_token), timeout)
 
     def tokenize(self, text: str, *, add_special_tokens: bool | None = None, timeout: Any = DEFAULT) -> rs.Tokens:
         return self._unary(rq.tokenize(text, add_special_tokens), timeout)

@@ -15,7 +15,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from featurewire.events import DecomposeHeader, Finished, StageCodes, TokenFeatures
+from featurewire.feature_results import DashboardExample, FeatureDashboard, FeatureList, SearchResult
 from featurewire.results import Feature, ScoreResult, ServerInfo, StackInfo, Tokens
+
+EXAMPLES_SHOWN = 5  # top examples per side in `featurewire feature`
 
 
 def to_json(value: Any, **extra: Any) -> str:
@@ -130,10 +133,68 @@ def feature_lines(f: Feature) -> list[str]:
         return ", ".join(f"{token_text(s.text)} {s.score:+.3g}" for s in items) or "—"
 
     density = "—" if f.density is None else f"{f.density:.4g}"
-    lines = [f"feature {f.feature} of stage {f.stage} (index {f.stage_index}) in stack {f.stack}",
-             f"decoder norm {f.decoder_norm:.4g}, density {density}",
-             f"promotes:   {scores(f.top_tokens)}", f"suppresses: {scores(f.bottom_tokens)}"]
+    lines = [f"feature {f.feature} of stage {f.stage} (index {f.stage_index}) in stack {f.stack}"]
+    if f.explanation:
+        lines.append(f"explanation: {f.explanation}")
+    lines += [f"decoder norm {f.decoder_norm:.4g}, density {density}",
+              f"promotes:   {scores(f.top_tokens)}", f"suppresses: {scores(f.bottom_tokens)}"]
+    if f.meta_latents is not None:
+        latents = ", ".join(f"{i}:{v:+.3g}" for i, v in zip(f.meta_latents.ids, f.meta_latents.values, strict=True))
+        lines.append(f"meta-latents (of {f.meta_latents.width}): {latents or '—'}")
+    if f.dashboard is not None:
+        return lines + dashboard_lines(f.dashboard)
     lines += [f"example ({x.value:+.3g} at token {x.position}): {x.text!r}" for x in f.top_examples]
+    return lines
+
+
+def example_line(x: DashboardExample) -> str:
+    """The example's window with the firing token marked [[like this]], and where it comes from."""
+    return f"{x.value:+8.3g}  {x.marked()!r}  (document {x.document}, token {x.position})"
+
+
+def dashboard_lines(d: FeatureDashboard) -> list[str]:
+    lines = [f"dashboard: {d.tokens:,} tokens of {d.documents} documents ({d.corpus or '?'})"]
+    for side in d.sides:
+        lines.append(f"  {side.sign}: density {side.density:.4g} ({side.count:,} tokens), mean {side.mean:.3g}, "
+                     f"max {side.max:.3g}")
+        lines += [f"    {example_line(x)}" for x in side.top_examples[:EXAMPLES_SHOWN]]
+        for q in side.quantiles:
+            sample = f": {q.examples[0].marked()!r}" if q.examples else ""
+            lines.append(f"    [{q.low:.3g}, {q.high:.3g}) {q.share:.0%}{sample}")
+
+    def refs(items: Sequence[Any], cross: bool = False) -> str:
+        return ", ".join((f"{n.stage}:{n.feature}" if cross else f"{n.feature}") + f" ({n.cosine:.2f})"
+                         for n in items) or "—"
+
+    lines.append(f"neighbours: {refs(d.neighbours)}")
+    lines.append(f"other stages: {refs(d.cross_stage_neighbours, cross=True)}")
+    lines.append("co-occurs with: " + (", ".join(f"{c.feature} ({c.jaccard:.2f})" for c in d.cooccurring) or "—"))
+    return lines
+
+
+def _density(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
+def search_lines(r: SearchResult) -> list[str]:
+    texts = {t.position: t.text for t in r.tokens}
+    lines = [f"{r.total} matches in stack {r.stack}" + (f" (more: --page-token {r.next_page_token})"
+                                                       if r.next_page_token else "")]
+    for m in r.features:
+        where = f" at {m.position} {token_text(texts.get(m.position, ''))}" if r.tokens else ""
+        sign = f" {m.sign.lower()}" if m.sign else ""
+        ref = f"{m.stage}:{m.feature}"
+        lines.append(f"{ref:<20} score {m.score:+.4g}{sign}{where}  density {_density(m.density)}"
+                     + (f"  {m.explanation}" if m.explanation else ""))
+    return lines
+
+
+def feature_list_lines(r: FeatureList) -> list[str]:
+    lines = [f"{r.total} features of stage {r.stage} in stack {r.stack} ({r.tokens:,} tokens)"
+             + (f" (more: --page-token {r.next_page_token})" if r.next_page_token else ""),
+             f"{'feature':>7}  {'density':>9}  {'max':>8}  {'mean':>8}  explanation"]
+    lines += [f"{f.feature:>7}  {f.density:>9.4g}  {f.max:>8.3g}  {f.mean:>8.3g}  {f.explanation}".rstrip()
+              for f in r.features]
     return lines
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from featurewire import feature_results as fr
+from featurewire.feature_results import FeatureDashboard, MetaLatents
 from featurewire.v1 import featurewire_pb2 as pb
 from featurewire.v1 import types_pb2 as t
 
@@ -57,6 +59,9 @@ class StageInfo:
     input_scale: float
     has_density: bool
     has_top_examples: bool
+    has_dashboard: bool = False  # GetFeature returns a dashboard; ListFeatures works
+    has_explanations: bool = False
+    has_meta_sae: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,8 @@ class Limits:
     max_conditions: int
     max_stop_strings: int
     max_top_n: int
+    max_page_size: int
+    default_page_size: int
 
 
 @dataclass(frozen=True)
@@ -150,7 +157,8 @@ class FeatureExample:
 
 @dataclass(frozen=True)
 class Feature:
-    """GetFeature: a feature's decoder norm, logit-lens tokens and, when recorded, density and examples."""
+    """GetFeature: a feature's decoder norm, logit-lens tokens and, when the stack records them, density and
+    examples, its dashboard, explanation and meta-latents."""
 
     stack: str
     stage: str
@@ -161,6 +169,9 @@ class Feature:
     bottom_tokens: tuple[TokenScore, ...]
     density: float | None
     top_examples: tuple[FeatureExample, ...]
+    dashboard: FeatureDashboard | None = None
+    explanation: str = ""
+    meta_latents: MetaLatents | None = None
 
 
 @dataclass(frozen=True)
@@ -202,7 +213,8 @@ def stage_info(m: pb.StageInfo) -> StageInfo:
     return StageInfo(index=m.index, name=m.name, hookpoint=m.hookpoint, architecture=m.architecture, d_in=m.d_in,
                      d_sae=m.d_sae, signed=m.signed, residual_of=m.residual_of if m.HasField("residual_of") else None,
                      has_error_predictor=m.has_error_predictor, metrics=dict(m.metrics), input_scale=m.input_scale,
-                     has_density=m.has_density, has_top_examples=m.has_top_examples)
+                     has_density=m.has_density, has_top_examples=m.has_top_examples, has_dashboard=m.has_dashboard,
+                     has_explanations=m.has_explanations, has_meta_sae=m.has_meta_sae)
 
 
 def stack_info(m: pb.StackInfo) -> StackInfo:
@@ -236,7 +248,10 @@ def feature(m: pb.GetFeatureResponse) -> Feature:
     return Feature(stack=m.stack, stage=m.stage, stage_index=m.stage_index, feature=m.feature,
                    decoder_norm=m.decoder_norm, top_tokens=scores(m.top_tokens), bottom_tokens=scores(m.bottom_tokens),
                    density=m.density if m.HasField("density") else None,
-                   top_examples=tuple(FeatureExample(x.text, x.position, x.value) for x in m.top_examples))
+                   top_examples=tuple(FeatureExample(x.text, x.position, x.value) for x in m.top_examples),
+                   dashboard=fr.dashboard(m.dashboard) if m.HasField("dashboard") else None,
+                   explanation=m.explanation,
+                   meta_latents=fr.meta_latents(m.meta_latents) if m.HasField("meta_latents") else None)
 
 
 def tokens(m: pb.TokenizeResponse) -> Tokens:

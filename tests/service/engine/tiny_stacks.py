@@ -133,15 +133,51 @@ def _train(host: HostModel) -> TrainedStack:
 
 def write_tiny_stack(host: HostModel, out_dir: Path, *, record_metrics: bool = True,
                      extras: dict[int, dict[str, Any]] | None = None,
-                     extra_tensors: dict[int, dict[str, torch.Tensor]] | None = None) -> Path:
-    """Write the trained stack to `out_dir` (optionally without metrics, or with per-stage extras)."""
+                     extra_tensors: dict[int, dict[str, torch.Tensor]] | None = None,
+                     meta_saes: dict[int, SparseAutoencoder] | None = None, name: str = "tiny") -> Path:
+    """Write the trained stack to `out_dir` (optionally without metrics, or with per-stage extras or meta-SAEs)."""
     fitted = trained(host)
     training = {"config": {"activations": {"context_length": CONTEXT}}}
     specs = [
         StageSpec(s.sae, s.hookpoint, s.input_scale, name=s.name, training=training,
                   metrics=dict(m) if record_metrics else {}, extras=(extras or {}).get(s.index, {}),
-                  extra_tensors=(extra_tensors or {}).get(s.index), residual_of=s.residual_of, affine=s.affine)
+                  extra_tensors=(extra_tensors or {}).get(s.index), residual_of=s.residual_of, affine=s.affine,
+                  meta_sae=(meta_saes or {}).get(s.index))
         for s, m in zip(fitted.runtime.stages, fitted.metrics, strict=True)
     ]
     identity = HostModelIdentity.from_model(host.model, host.name)
-    return write_stack(out_dir, "tiny", identity, specs, overwrite=True)
+    return write_stack(out_dir, name, identity, specs, overwrite=True)
+
+
+EXPLANATIONS = {"resid1": {3: "Dogs and cats in stories", 5: "the word cat", 9: "numbers and dates"},
+                "mlp2": {1: "Cat food, dog food"}, "signed": {0: "punctuation"}}
+
+
+def meta_sae(host: HostModel, stage: int = 0, width: int = 32) -> SparseAutoencoder:
+    """A BatchTopK meta-SAE over the unit decoder rows of one stage, fitted briefly (its threshold calibrated)."""
+    rows = trained(host).runtime.stages[stage].sae.W_dec.detach()
+    rows = rows / rows.norm(dim=1, keepdim=True)  # (H, d)
+    torch.manual_seed(stage)
+    meta = build_sae(SAEConfig("batchtopk", rows.shape[1], width, k=3))
+    with one_thread():
+        fit_in_memory(meta, rows, steps=40, batch_size=64, lr=1e-2, seed=stage)
+    meta.calibrate_threshold_(rows)
+    return meta.requires_grad_(False).eval()
+
+
+def write_dashboard_stack(host: HostModel, out_dir: Path, *, tokens: int = 3000) -> Path:
+    """The tiny stack with a meta-SAE on stage 0, dashboards from `tokens` tokens of the default corpus (small
+    settings: 4 top examples, 3 tokens of context, 3 quantiles of 2) and EXPLANATIONS."""
+    from core.stack.dashboards import attach_explanations
+    from trainer.dashboards.accumulator import DashboardSettings
+    from trainer.dashboards.build import build_dashboards
+    from trainer.data.corpus import load_corpus
+
+    path = write_tiny_stack(host, out_dir, meta_saes={0: meta_sae(host)})
+    settings = DashboardSettings(top_n=4, context=3, quantiles=3, per_quantile=2, logit_n=5, neighbours=4,
+                                 cooccurrence=4)
+    with one_thread():
+        build_dashboards(path, host, load_corpus("default")[:8], corpus="default", settings=settings,
+                         context_length=CONTEXT, batch_size=8, max_tokens=tokens, progress=False)
+    attach_explanations(path, EXPLANATIONS)
+    return path

@@ -22,6 +22,30 @@ class ServingMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SERVING_MODE_FULL: _ClassVar[ServingMode]
     SERVING_MODE_ACTIVATION_ONLY: _ClassVar[ServingMode]
 
+class Sign(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SIGN_UNSPECIFIED: _ClassVar[Sign]
+    SIGN_POSITIVE: _ClassVar[Sign]
+    SIGN_NEGATIVE: _ClassVar[Sign]
+
+class Reduction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REDUCTION_UNSPECIFIED: _ClassVar[Reduction]
+    REDUCTION_MAX: _ClassVar[Reduction]
+    REDUCTION_MEAN: _ClassVar[Reduction]
+
+class TokenDirection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOKEN_DIRECTION_UNSPECIFIED: _ClassVar[TokenDirection]
+    TOKEN_DIRECTION_PROMOTES: _ClassVar[TokenDirection]
+    TOKEN_DIRECTION_SUPPRESSES: _ClassVar[TokenDirection]
+
+class FeatureSort(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FEATURE_SORT_UNSPECIFIED: _ClassVar[FeatureSort]
+    FEATURE_SORT_DENSITY: _ClassVar[FeatureSort]
+    FEATURE_SORT_MAX: _ClassVar[FeatureSort]
+
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
@@ -38,6 +62,18 @@ HOOKPOINT_KIND_RESID_POST: HookpointKind
 SERVING_MODE_UNSPECIFIED: ServingMode
 SERVING_MODE_FULL: ServingMode
 SERVING_MODE_ACTIVATION_ONLY: ServingMode
+SIGN_UNSPECIFIED: Sign
+SIGN_POSITIVE: Sign
+SIGN_NEGATIVE: Sign
+REDUCTION_UNSPECIFIED: Reduction
+REDUCTION_MAX: Reduction
+REDUCTION_MEAN: Reduction
+TOKEN_DIRECTION_UNSPECIFIED: TokenDirection
+TOKEN_DIRECTION_PROMOTES: TokenDirection
+TOKEN_DIRECTION_SUPPRESSES: TokenDirection
+FEATURE_SORT_UNSPECIFIED: FeatureSort
+FEATURE_SORT_DENSITY: FeatureSort
+FEATURE_SORT_MAX: FeatureSort
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP_STRING: FinishReason
@@ -116,7 +152,7 @@ class StackInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., digest: _Optional[str] = ..., path: _Optional[str] = ..., host_model: _Optional[str] = ..., created_by: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ...) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("index", "name", "hookpoint", "architecture", "d_in", "d_sae", "signed", "residual_of", "has_error_predictor", "metrics", "input_scale", "has_density", "has_top_examples")
+    __slots__ = ("index", "name", "hookpoint", "architecture", "d_in", "d_sae", "signed", "residual_of", "has_error_predictor", "metrics", "input_scale", "has_density", "has_top_examples", "has_dashboard", "has_explanations", "has_meta_sae")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +173,9 @@ class StageInfo(_message.Message):
     INPUT_SCALE_FIELD_NUMBER: _ClassVar[int]
     HAS_DENSITY_FIELD_NUMBER: _ClassVar[int]
     HAS_TOP_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    HAS_DASHBOARD_FIELD_NUMBER: _ClassVar[int]
+    HAS_EXPLANATIONS_FIELD_NUMBER: _ClassVar[int]
+    HAS_META_SAE_FIELD_NUMBER: _ClassVar[int]
     index: int
     name: str
     hookpoint: str
@@ -150,7 +189,10 @@ class StageInfo(_message.Message):
     input_scale: float
     has_density: bool
     has_top_examples: bool
-    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., hookpoint: _Optional[str] = ..., architecture: _Optional[str] = ..., d_in: _Optional[int] = ..., d_sae: _Optional[int] = ..., signed: _Optional[bool] = ..., residual_of: _Optional[int] = ..., has_error_predictor: _Optional[bool] = ..., metrics: _Optional[_Mapping[str, float]] = ..., input_scale: _Optional[float] = ..., has_density: _Optional[bool] = ..., has_top_examples: _Optional[bool] = ...) -> None: ...
+    has_dashboard: bool
+    has_explanations: bool
+    has_meta_sae: bool
+    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., hookpoint: _Optional[str] = ..., architecture: _Optional[str] = ..., d_in: _Optional[int] = ..., d_sae: _Optional[int] = ..., signed: _Optional[bool] = ..., residual_of: _Optional[int] = ..., has_error_predictor: _Optional[bool] = ..., metrics: _Optional[_Mapping[str, float]] = ..., input_scale: _Optional[float] = ..., has_density: _Optional[bool] = ..., has_top_examples: _Optional[bool] = ..., has_dashboard: _Optional[bool] = ..., has_explanations: _Optional[bool] = ..., has_meta_sae: _Optional[bool] = ...) -> None: ...
 
 class Capabilities(_message.Message):
     __slots__ = ("mode", "rpcs", "intervention_ops", "condition_actions", "steering_vectors", "encode_backend", "auth_required")
@@ -171,7 +213,7 @@ class Capabilities(_message.Message):
     def __init__(self, mode: _Optional[_Union[ServingMode, str]] = ..., rpcs: _Optional[_Iterable[str]] = ..., intervention_ops: _Optional[_Iterable[_Union[_types_pb2.InterventionOp, str]]] = ..., condition_actions: _Optional[_Iterable[_Union[_types_pb2.ConditionAction, str]]] = ..., steering_vectors: _Optional[bool] = ..., encode_backend: _Optional[str] = ..., auth_required: _Optional[bool] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_new_tokens", "default_max_new_tokens", "max_prompt_tokens", "max_top_k", "default_top_k", "max_batch_vectors", "max_message_bytes", "queue_size", "max_interventions", "max_conditions", "max_stop_strings", "max_top_n")
+    __slots__ = ("max_new_tokens", "default_max_new_tokens", "max_prompt_tokens", "max_top_k", "default_top_k", "max_batch_vectors", "max_message_bytes", "queue_size", "max_interventions", "max_conditions", "max_stop_strings", "max_top_n", "max_page_size", "default_page_size")
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +226,8 @@ class Limits(_message.Message):
     MAX_CONDITIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_STOP_STRINGS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOP_N_FIELD_NUMBER: _ClassVar[int]
+    MAX_PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     max_new_tokens: int
     default_max_new_tokens: int
     max_prompt_tokens: int
@@ -196,7 +240,9 @@ class Limits(_message.Message):
     max_conditions: int
     max_stop_strings: int
     max_top_n: int
-    def __init__(self, max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_top_k: _Optional[int] = ..., default_top_k: _Optional[int] = ..., max_batch_vectors: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., queue_size: _Optional[int] = ..., max_interventions: _Optional[int] = ..., max_conditions: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_top_n: _Optional[int] = ...) -> None: ...
+    max_page_size: int
+    default_page_size: int
+    def __init__(self, max_new_tokens: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_top_k: _Optional[int] = ..., default_top_k: _Optional[int] = ..., max_batch_vectors: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., queue_size: _Optional[int] = ..., max_interventions: _Optional[int] = ..., max_conditions: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_top_n: _Optional[int] = ..., max_page_size: _Optional[int] = ..., default_page_size: _Optional[int] = ...) -> None: ...
 
 class Versions(_message.Message):
     __slots__ = ("server", "api", "torch", "transformers", "onnxruntime", "grpc", "python")
@@ -259,7 +305,7 @@ class FeatureExample(_message.Message):
     def __init__(self, text: _Optional[str] = ..., position: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
 
 class GetFeatureResponse(_message.Message):
-    __slots__ = ("stack", "stage", "stage_index", "feature", "decoder_norm", "top_tokens", "bottom_tokens", "density", "top_examples")
+    __slots__ = ("stack", "stage", "stage_index", "feature", "decoder_norm", "top_tokens", "bottom_tokens", "density", "top_examples", "dashboard", "explanation", "meta_latents")
     STACK_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -269,6 +315,9 @@ class GetFeatureResponse(_message.Message):
     BOTTOM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DENSITY_FIELD_NUMBER: _ClassVar[int]
     TOP_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DASHBOARD_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    META_LATENTS_FIELD_NUMBER: _ClassVar[int]
     stack: str
     stage: str
     stage_index: int
@@ -278,7 +327,258 @@ class GetFeatureResponse(_message.Message):
     bottom_tokens: _containers.RepeatedCompositeFieldContainer[TokenScore]
     density: float
     top_examples: _containers.RepeatedCompositeFieldContainer[FeatureExample]
-    def __init__(self, stack: _Optional[str] = ..., stage: _Optional[str] = ..., stage_index: _Optional[int] = ..., feature: _Optional[int] = ..., decoder_norm: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., bottom_tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., density: _Optional[float] = ..., top_examples: _Optional[_Iterable[_Union[FeatureExample, _Mapping]]] = ...) -> None: ...
+    dashboard: FeatureDashboard
+    explanation: str
+    meta_latents: MetaLatents
+    def __init__(self, stack: _Optional[str] = ..., stage: _Optional[str] = ..., stage_index: _Optional[int] = ..., feature: _Optional[int] = ..., decoder_norm: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., bottom_tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., density: _Optional[float] = ..., top_examples: _Optional[_Iterable[_Union[FeatureExample, _Mapping]]] = ..., dashboard: _Optional[_Union[FeatureDashboard, _Mapping]] = ..., explanation: _Optional[str] = ..., meta_latents: _Optional[_Union[MetaLatents, _Mapping]] = ...) -> None: ...
+
+class FeatureDashboard(_message.Message):
+    __slots__ = ("tokens", "documents", "corpus", "context", "sides", "neighbours", "cross_stage_neighbours", "cooccurring")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    CORPUS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    SIDES_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    CROSS_STAGE_NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    COOCCURRING_FIELD_NUMBER: _ClassVar[int]
+    tokens: int
+    documents: int
+    corpus: str
+    context: int
+    sides: _containers.RepeatedCompositeFieldContainer[DashboardSide]
+    neighbours: _containers.RepeatedCompositeFieldContainer[FeatureNeighbour]
+    cross_stage_neighbours: _containers.RepeatedCompositeFieldContainer[FeatureNeighbour]
+    cooccurring: _containers.RepeatedCompositeFieldContainer[CoOccurringFeature]
+    def __init__(self, tokens: _Optional[int] = ..., documents: _Optional[int] = ..., corpus: _Optional[str] = ..., context: _Optional[int] = ..., sides: _Optional[_Iterable[_Union[DashboardSide, _Mapping]]] = ..., neighbours: _Optional[_Iterable[_Union[FeatureNeighbour, _Mapping]]] = ..., cross_stage_neighbours: _Optional[_Iterable[_Union[FeatureNeighbour, _Mapping]]] = ..., cooccurring: _Optional[_Iterable[_Union[CoOccurringFeature, _Mapping]]] = ...) -> None: ...
+
+class DashboardSide(_message.Message):
+    __slots__ = ("sign", "count", "density", "mean", "max", "histogram", "top_examples", "quantiles")
+    SIGN_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    TOP_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    QUANTILES_FIELD_NUMBER: _ClassVar[int]
+    sign: Sign
+    count: int
+    density: float
+    mean: float
+    max: float
+    histogram: Histogram
+    top_examples: _containers.RepeatedCompositeFieldContainer[DashboardExample]
+    quantiles: _containers.RepeatedCompositeFieldContainer[QuantileGroup]
+    def __init__(self, sign: _Optional[_Union[Sign, str]] = ..., count: _Optional[int] = ..., density: _Optional[float] = ..., mean: _Optional[float] = ..., max: _Optional[float] = ..., histogram: _Optional[_Union[Histogram, _Mapping]] = ..., top_examples: _Optional[_Iterable[_Union[DashboardExample, _Mapping]]] = ..., quantiles: _Optional[_Iterable[_Union[QuantileGroup, _Mapping]]] = ...) -> None: ...
+
+class Histogram(_message.Message):
+    __slots__ = ("edges", "counts")
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    edges: _containers.RepeatedScalarFieldContainer[float]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, edges: _Optional[_Iterable[float]] = ..., counts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class QuantileGroup(_message.Message):
+    __slots__ = ("low", "high", "share", "examples")
+    LOW_FIELD_NUMBER: _ClassVar[int]
+    HIGH_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    low: float
+    high: float
+    share: float
+    examples: _containers.RepeatedCompositeFieldContainer[DashboardExample]
+    def __init__(self, low: _Optional[float] = ..., high: _Optional[float] = ..., share: _Optional[float] = ..., examples: _Optional[_Iterable[_Union[DashboardExample, _Mapping]]] = ...) -> None: ...
+
+class DashboardExample(_message.Message):
+    __slots__ = ("tokens", "index", "value", "document", "position")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[ExampleToken]
+    index: int
+    value: float
+    document: int
+    position: int
+    def __init__(self, tokens: _Optional[_Iterable[_Union[ExampleToken, _Mapping]]] = ..., index: _Optional[int] = ..., value: _Optional[float] = ..., document: _Optional[int] = ..., position: _Optional[int] = ...) -> None: ...
+
+class ExampleToken(_message.Message):
+    __slots__ = ("id", "text", "value")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    text: str
+    value: float
+    def __init__(self, id: _Optional[int] = ..., text: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+
+class FeatureNeighbour(_message.Message):
+    __slots__ = ("stage", "stage_index", "feature", "cosine")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    COSINE_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    stage_index: int
+    feature: int
+    cosine: float
+    def __init__(self, stage: _Optional[str] = ..., stage_index: _Optional[int] = ..., feature: _Optional[int] = ..., cosine: _Optional[float] = ...) -> None: ...
+
+class CoOccurringFeature(_message.Message):
+    __slots__ = ("feature", "jaccard")
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    JACCARD_FIELD_NUMBER: _ClassVar[int]
+    feature: int
+    jaccard: float
+    def __init__(self, feature: _Optional[int] = ..., jaccard: _Optional[float] = ...) -> None: ...
+
+class MetaLatents(_message.Message):
+    __slots__ = ("ids", "values", "width")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    width: int
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ..., width: _Optional[int] = ...) -> None: ...
+
+class Span(_message.Message):
+    __slots__ = ("start", "end")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
+class TextQuery(_message.Message):
+    __slots__ = ("text", "span", "reduction", "add_special_tokens")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    REDUCTION_FIELD_NUMBER: _ClassVar[int]
+    ADD_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    span: Span
+    reduction: Reduction
+    add_special_tokens: bool
+    def __init__(self, text: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., add_special_tokens: _Optional[bool] = ...) -> None: ...
+
+class TokenQuery(_message.Message):
+    __slots__ = ("text", "id", "direction")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    id: int
+    direction: TokenDirection
+    def __init__(self, text: _Optional[str] = ..., id: _Optional[int] = ..., direction: _Optional[_Union[TokenDirection, str]] = ...) -> None: ...
+
+class SearchFeaturesRequest(_message.Message):
+    __slots__ = ("stack", "text", "token", "explanation", "stages", "page_size", "page_token")
+    STACK_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    stack: str
+    text: TextQuery
+    token: TokenQuery
+    explanation: str
+    stages: _containers.RepeatedScalarFieldContainer[str]
+    page_size: int
+    page_token: str
+    def __init__(self, stack: _Optional[str] = ..., text: _Optional[_Union[TextQuery, _Mapping]] = ..., token: _Optional[_Union[TokenQuery, _Mapping]] = ..., explanation: _Optional[str] = ..., stages: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class FeatureMatch(_message.Message):
+    __slots__ = ("stage", "stage_index", "feature", "score", "sign", "position", "density", "explanation")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    SIGN_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    stage_index: int
+    feature: int
+    score: float
+    sign: Sign
+    position: int
+    density: float
+    explanation: str
+    def __init__(self, stage: _Optional[str] = ..., stage_index: _Optional[int] = ..., feature: _Optional[int] = ..., score: _Optional[float] = ..., sign: _Optional[_Union[Sign, str]] = ..., position: _Optional[int] = ..., density: _Optional[float] = ..., explanation: _Optional[str] = ...) -> None: ...
+
+class SearchFeaturesResponse(_message.Message):
+    __slots__ = ("stack", "features", "next_page_token", "total", "tokens")
+    STACK_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    stack: str
+    features: _containers.RepeatedCompositeFieldContainer[FeatureMatch]
+    next_page_token: str
+    total: int
+    tokens: _containers.RepeatedCompositeFieldContainer[_types_pb2.Token]
+    def __init__(self, stack: _Optional[str] = ..., features: _Optional[_Iterable[_Union[FeatureMatch, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[_types_pb2.Token, _Mapping]]] = ...) -> None: ...
+
+class ListFeaturesRequest(_message.Message):
+    __slots__ = ("stack", "stage", "min_density", "max_density", "sort", "descending", "page_size", "page_token")
+    STACK_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    MIN_DENSITY_FIELD_NUMBER: _ClassVar[int]
+    MAX_DENSITY_FIELD_NUMBER: _ClassVar[int]
+    SORT_FIELD_NUMBER: _ClassVar[int]
+    DESCENDING_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    stack: str
+    stage: str
+    min_density: float
+    max_density: float
+    sort: FeatureSort
+    descending: bool
+    page_size: int
+    page_token: str
+    def __init__(self, stack: _Optional[str] = ..., stage: _Optional[str] = ..., min_density: _Optional[float] = ..., max_density: _Optional[float] = ..., sort: _Optional[_Union[FeatureSort, str]] = ..., descending: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class FeatureSummary(_message.Message):
+    __slots__ = ("feature", "density", "max", "mean", "explanation")
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    feature: int
+    density: float
+    max: float
+    mean: float
+    explanation: str
+    def __init__(self, feature: _Optional[int] = ..., density: _Optional[float] = ..., max: _Optional[float] = ..., mean: _Optional[float] = ..., explanation: _Optional[str] = ...) -> None: ...
+
+class ListFeaturesResponse(_message.Message):
+    __slots__ = ("stack", "stage", "stage_index", "features", "next_page_token", "total", "tokens")
+    STACK_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    stack: str
+    stage: str
+    stage_index: int
+    features: _containers.RepeatedCompositeFieldContainer[FeatureSummary]
+    next_page_token: str
+    total: int
+    tokens: int
+    def __init__(self, stack: _Optional[str] = ..., stage: _Optional[str] = ..., stage_index: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureSummary, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "add_special_tokens")

@@ -50,6 +50,16 @@ class FeaturewireStub:
                 request_serializer=featurewire_dot_v1_dot_featurewire__pb2.GetFeatureRequest.SerializeToString,
                 response_deserializer=featurewire_dot_v1_dot_featurewire__pb2.GetFeatureResponse.FromString,
                 _registered_method=True)
+        self.SearchFeatures = channel.unary_unary(
+                '/featurewire.v1.Featurewire/SearchFeatures',
+                request_serializer=featurewire_dot_v1_dot_featurewire__pb2.SearchFeaturesRequest.SerializeToString,
+                response_deserializer=featurewire_dot_v1_dot_featurewire__pb2.SearchFeaturesResponse.FromString,
+                _registered_method=True)
+        self.ListFeatures = channel.unary_unary(
+                '/featurewire.v1.Featurewire/ListFeatures',
+                request_serializer=featurewire_dot_v1_dot_featurewire__pb2.ListFeaturesRequest.SerializeToString,
+                response_deserializer=featurewire_dot_v1_dot_featurewire__pb2.ListFeaturesResponse.FromString,
+                _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/featurewire.v1.Featurewire/Tokenize',
                 request_serializer=featurewire_dot_v1_dot_featurewire__pb2.TokenizeRequest.SerializeToString,
@@ -96,7 +106,24 @@ class FeaturewireServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetFeature(self, request, context):
-        """Describes one feature: decoder norm, logit-lens tokens, density and top examples when known.
+        """Describes one feature: decoder norm, live logit-lens tokens, and what the stack records about it (its
+        dashboard, explanation and meta-latents) when it has them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchFeatures(self, request, context):
+        """Finds features: those a text activates most, those whose logit lens promotes or suppresses a token most,
+        or those whose explanation matches words. Paged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFeatures(self, request, context):
+        """Lists the features of one stage from its dashboard, filtered by density and sorted (e.g. to find dead or
+        dense features). Paged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -155,6 +182,16 @@ def add_FeaturewireServicer_to_server(servicer, server):
                     servicer.GetFeature,
                     request_deserializer=featurewire_dot_v1_dot_featurewire__pb2.GetFeatureRequest.FromString,
                     response_serializer=featurewire_dot_v1_dot_featurewire__pb2.GetFeatureResponse.SerializeToString,
+            ),
+            'SearchFeatures': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchFeatures,
+                    request_deserializer=featurewire_dot_v1_dot_featurewire__pb2.SearchFeaturesRequest.FromString,
+                    response_serializer=featurewire_dot_v1_dot_featurewire__pb2.SearchFeaturesResponse.SerializeToString,
+            ),
+            'ListFeatures': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFeatures,
+                    request_deserializer=featurewire_dot_v1_dot_featurewire__pb2.ListFeaturesRequest.FromString,
+                    response_serializer=featurewire_dot_v1_dot_featurewire__pb2.ListFeaturesResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
@@ -264,6 +301,60 @@ class Featurewire:
             '/featurewire.v1.Featurewire/GetFeature',
             featurewire_dot_v1_dot_featurewire__pb2.GetFeatureRequest.SerializeToString,
             featurewire_dot_v1_dot_featurewire__pb2.GetFeatureResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchFeatures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurewire.v1.Featurewire/SearchFeatures',
+            featurewire_dot_v1_dot_featurewire__pb2.SearchFeaturesRequest.SerializeToString,
+            featurewire_dot_v1_dot_featurewire__pb2.SearchFeaturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFeatures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurewire.v1.Featurewire/ListFeatures',
+            featurewire_dot_v1_dot_featurewire__pb2.ListFeaturesRequest.SerializeToString,
+            featurewire_dot_v1_dot_featurewire__pb2.ListFeaturesResponse.FromString,
             options,
             channel_credentials,
             insecure,

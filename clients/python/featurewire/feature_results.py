@@ -1,0 +1,209 @@
+"""Results of feature browsing as frozen dataclasses: a feature's dashboard (GetFeature), search results
+(SearchFeatures) and a stage's feature list (ListFeatures).
+
+Kept apart from results.py so each module stays short; the same rules hold: enums as short names ("POSITIVE"),
+unset optional fields as None, repeated fields as tuples, and these `from_proto` functions are the only code that
+reads the messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from featurewire.v1 import featurewire_pb2 as pb
+
+if TYPE_CHECKING:  # events imports results, which imports this module
+    from featurewire.events import TextToken
+
+
+def _sign(number: int) -> str | None:
+    """SIGN_NEGATIVE -> "NEGATIVE"; unspecified -> None."""
+    if number == pb.SIGN_UNSPECIFIED:
+        return None
+    try:
+        return pb.Sign.Name(number).removeprefix("SIGN_")
+    except ValueError:
+        return str(number)
+
+
+@dataclass(frozen=True)
+class ExampleToken:
+    id: int
+    text: str
+    value: float  # the feature's signed value at this token
+
+
+@dataclass(frozen=True)
+class DashboardExample:
+    """A window of tokens around one token where the feature fired (`index` in `tokens`)."""
+
+    tokens: tuple[ExampleToken, ...]
+    index: int
+    value: float  # signed, at the firing token
+    document: int
+    position: int
+
+    @property
+    def text(self) -> str:
+        return "".join(t.text for t in self.tokens)
+
+    def marked(self, left: str = "[[", right: str = "]]") -> str:
+        """The window's text with the firing token between `left` and `right`."""
+        return "".join(f"{left}{t.text}{right}" if n == self.index else t.text for n, t in enumerate(self.tokens))
+
+
+@dataclass(frozen=True)
+class QuantileGroup:
+    low: float
+    high: float
+    share: float  # of the side's firings
+    examples: tuple[DashboardExample, ...]
+
+
+@dataclass(frozen=True)
+class DashboardSide:
+    """One sign of a feature: POSITIVE, or NEGATIVE on a signed stage (magnitudes |z|)."""
+
+    sign: str
+    count: int
+    density: float
+    mean: float
+    max: float
+    histogram_edges: tuple[float, ...]  # len(histogram_counts) + 1, or empty
+    histogram_counts: tuple[int, ...]
+    top_examples: tuple[DashboardExample, ...]
+    quantiles: tuple[QuantileGroup, ...]
+
+
+@dataclass(frozen=True)
+class FeatureNeighbour:
+    stage: str
+    stage_index: int
+    feature: int
+    cosine: float
+
+
+@dataclass(frozen=True)
+class CoOccurringFeature:
+    feature: int
+    jaccard: float
+
+
+@dataclass(frozen=True)
+class FeatureDashboard:
+    """What the stack's dashboard pass recorded about a feature (`featurewire-train dashboards`)."""
+
+    tokens: int
+    documents: int
+    corpus: str
+    context: int
+    sides: tuple[DashboardSide, ...]
+    neighbours: tuple[FeatureNeighbour, ...]
+    cross_stage_neighbours: tuple[FeatureNeighbour, ...]
+    cooccurring: tuple[CoOccurringFeature, ...]
+
+    def side(self, sign: str = "POSITIVE") -> DashboardSide:
+        for side in self.sides:
+            if side.sign == sign.upper():
+                return side
+        raise KeyError(f"no {sign} side; sides: {[s.sign for s in self.sides]}")
+
+
+@dataclass(frozen=True)
+class MetaLatents:
+    ids: tuple[int, ...]
+    values: tuple[float, ...]
+    width: int
+
+
+@dataclass(frozen=True)
+class FeatureMatch:
+    stage: str
+    stage_index: int
+    feature: int
+    score: float
+    sign: str | None  # text search on a signed stage: POSITIVE or NEGATIVE
+    position: int  # text search: the token where |z| peaked
+    density: float | None
+    explanation: str
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """One page of SearchFeatures; pass `next_page_token` back (same query) for the next, "" after the last."""
+
+    stack: str
+    features: tuple[FeatureMatch, ...]
+    next_page_token: str
+    total: int
+    tokens: tuple[TextToken, ...]  # text search: the text's tokens
+
+
+@dataclass(frozen=True)
+class FeatureSummary:
+    feature: int
+    density: float
+    max: float
+    mean: float
+    explanation: str
+
+
+@dataclass(frozen=True)
+class FeatureList:
+    """One page of ListFeatures."""
+
+    stack: str
+    stage: str
+    stage_index: int
+    features: tuple[FeatureSummary, ...]
+    next_page_token: str
+    total: int
+    tokens: int
+
+
+# ------------------------------------------------------------------------------------------ from_proto
+
+
+def _example(m: Any) -> DashboardExample:
+    return DashboardExample(tuple(ExampleToken(t.id, t.text, t.value) for t in m.tokens), m.index, m.value,
+                            m.document, m.position)
+
+
+def _neighbours(items: Any) -> tuple[FeatureNeighbour, ...]:
+    return tuple(FeatureNeighbour(n.stage, n.stage_index, n.feature, n.cosine) for n in items)
+
+
+def dashboard(m: pb.FeatureDashboard) -> FeatureDashboard:
+    sides = tuple(DashboardSide(
+        sign=_sign(s.sign) or "POSITIVE", count=s.count, density=s.density, mean=s.mean, max=s.max,
+        histogram_edges=tuple(s.histogram.edges), histogram_counts=tuple(s.histogram.counts),
+        top_examples=tuple(_example(x) for x in s.top_examples),
+        quantiles=tuple(QuantileGroup(q.low, q.high, q.share, tuple(_example(x) for x in q.examples))
+                        for q in s.quantiles)) for s in m.sides)
+    return FeatureDashboard(tokens=m.tokens, documents=m.documents, corpus=m.corpus, context=m.context, sides=sides,
+                            neighbours=_neighbours(m.neighbours),
+                            cross_stage_neighbours=_neighbours(m.cross_stage_neighbours),
+                            cooccurring=tuple(CoOccurringFeature(c.feature, c.jaccard) for c in m.cooccurring))
+
+
+def meta_latents(m: pb.MetaLatents) -> MetaLatents:
+    return MetaLatents(tuple(m.ids), tuple(m.values), m.width)
+
+
+def search_result(m: pb.SearchFeaturesResponse) -> SearchResult:
+    from featurewire.events import TextToken
+
+    features = tuple(FeatureMatch(stage=f.stage, stage_index=f.stage_index, feature=f.feature, score=f.score,
+                                  sign=_sign(f.sign), position=f.position,
+                                  density=f.density if f.HasField("density") else None, explanation=f.explanation)
+                     for f in m.features)
+    return SearchResult(stack=m.stack, features=features, next_page_token=m.next_page_token, total=m.total,
+                        tokens=tuple(TextToken(t.position, t.id, t.text) for t in m.tokens))
+
+
+def feature_list(m: pb.ListFeaturesResponse) -> FeatureList:
+    return FeatureList(stack=m.stack, stage=m.stage, stage_index=m.stage_index,
+                       features=tuple(FeatureSummary(f.feature, f.density, f.max, f.mean, f.explanation)
+                                      for f in m.features),
+                       next_page_token=m.next_page_token, total=m.total, tokens=m.tokens)
