@@ -180,6 +180,14 @@ def _show_steering(stub: pb_grpc.FeaturewireStub, info: pb.GetServerInfoResponse
           f"KL {score.kl:.3f} over {score.scored_tokens} tokens")
 
 
+def _show_gateway(http_port: int) -> None:
+    """One call through the HTTP/JSON gateway, as curl would make it."""
+    request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/Tokenize", data=b'{"text": "Hello, world"}',
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        print(f"POST /v1/Tokenize -> {response.status}: {response.read().decode()[:160]}")
+
+
 def _show_metrics(metrics_port: int) -> None:
     _section("Prometheus metrics (a few)")
     body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
@@ -191,9 +199,10 @@ def _show_metrics(metrics_port: int) -> None:
 
 
 def run_demo(stack: str | Path, model: ModelConfig) -> int:
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port, http_port = _free_port(), _free_port(), _free_port()
     command = [sys.executable, "-m", "service", "serve", "--model", model.name, "--stack", str(stack),
-               "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port)]
+               "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
+               "--http-port", str(http_port)]
     print("$ featurewire-serve " + " ".join(command[3:]))
     started = time.perf_counter()
     server = subprocess.Popen(command, env={**os.environ, "FEATUREWIRE_DEVICE": model.device})
@@ -202,6 +211,9 @@ def run_demo(stack: str | Path, model: ModelConfig) -> int:
             _wait_ready(channel, server)
             print(f"ready (SERVING) after {time.perf_counter() - started:.1f}s: model loaded, stack self-checked, "
                   "warmed up")
+            print(f"HTTP/JSON gateway: http://127.0.0.1:{http_port}/v1/<Method>, e.g.\n  curl -s -X POST "
+                  f"http://127.0.0.1:{http_port}/v1/GetServerInfo -d '{{}}'")
+            _show_gateway(http_port)
             stub = pb_grpc.FeaturewireStub(channel)
             info = _show_info(stub)
             _show_decomposition(stub)
