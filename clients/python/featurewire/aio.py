@@ -227,7 +227,10 @@ class AsyncClient(ClientBase):
         """Batches may come from a sync or an async iterable (e.g. activations captured as they arrive); up to
         `window` batches are written ahead of their answers (pipelined), which bounds the memory held in flight.
         A bad batch ends the stream with the server's status (the server reads what is still being written
-        before it answers, so no write races with the status)."""
+        before it answers, so no write races with the status). A refusal that comes before any handler runs
+        (UNIMPLEMENTED from a server without the method, or from gRPC itself) cannot wait for the writes; when
+        grpc.aio then reports "INTERNAL: Internal error from Core" instead (grpc/grpc#36066), a request-less
+        probe call recovers the real status."""
         encoder = rq.Encoder(stage=stage, stack=stack, previous=previous, top_k=top_k, include_error=include_error)
         timeout = self.settings.timeout_for(timeout, stream=True)
         call = getattr(self.stub, encoder.method)(timeout=timeout, metadata=self.settings.metadata)
@@ -243,10 +246,26 @@ class AsyncClient(ClientBase):
                 raise writer.exception() from None  # our side went wrong first (e.g. a malformed array)
             if isinstance(error, asyncio.CancelledError):
                 raise
+            if error.code() == grpc.StatusCode.INTERNAL and error.details() == CORE_WRITE_RACE:
+                error = await self._refusal(timeout) or error
             raise from_rpc_error(error, encoder.method) from None
         finally:
             call.cancel()
             writer.cancel()
+
+    async def _refusal(self, timeout: float | None) -> grpc.RpcError | None:
+        """The status of an EncodeActivations call that sends nothing: how the server refuses every call."""
+        probe = self.stub.EncodeActivations(timeout=min(timeout or 10.0, 10.0), metadata=self.settings.metadata)
+        try:
+            await probe.done_writing()
+            while await probe.read() is not grpc.aio.EOF:
+                pass
+        except grpc.RpcError as error:
+            return error if error.code() != grpc.StatusCode.INTERNAL else None
+        return None
+
+
+CORE_WRITE_RACE = "Internal error from Core"
 
 
 async def _arrays(arrays: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
