@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import abc
 import json
 import random
 import time
@@ -183,7 +184,7 @@ def next_delay(error: grpc.RpcError, policy: RetryPolicy, retry: int, deadline: 
     return delay if deadline.allows(delay) else None
 
 
-class ClientBase:
+class ClientBase(abc.ABC):
     """The constructor Client and AsyncClient share, so both read their arguments the same way."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None, tls: Any = False,
@@ -198,9 +199,9 @@ class ClientBase:
                                        metadata=metadata, load_balancing=load_balancing, keepalive_s=keepalive_s)
         self._connect()
 
+    @abc.abstractmethod
     def _connect(self) -> None:
         """Open the channel now (Client) or prepare to open it inside the event loop (AsyncClient)."""
-        raise NotImplementedError
 
 
 class StreamBase:
