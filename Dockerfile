@@ -81,7 +81,7 @@ ENV HOME=/home/featurewire \
     TRITON_CACHE_DIR=/tmp/triton
 USER 10001:10001
 WORKDIR /home/featurewire
-EXPOSE 50051 9090
+EXPOSE 50051 8080 9090
 # For `docker run`; Kubernetes ignores it and uses native gRPC probes on the same health service names.
 # Plaintext only: with TLS on, rely on the orchestrator's probes.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \

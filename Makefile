@@ -8,7 +8,7 @@ TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 LOCK   := constraints.txt
 
-.PHONY: venv test lint lock demo demo-stack tour bench hookpoints protos clean-venv k8s-tools lint-k8s soak
+.PHONY: venv test lint lock demo demo-stack tour bench hookpoints protos clean-venv k8s-tools browser-tools lint-k8s soak
 
 venv: $(STAMP)
 
@@ -36,7 +36,7 @@ lock:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: lint k8s-tools
+test: lint k8s-tools browser-tools
 	$(PY) -m pytest -q
 
 # tests/deploy renders k8s/ with `kubectl kustomize`. When kubectl is missing, install Debian's
@@ -46,6 +46,13 @@ k8s-tools:
 	@command -v kubectl >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null; } || \
 		echo "kubectl not available: the k8s/ rendering tests will skip"
+
+# tests/service/test_explorer.py drives Debian's Chromium with Playwright (the pip package, launched with the
+# system browser; Playwright never downloads one). Installed like kubectl above; the tests skip and say so without it.
+browser-tools:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; } || \
+		echo "chromium not available: the explorer's browser tests will skip"
 
 # Security scan of the rendered k8s/ manifests and the Dockerfile (checkov, hadolint). checkov has many
 # pinned dependencies, so it lives in a virtual environment of its own that cannot move .venv's.

@@ -20,6 +20,7 @@ exactly the gRPC server's (its interceptors run on every call); the gateway only
   or `grpc-timeout` (none: the server's default applies, as for a gRPC client that sets none).
 - A client that disconnects cancels its call (service/http/sse.py), streams or not.
 - `GET /healthz` and `/readyz` are grpc.health.v1 checks of `liveness` and `readiness` over the same channel.
+- `GET /` is the explorer, a static page (service/http/pages.py) that calls the routes above.
 
 uvicorn runs as a task on the server's event loop, on a socket bound here, without its signal handlers
 (service/lifecycle.py owns SIGTERM: draining makes the gRPC calls, and so the HTTP requests, answer
@@ -49,7 +50,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from core.errors import FailedPrecondition
 from service.config import ServerConfig
@@ -64,6 +65,7 @@ from service.http.codes import (
     parse_timeout,
 )
 from service.http.jsonmap import to_json
+from service.http.pages import ExplorerFiles
 from service.http.sse import GONE, EventStream, request_id_in, unless_gone
 from service.interceptors import AUTHORIZATION_KEY, REQUEST_ID_KEY, TRANSPORT_KEY, is_safe_request_id
 from service.metrics import HTTP
@@ -164,6 +166,7 @@ class HttpGateway:
             Route("/v1/{method}", self._rpc, methods=["POST"]),
             Route("/healthz", self._liveness, methods=["GET"]),
             Route("/readyz", self._readiness, methods=["GET"]),
+            Mount("/", app=ExplorerFiles(), name="explorer"),
         ], exception_handlers={HTTPException: self._http_error, Exception: self._internal_error})
 
     async def start(self) -> int:
@@ -287,7 +290,8 @@ class HttpGateway:
         code = code_for_http_status(exc.status_code)
         message = exc.detail
         if exc.status_code == 404:
-            message = f"no route {request.url.path!r}: POST /v1/<Method>, GET /healthz or GET /readyz"
+            message = (f"no route {request.url.path!r}: POST /v1/<Method>, GET /healthz, GET /readyz "
+                       "or GET / (the explorer)")
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path!r}"
         return error_response(code, message, _caller_request_id(request), exc.status_code, dict(exc.headers or {}))

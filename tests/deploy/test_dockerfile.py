@@ -106,9 +106,9 @@ def test_runs_as_a_non_root_user_with_featurewire_serve() -> None:
     assert "featurewire-serve" in scripts
     assert json.loads(next(ins.args for ins in runtime if ins.op == "CMD")) == ["serve"]
     assert any(ins.op == "HEALTHCHECK" for ins in runtime)
-    config = ServerConfig()
+    config = ServerConfig.from_env(env_file(K8S / "base" / "config.env"))  # the ports Kubernetes opens
     exposed = {int(p) for ins in runtime if ins.op == "EXPOSE" for p in ins.args.split()}
-    assert exposed == {config.port, config.metrics_port}
+    assert exposed == {config.port, config.http_port, config.metrics_port}
 
 
 def test_cache_path_agrees_with_the_manifests() -> None:

@@ -57,7 +57,7 @@ def test_the_server_accepts_its_config(docs: list[Doc]) -> None:
     env = server_env(docs)
     server = ServerConfig.from_env(env)  # raises ValueError, naming the variable, on a bad value
     model = ModelConfig.from_env(env)
-    assert ports(docs) == {"grpc": server.port, "metrics": server.metrics_port}
+    assert ports(docs) == {"grpc": server.port, "http": server.http_port, "metrics": server.metrics_port}
     mounts = {m["mountPath"]: m for m in container(docs)["volumeMounts"]}
     assert str(model.cache_dir) in mounts and not mounts[str(model.cache_dir)].get("readOnly", False)
     for stack in server.stacks:
@@ -135,11 +135,11 @@ def test_disruption_budget_covers_the_servers(docs: list[Doc]) -> None:
     assert pdb.get("maxUnavailable", 0) >= 1 or "minAvailable" in pdb  # never blocks every eviction
 
 
-def test_network_policy_opens_grpc_and_no_egress(docs: list[Doc]) -> None:
+def test_network_policy_opens_grpc_http_and_no_egress(docs: list[Doc]) -> None:
     labels = deployment(docs)["spec"]["template"]["metadata"]["labels"]
     policy = one(docs, "NetworkPolicy", "featurewire")["spec"]
     assert selects(policy["podSelector"]["matchLabels"], labels)
-    assert [p["port"] for rule in policy["ingress"] for p in rule["ports"]] == ["grpc"]
+    assert [p["port"] for rule in policy["ingress"] for p in rule["ports"]] == ["grpc", "http"]
     assert policy["policyTypes"] == ["Ingress", "Egress"] and policy["egress"] == []
 
 
