@@ -65,7 +65,7 @@ from service.http.codes import (
     parse_timeout,
 )
 from service.http.jsonmap import to_json
-from service.http.pages import ExplorerFiles
+from service.http.pages import ExplorerFiles, explorer_page
 from service.http.sse import GONE, EventStream, request_id_in, unless_gone
 from service.interceptors import AUTHORIZATION_KEY, REQUEST_ID_KEY, TRANSPORT_KEY, is_safe_request_id
 from service.metrics import HTTP
@@ -166,7 +166,8 @@ class HttpGateway:
             Route("/v1/{method}", self._rpc, methods=["POST"]),
             Route("/healthz", self._liveness, methods=["GET"]),
             Route("/readyz", self._readiness, methods=["GET"]),
-            Mount("/", app=ExplorerFiles(), name="explorer"),
+            Route("/", explorer_page, methods=["GET", "HEAD"]),
+            Mount("/static", app=ExplorerFiles(), name="explorer"),
         ], exception_handlers={HTTPException: self._http_error, Exception: self._internal_error})
 
     async def start(self) -> int:

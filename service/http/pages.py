@@ -1,4 +1,5 @@
-"""The explorer's static files (service/http/explorer/) on the gateway's port, with a strict security policy.
+"""The explorer on the gateway's port: `GET /` is its page, `/static/` its stylesheet and ES modules
+(service/http/explorer/), all with a strict security policy.
 
 The page is plain HTML, CSS and ES modules: nothing is built and nothing is fetched from elsewhere, so it
 works offline. The Content-Security-Policy allows scripts, styles and connections from this origin only
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from starlette.exceptions import HTTPException
-from starlette.responses import Response
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
 EXPLORER_DIR = Path(__file__).with_name("explorer")
+STATIC_DIR = EXPLORER_DIR / "static"
 SECURITY_HEADERS = {
     "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                                "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
@@ -26,15 +28,18 @@ SECURITY_HEADERS = {
 }
 
 
-class ExplorerFiles(StaticFiles):
-    """StaticFiles for the explorer directory (index.html at `/`) with SECURITY_HEADERS on every answer."""
+async def explorer_page(request: Request) -> Response:
+    """GET / and HEAD /: the explorer's page."""
+    return FileResponse(EXPLORER_DIR / "index.html", headers=SECURITY_HEADERS)
 
-    def __init__(self, directory: Path = EXPLORER_DIR) -> None:
-        super().__init__(directory=directory, html=True)
+
+class ExplorerFiles(StaticFiles):
+    """The files under /static/ with SECURITY_HEADERS on every answer."""
+
+    def __init__(self, directory: Path = STATIC_DIR) -> None:
+        super().__init__(directory=directory)
 
     async def get_response(self, path: str, scope: Scope) -> Response:
-        if scope["method"] not in ("GET", "HEAD"):  # e.g. POST /v2/Foo: the gateway's 404 says what exists
-            raise HTTPException(404)
         response = await super().get_response(path, scope)
         response.headers.update(SECURITY_HEADERS)
         return response
