@@ -11,6 +11,11 @@ longest window, so the padding cost is the short tails.
 Collection: one forward pass per batch reads every hookpoint at once (stopping after the last one),
 and keeps only real, non-special tokens (no BOS, pad, EOS, ...): BOS activations are huge outliers
 that SAEs should not spend capacity on.
+
+Under torchrun every rank plans the same batches from the token ids alone (`plan_batches`: cheap next to
+the forward passes), runs a contiguous, equal share of them, and writes the rows into the one store by
+their global row index (`trainer.data.shard_writer`): the shards, hashes and manifest are byte for byte
+those of a single process, whatever the number of ranks.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 
@@ -29,6 +34,7 @@ from transformers import PreTrainedTokenizerBase
 
 from core.host.host_model import HostModel
 from trainer.data.corpus import Document
+from trainer.data.shard_writer import ShardWriter, assemble_pieces, hookpoint_stats, prepare_directory
 from trainer.data.shards import (
     DOC_INDEX,
     DOC_POSITION,
@@ -36,10 +42,9 @@ from trainer.data.shards import (
     TOKEN_IDS,
     ActivationManifest,
     ActivationStoreError,
-    ShardWriter,
     iterate_batches,
-    prepare_directory,
 )
+from trainer.training.distributed import LOCAL, Distributed
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +117,63 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return sorted(ids)
 
 
+@dataclass(frozen=True)
+class PlannedBatch:
+    """One batch of the collection plan: which of its positions become rows, and where those rows go."""
+
+    index: int  # position in the plan
+    batch: WindowBatch
+    keep: Tensor  # (B, T) bool: real, non-special tokens within the max_tokens cap
+    first_row: int  # global row index of the batch's first stored row
+    rows: int  # number of stored rows, keep.sum()
+
+
+def plan_batches(tokenizer: PreTrainedTokenizerBase, documents: Iterable[Document], *, context_length: int,
+                 batch_size: int, max_tokens: int | None) -> Iterator[PlannedBatch]:
+    """The batches of a collection, from the token ids alone (no model): the same on every rank, so each can
+    find its slice and the global row offsets without running the others' batches. Ends with the batch that
+    reaches `max_tokens` stored rows (None: every document)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    skipped_ids = torch.tensor(special_token_ids(tokenizer), dtype=torch.int64)
+    first_row = 0
+    windows = iter_windows(tokenizer, documents, context_length)
+    for index, batch in enumerate(batch_windows(windows, batch_size, pad_id)):
+        keep = batch.attention_mask.bool() & ~torch.isin(batch.input_ids, skipped_ids)  # (B, T)
+        if max_tokens is not None:
+            keep &= keep.flatten().cumsum(0).view_as(keep) <= max_tokens - first_row
+        rows = int(keep.sum())
+        yield PlannedBatch(index, batch, keep, first_row, rows)
+        first_row += rows
+        if max_tokens is not None and first_row >= max_tokens:
+            return
+
+
+@dataclass(frozen=True)
+class Slice:
+    """The plan batches [first, end) one rank runs, their global rows, and what the whole plan adds up to."""
+
+    first: int
+    end: int | None  # None: to the end of the plan (one process)
+    first_row: int
+    ends_store: bool
+    windows: int = 0  # of the whole plan (0 until counted)
+    documents: int = 0  # documents with stored rows (a prefix of the document order)
+
+
+def rank_slice(plan: Iterator[PlannedBatch], parallel: Distributed) -> Slice:
+    """A contiguous, equal share of the plan's batches for this rank (every rank counts the whole plan)."""
+    if parallel.world == 1:
+        return Slice(0, None, 0, True)
+    rows, windows, documents = [], 0, 0
+    for p in plan:
+        rows.append(p.rows)
+        windows += p.batch.num_windows
+        if p.rows:
+            documents = int(p.batch.doc_index[p.keep].max()) + 1
+    first, end = (len(rows) * r // parallel.world for r in (parallel.rank, parallel.rank + 1))
+    return Slice(first, end, sum(rows[:first]), end == len(rows), windows, documents)
+
+
 def collect_activations(
     host: HostModel,
     documents: Iterable[Document],
@@ -125,67 +187,96 @@ def collect_activations(
     shard_tokens: int = 1 << 16,
     overwrite: bool = False,
     progress: bool = True,
+    parallel: Distributed = LOCAL,
 ) -> ActivationManifest:
     """Run the host model over `documents` and store the activations at `hookpoints` (one forward pass
     per batch for all of them) until `max_tokens` rows are stored (None: every document).
 
-    Returns the manifest, also written to `out_dir/manifest.json` after the last shard.
+    Under torchrun every rank calls this with the same arguments and runs its own slice of the batches; the
+    store is byte for byte the one a single process writes. Returns the manifest (on every rank), also written
+    to `out_dir/manifest.json` after the last shard.
     """
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"unknown storage dtype {dtype!r}; use {', '.join(STORAGE_DTYPES)}")
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1 (or None for the whole corpus), got {max_tokens}")
     points = host.hookpoints.resolve(list(hookpoints))  # unknown names fail here, before any work
-    names = [p.name for p in points]
+    names, dims = [p.name for p in points], {p.name: p.dim for p in points}
     directory = Path(out_dir)
-    prepare_directory(directory, overwrite=overwrite)
-    tokenizer = host.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    skipped = special_token_ids(tokenizer)
-    skipped_ids = torch.tensor(skipped, dtype=torch.int64)
-    writer = ShardWriter(directory, {p.name: p.dim for p in points}, dtype, shard_tokens)
+    if parallel.is_main:
+        prepare_directory(directory, overwrite=overwrite)
+    documents = documents if parallel.world == 1 else list(documents)  # iterated twice: count, then run
+
+    def plan() -> Iterator[PlannedBatch]:
+        return plan_batches(host.tokenizer, documents, context_length=context_length, batch_size=batch_size,
+                            max_tokens=max_tokens)
+
+    mine = rank_slice(plan(), parallel)
+    parallel.barrier()  # the directory is ready
+    writer = ShardWriter(directory, dims, dtype, shard_tokens, first_row=mine.first_row, ends_store=mine.ends_store)
     windows = documents_used = 0
     started = time.perf_counter()
     bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="activations", disable=not progress)
     with bar:
-        for batch in batch_windows(iter_windows(tokenizer, documents, context_length), batch_size, pad_id):
-            keep = batch.attention_mask.bool() & ~torch.isin(batch.input_ids, skipped_ids)  # (B, T)
-            if max_tokens is not None:
-                keep &= keep.flatten().cumsum(0).view_as(keep) <= max_tokens - writer.total_tokens
-            result = host.forward(batch.input_ids, reads=names, attention_mask=batch.attention_mask)
-            keep_dev = keep.to(host.device)
+        for p in islice(plan(), mine.first, mine.end):
+            # No attention mask: windows are right-padded and attention is causal, so no real position sees
+            # padding; without a mask HF takes its plain causal path (a mask costs ~10% of the forward).
+            result = host.forward(p.batch.input_ids, reads=names)
+            keep_dev = p.keep.to(host.device)
             rows = {name: result.captures[name][keep_dev] for name in names}  # (n, d) each
-            metadata = {TOKEN_IDS: batch.input_ids[keep], DOC_INDEX: batch.doc_index[keep],
-                        DOC_POSITION: batch.doc_position[keep]}
-            writer.add(rows, metadata)
-            windows += batch.num_windows
-            if len(metadata[DOC_INDEX]):
+            metadata = {TOKEN_IDS: p.batch.input_ids[p.keep], DOC_INDEX: p.batch.doc_index[p.keep],
+                        DOC_POSITION: p.batch.doc_position[p.keep]}
+            writer.add(rows, metadata, batch=p.index)
+            windows += p.batch.num_windows
+            if p.rows:
                 documents_used = int(metadata[DOC_INDEX].max()) + 1
-            bar.update(len(metadata[TOKEN_IDS]))
-            if max_tokens is not None and writer.total_tokens >= max_tokens:
-                break
-    stats = writer.close()
+            bar.update(p.rows)
+        writer.close()
+    manifest = _finish(writer, parallel, mine, ActivationManifest(
+        directory=directory, model=host.name, hookpoints=tuple(names), dtype=dtype, context_length=context_length,
+        total_tokens=writer.total_tokens, shards=(), stats={}, documents=documents_used, windows=windows,
+        bos_token_id=host.tokenizer.bos_token_id, skipped_token_ids=tuple(special_token_ids(host.tokenizer)),
+    ))
     elapsed = time.perf_counter() - started
-    manifest = ActivationManifest(
-        directory=directory, model=host.name, hookpoints=tuple(names), dtype=dtype,
-        context_length=context_length, total_tokens=writer.total_tokens, shards=tuple(writer.shards),
-        stats=stats, documents=documents_used, windows=windows, bos_token_id=tokenizer.bos_token_id,
-        skipped_token_ids=tuple(skipped),
-    )
-    manifest.save()
-    logger.info("collected %d tokens at %d hookpoints in %.1fs (%.0f tokens/s) into %s",
-                writer.total_tokens, len(names), elapsed, writer.total_tokens / max(elapsed, 1e-9), directory)
+    logger.info("collected %d tokens at %d hookpoints in %.1fs (%.0f tokens/s on %d ranks) into %s",
+                manifest.total_tokens, len(names), elapsed, manifest.total_tokens / max(elapsed, 1e-9),
+                parallel.world, directory)
+    return manifest
+
+
+def _finish(writer: ShardWriter, parallel: Distributed, mine: Slice, draft: ActivationManifest) -> ActivationManifest:
+    """Join the ranks' shards (assembling the shards two ranks share), sum the statistics and save the manifest."""
+    shards = dict(writer.shards)
+    total, sums = writer.total_tokens, writer.batch_sums
+    if parallel.world > 1:
+        gathered = parallel.gather_objects((writer.shards, writer.pieces, writer.batch_sums, writer.total_tokens))
+        pieces = [piece for _, ranks_pieces, _, _ in gathered for piece in ranks_pieces]
+        split = sorted({piece.shard for piece in pieces})
+        assembled = assemble_pieces(draft.directory, pieces, split[parallel.rank :: parallel.world])
+        shards = {i: s for whole, _, _, _ in gathered for i, s in whole.items()}
+        for done in parallel.gather_objects(assembled):
+            shards.update(done)
+        sums = {b: s for _, _, rank_sums, _ in gathered for b, s in rank_sums.items()}
+        total = sum(t for _, _, _, t in gathered)
+        draft = replace(draft, documents=mine.documents, windows=mine.windows)
+    manifest = replace(draft, total_tokens=total, shards=tuple(shards[i] for i in sorted(shards)),
+                       stats=hookpoint_stats(writer.dims, (sums[b] for b in sorted(sums)), total))
+    if parallel.is_main:
+        manifest.save()
+    parallel.barrier()  # the manifest exists before any rank goes on to read the store
     return manifest
 
 
 __all__ = [
     "ActivationManifest",
     "ActivationStoreError",
+    "PlannedBatch",
     "Window",
     "WindowBatch",
     "batch_windows",
     "collect_activations",
     "iter_windows",
     "iterate_batches",
+    "plan_batches",
     "special_token_ids",
 ]

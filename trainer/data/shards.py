@@ -1,6 +1,7 @@
 """The on-disk activation store: safetensors shards + `manifest.json`, and a seeded shuffling reader.
 
-A store is a directory written once by `trainer.data.activations.collect_activations`:
+A store is a directory written once by `trainer.data.activations.collect_activations` (through
+`trainer.data.shard_writer`, by one process or by every torchrun rank, with the same bytes either way):
 
 - `shard-00000.safetensors`, ...: one tensor per hookpoint, (n_tokens, d) each, plus per-row
   metadata (`token_ids`, `doc_index`, `doc_position`, int32). Row r of every tensor in a shard is the
@@ -16,7 +17,6 @@ collection never leaves a directory that loads.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from core.stack.manifest import file_sha256
@@ -178,79 +177,6 @@ class ActivationManifest:
                     f"activation shard {path} is corrupt or was modified: sha256 {actual} != {shard.sha256} "
                     f"recorded in {MANIFEST_NAME}; collect the activations again"
                 )
-
-
-def prepare_directory(directory: Path, *, overwrite: bool) -> None:
-    """Create `directory`; an existing store is refused unless `overwrite`, then removed first."""
-    manifest = directory / MANIFEST_NAME
-    if manifest.exists():
-        if not overwrite:
-            raise FileExistsError(f"{directory} already holds an activation store; pass overwrite=True to replace it")
-        manifest.unlink()  # first, so a crash below never leaves a manifest listing stale shards
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob("shard-*.safetensors*"):
-        stale.unlink()
-
-
-class ShardWriter:
-    """Accumulates rows (same rows across hookpoints), writes shards of `shard_tokens` rows, and keeps
-    float64 running sums of ‖x‖² for the normalisation statistics."""
-
-    def __init__(self, directory: Path, dims: Mapping[str, int], dtype: str, shard_tokens: int) -> None:
-        if dtype not in STORAGE_DTYPES:
-            raise ValueError(f"unknown storage dtype {dtype!r}; use {', '.join(STORAGE_DTYPES)}")
-        if shard_tokens < 1:
-            raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-        self.directory, self.dims, self.dtype = directory, dict(dims), dtype
-        self.torch_dtype = STORAGE_DTYPES[dtype]
-        self.shard_tokens = shard_tokens
-        self.shards: list[ShardInfo] = []
-        self.total_tokens = 0
-        self._sq_norm_sums = {name: 0.0 for name in dims}
-        self._pending: dict[str, list[Tensor]] = {key: [] for key in (*dims, *METADATA_KEYS)}
-        self._pending_rows = 0
-
-    def add(self, rows: Mapping[str, Tensor], metadata: Mapping[str, Tensor]) -> None:
-        """rows: hookpoint -> (n, d) on any device; metadata: METADATA_KEYS -> (n,)."""
-        for name in self.dims:
-            x = rows[name].to(self.torch_dtype)  # (n, d), cast first so stats describe what is stored
-            sq = x.float().pow(2).sum(dim=1).double().sum().item()
-            if not math.isfinite(sq):
-                hint = " (float16 overflowed: store bfloat16 or float32)" if self.dtype == "float16" else ""
-                raise ActivationStoreError(f"non-finite activations at {name}{hint}")
-            self._sq_norm_sums[name] += sq
-            self._pending[name].append(x.cpu())
-        for key in METADATA_KEYS:
-            self._pending[key].append(metadata[key].to(device="cpu", dtype=torch.int32))
-        n = len(metadata[TOKEN_IDS])
-        self._pending_rows += n
-        self.total_tokens += n
-        while self._pending_rows >= self.shard_tokens:
-            self._flush(self.shard_tokens)
-
-    def _flush(self, n: int) -> None:
-        joined = {key: torch.cat(parts) for key, parts in self._pending.items()}
-        shard = {key: value[:n].contiguous() for key, value in joined.items()}
-        self._pending = {key: [value[n:]] if len(value) > n else [] for key, value in joined.items()}
-        self._pending_rows -= n
-        name = SHARD_PATTERN.format(len(self.shards))
-        path = self.directory / name
-        tmp = path.with_name(name + ".tmp")
-        save_file(shard, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path)
-        self.shards.append(ShardInfo(file=name, tokens=n, sha256=file_sha256(path)))
-
-    def close(self) -> dict[str, HookpointStats]:
-        """Write the last partial shard; the per-hookpoint statistics over everything written."""
-        if self._pending_rows:
-            self._flush(self._pending_rows)
-        if not self.total_tokens:
-            raise ActivationStoreError("no tokens were collected: the documents produced no non-special tokens")
-        stats = {}
-        for name, d in self.dims.items():
-            msn = self._sq_norm_sums[name] / self.total_tokens
-            stats[name] = HookpointStats(d=d, mean_squared_norm=msn, scale=math.sqrt(d / msn) if msn > 0 else 1.0)
-        return stats
 
 
 Rows = dict[str, Tensor]

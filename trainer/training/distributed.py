@@ -19,8 +19,9 @@ Two modes (`[distributed] mode` in the training config):
 
 Why a manual all-reduce rather than DistributedDataParallel: `train_step` projects and clips gradients
 between backward and the optimiser step, several stages share one batch, and an SAE's gradient is one
-bucket anyway, so wrapping each SAE would buy nothing but attribute forwarding. Activation collection runs
-once, on rank 0, while the others wait at a barrier and then load the store it wrote (the run directory
+bucket anyway, so wrapping each SAE would buy nothing but attribute forwarding. Activation collection runs on
+every rank, in either mode: each takes a contiguous slice of the batches and writes its shards into the one
+store, which holds the same bytes as a single process's (trainer/data/activations.py; the run directory
 must be shared). Only rank 0 writes checkpoints, the stack and the report; every rank loads a checkpoint.
 """
 
@@ -34,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -47,8 +48,9 @@ if TYPE_CHECKING:
     from trainer.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
-# Rank 0 may collect activations for a long time while the others wait at a barrier.
+# A rank may wait at a barrier for a long time (e.g. while rank 0 evaluates, or a slower rank collects).
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 _STAGE_FINGERPRINT = "stage-broadcast"  # of the one-stage checkpoints that carry a stage between ranks
 
@@ -92,14 +94,21 @@ class Distributed:
     def owns(self, stage: int) -> bool:
         return self.owner(stage) == self.rank
 
-    @contextmanager
-    def rank_zero_first(self) -> Iterator[None]:
-        """Rank 0 runs the body first (e.g. collects activations); the others then run it (and reuse them)."""
-        if self.world > 1 and not self.is_main:
+    def barrier(self) -> None:
+        if self.world > 1:
             dist.barrier()
-        yield
-        if self.world > 1 and self.is_main:
-            dist.barrier()
+
+    def gather_objects(self, value: T) -> list[T]:
+        """Every rank's `value` (picklable), in rank order, on every rank."""
+        if self.world == 1:
+            return [value]
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def main_value(self, value: T) -> T:
+        """Rank 0's `value` on every rank (so that all ranks take the same branch)."""
+        return self.gather_objects(value)[0]
 
     def local_rows(self, batches: Iterator[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
         """Data mode: this rank's contiguous slice of every global batch {name: (B, ...)} -> (B / N, ...)."""

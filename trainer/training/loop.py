@@ -1,4 +1,5 @@
-"""The training pipeline: collect activations once, fit every stage from that one pass, evaluate, export.
+"""The training pipeline: collect activations once (on every torchrun rank), fit every stage from that one pass,
+evaluate, export.
 
 `run_training(cfg, out_dir)` lays out a run directory:
     out_dir/activations/   the activation store (reused when the collection settings are unchanged)
@@ -93,18 +94,23 @@ def store_is_current(directory: Path, cfg: TrainConfig, max_tokens: int | None =
 
 
 def ensure_activations(host: HostModel, documents: list[Document], cfg: TrainConfig, directory: Path,
-                       progress: bool, *, max_tokens: int | None = None) -> ActivationManifest:
-    """Reuse the store when it was collected with the same settings, else collect it (again)."""
-    if store_is_current(directory, cfg, max_tokens):
+                       progress: bool, *, max_tokens: int | None = None,
+                       parallel: Distributed = LOCAL) -> ActivationManifest:
+    """Reuse the store when it was collected with the same settings, else collect it (again). Under torchrun
+    every rank calls this: rank 0 decides, and each rank collects its slice of the batches."""
+    if parallel.main_value(store_is_current(directory, cfg, max_tokens)):
         return ActivationManifest.load(directory)
     a = cfg.activations
     max_tokens = max_tokens or a.max_tokens
+    if parallel.is_main:  # gone while the store is rewritten, so a crash never leaves a store that looks current
+        (directory / FINGERPRINT_FILE).unlink(missing_ok=True)
     manifest = collect_activations(
         host, _shuffled(documents, cfg.corpus.split_seed), list(cfg.stack.hookpoints), out_dir=directory,
         context_length=a.context_length, batch_size=a.batch_size, max_tokens=max_tokens, dtype=a.dtype,
-        shard_tokens=a.shard_tokens, overwrite=True, progress=progress,
+        shard_tokens=a.shard_tokens, overwrite=True, progress=progress, parallel=parallel,
     )
-    (directory / FINGERPRINT_FILE).write_text(_store_fingerprint(cfg, max_tokens))
+    if parallel.is_main:
+        (directory / FINGERPRINT_FILE).write_text(_store_fingerprint(cfg, max_tokens))
     return manifest
 
 
@@ -229,11 +235,11 @@ def _calibrate_thresholds(cfg: TrainConfig, manifest: ActivationManifest, runtim
 
 
 def fit_calibrated_maps(host: HostModel, splits: Splits, cfg: TrainConfig, out_dir: Path,
-                        progress: bool) -> list[AffineMap]:
+                        progress: bool, parallel: Distributed = LOCAL) -> list[AffineMap]:
     """Collect the calibration split's activations (their own store) and fit the ReSAE affine maps."""
     store = Path(f"{cfg.activations.store}-calibration") if cfg.activations.store else out_dir / "calibration"
     calibration = ensure_activations(host, splits.calibration, cfg, store, progress,
-                                     max_tokens=cfg.stack.calibration_tokens)
+                                     max_tokens=cfg.stack.calibration_tokens, parallel=parallel)
     return fit_residual_maps(calibration, list(cfg.stack.hookpoints))
 
 
@@ -274,9 +280,9 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True
     host = load_host(cfg, cache_dir)
     splits = corpus_splits(cfg)
     store = Path(cfg.activations.store) if cfg.activations.store else out_dir / "activations"
-    with parallel.rank_zero_first():  # rank 0 collects; the other ranks then load what it wrote
-        manifest = ensure_activations(host, splits.train, cfg, store, progress)
-        maps = fit_calibrated_maps(host, splits, cfg, out_dir, progress) if cfg.stack.residualize else []
+    # Every rank collects its slice of the batches into the one store (the run directory is shared).
+    manifest = ensure_activations(host, splits.train, cfg, store, progress, parallel=parallel)
+    maps = fit_calibrated_maps(host, splits, cfg, out_dir, progress, parallel) if cfg.stack.residualize else []
     states = _build_states(cfg, manifest, host.device)
     runtime = build_runtime(cfg, manifest, states, maps)
     summaries = fit_stages(cfg, manifest, states, runtime, out_dir / "checkpoint", progress=progress,
