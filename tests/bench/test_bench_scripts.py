@@ -7,6 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests import browser
+from tests.service.engine.tiny_stacks import write_dashboard_stack
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
@@ -63,3 +68,16 @@ def test_http_gateway_reports_the_ratio():
     assert set(result["median_seconds"]) == {"grpc", "http", "json_encode"}
     assert result["messages"] >= 2 and result["json_bytes"] > result["protobuf_bytes"] > 0
     assert len(result["comparisons"]) == 2 and all(c["ratio"] > 0 for c in result["comparisons"])
+
+
+@pytest.mark.skipif(browser.missing() is not None, reason=browser.missing() or "")
+def test_explorer_measures_the_first_steered_token_in_a_browser(tmp_path, tiny_gemma):
+    stack = write_dashboard_stack(tiny_gemma, tmp_path / "stack", tokens=500)
+    result = _run("explorer.py", "--model", "tiny-random", "--stack", str(stack), "--repeats", "1",
+                  "--screenshots", str(tmp_path / "img"))
+    assert set(result["median_seconds"]) == {"page", "http", "grpc"}
+    assert all(value > 0 for value in result["median_seconds"].values())
+    assert result["steered"] != result["default"]
+    shots = sorted(p.name for p in (tmp_path / "img").iterdir())
+    assert shots == ["explorer-decompose.png", "explorer-feature.png", "explorer-steer.png"]
+    assert all((tmp_path / "img" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in shots)

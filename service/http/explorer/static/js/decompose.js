@@ -106,13 +106,23 @@ export class DecomposeView {
       el("div", { class: "columns" },
         el("div", { class: "tokens", id: "decompose-tokens" }, cells),
         el("aside", { class: "panel", id: "token-panel" }, this.tokenPanel(codes, labels))),
-      el("div", { class: "charts" },
-        lineChart("Error norm per token", [
-          { name: "actual", values: codes.map((c) => c.errorNorm ?? null), cls: "actual" },
-          { name: "predicted", values: codes.map((c) => c.predictedErrorNorm ?? null), cls: "predicted" },
-        ], labels),
-        barChart("L0 per token (non-zero features)", codes.map((c) => c.l0 ?? 0), labels)),
+      this.charts(tokens, codes, labels),
       el("h3", {}, "Strongest features in this text"), this.strongest(codes));
+  }
+
+  /** Error norms and L0 per token. A leading special token (BOS) is left out: its activation norm is tens of
+   * times the others' and would flatten every other point to zero. */
+  charts(tokens, codes, labels) {
+    const skip = tokens.length > 1 && /^<[^<>]+>$/.test(tokens[0].text ?? "") ? 1 : 0;
+    const note = skip ? ` (${labels[0]} left out)` : "";
+    const kept = codes.slice(skip);
+    const names = labels.slice(skip);
+    return el("div", { class: "charts" },
+      lineChart(`Error norm per token${note}`, [
+        { name: "actual", values: kept.map((c) => c.errorNorm ?? null), cls: "actual" },
+        { name: "predicted", values: kept.map((c) => c.predictedErrorNorm ?? null), cls: "predicted" },
+      ], names),
+      barChart(`L0 per token (non-zero features)${note}`, kept.map((c) => c.l0 ?? 0), names));
   }
 
   tokenPanel(codes, labels) {
