@@ -40,11 +40,12 @@ OPS = (None, t.INTERVENTION_OP_SET, t.INTERVENTION_OP_ADD, "steer", t.INTERVENTI
        t.INTERVENTION_OP_CLAMP, "features", t.INTERVENTION_OP_SCALE)
 
 
-def start(model: str, stack: Path, max_batch: int) -> tuple[LoopThread, Server]:
+def start(model: str, stack: Path, max_batch: int, device: str = "auto", dtype: str = "auto"
+          ) -> tuple[LoopThread, Server]:
     loop = LoopThread()
 
     async def build() -> Server:
-        return Server(ModelConfig(name=model, device="auto"),
+        return Server(ModelConfig(name=model, device=device, dtype=dtype),
                       ServerConfig(host="127.0.0.1", port=0, metrics_port=0, stacks=(stack,), self_check=False,
                                    max_batch_size=max_batch, queue_size=max(64, max_batch)))
 
@@ -124,14 +125,16 @@ def figures(wall: float, results: list[dict[str, Any]]) -> dict[str, float]:
             "p95_s": quantiles[18]}
 
 
-def report(model: str, stack_arg: str, levels: list[int], prompt_tokens: int, new_tokens: int) -> dict[str, Any]:
+def report(model: str, stack_arg: str, levels: list[int], prompt_tokens: int, new_tokens: int,
+           device: str = "auto", dtype: str = "auto") -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         stack_dir = Path(stack_arg)
         if stack_arg == "random":
             from core.host.loading import load_host_model
 
-            stack_dir = random_stack(load_host_model(ModelConfig(name=model, device="auto")), Path(tmp) / "stack")
-        loop, server = start(model, stack_dir, max(levels))
+            stack_dir = random_stack(load_host_model(ModelConfig(name=model, device=device, dtype=dtype)),
+                                     Path(tmp) / "stack")
+        loop, server = start(model, stack_dir, max(levels), device, dtype)
         try:
             stub = pb_grpc.FeaturewireStub(grpc.insecure_channel(server.target))
             batch = requests(server, max(levels), prompt_tokens, new_tokens)
@@ -166,17 +169,19 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     levels = sorted({int(x) for x in args.levels.split(",")})
-    result = report(args.model, args.stack, levels, args.prompt_tokens, args.new_tokens)
+    result = report(args.model, args.stack, levels, args.prompt_tokens, args.new_tokens, args.device, args.dtype)
     if args.json:
         print(json.dumps(result, indent=2))
         return
     m = result["machine"]
-    print(f"{m['model']} on {m['device']} ({m['cpu']}, {m['torch_threads']} threads), prompts "
+    print(f"{m['model']} on {m['device']} {m['dtype']} ({m['cpu']}, {m['torch_threads']} threads), prompts "
           f"{args.prompt_tokens // 2}-{args.prompt_tokens} tokens, {args.new_tokens} new tokens, mixed interventions")
     print(f"single stream: {result['single_stream']['tokens_per_s']:.2f} tokens/s (absolute, this machine only)")
     print("streams  tokens/s ratio  p50 time/token ratio  p95 ratio  identical to unbatched")

@@ -80,11 +80,11 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
 
-def start_server(model: str, stack: Path) -> tuple[LoopThread, Server]:
+def start_server(model: str, stack: Path, device: str = "auto", dtype: str = "auto") -> tuple[LoopThread, Server]:
     loop = LoopThread()
 
     async def build() -> Server:
-        return Server(ModelConfig(name=model, device="auto"),
+        return Server(ModelConfig(name=model, device=device, dtype=dtype),
                       ServerConfig(host="127.0.0.1", port=0, metrics_port=0, stacks=(stack,), self_check=False))
 
     server = loop.run(build())
@@ -119,14 +119,16 @@ def calls(server: Server, ids: torch.Tensor, new_tokens: int) -> dict[str, Calla
     }
 
 
-def report(model: str, stack_arg: str, tokens: int, new_tokens: int, repeats: int, warmup: int) -> dict[str, Any]:
+def report(model: str, stack_arg: str, tokens: int, new_tokens: int, repeats: int, warmup: int,
+           device: str = "auto", dtype: str = "auto") -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         stack_dir = Path(stack_arg)
         if stack_arg == "random":
             from core.host.loading import load_host_model
 
-            stack_dir = random_stack(load_host_model(ModelConfig(name=model, device="auto")), Path(tmp) / "stack")
-        loop, server = start_server(model, stack_dir)
+            stack_dir = random_stack(load_host_model(ModelConfig(name=model, device=device, dtype=dtype)),
+                                     Path(tmp) / "stack")
+        loop, server = start_server(model, stack_dir, device, dtype)
         try:
             host = server.host
             assert host is not None
@@ -166,15 +168,18 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result = report(args.model, args.stack, args.tokens, args.new_tokens, args.repeats, args.warmup)
+    result = report(args.model, args.stack, args.tokens, args.new_tokens, args.repeats, args.warmup, args.device,
+                    args.dtype)
     if args.json:
         print(json.dumps(result, indent=2))
         return
     m = result["machine"]
-    print(f"{m['model']} on {m['device']} ({m['cpu']}, {m['torch_threads']} threads), {args.tokens} tokens, "
-          f"{args.new_tokens} new tokens, {args.repeats} repeats")
+    print(f"{m['model']} on {m['device']} {m['dtype']} ({m['cpu']}, {m['torch_threads']} threads), "
+          f"{args.tokens} tokens, {args.new_tokens} new tokens, {args.repeats} repeats")
     for row in result["comparisons"]:
         extra = f"  (FLOP floor {row['flop_floor']:.3f})" if "flop_floor" in row else ""
         print(f"{row['ratio']:7.3f}  target {row['target']}  {row['what']}{extra}")

@@ -1,6 +1,7 @@
 """SAE training throughput per architecture, against the machine's fp32 matmul peak measured in the same run.
 
     python bench/train_throughput.py [--d-in 640] [--width 4096] [--batch 1024] [--steps 20] [--repeats 3] [--json]
+    python bench/train_throughput.py --device cuda --dtype bfloat16      # on a GPU: SAE, batches and matmuls in bf16
 
 Each repeat times `steps` calls of `trainer.training.optimization.train_step` for every architecture and one round of
 matmuls (the SAE's encode and decode shapes and a large square one), interleaved, with the order reversed on
@@ -36,21 +37,31 @@ FLOPS_PER_NDH = {"relu": 12, "topk": 12, "batchtopk": 12, "jumprelu": 12, "gated
 SQUARE = 2048
 
 
+def sync() -> None:
+    """Wait for queued GPU work (a no-op on CPU), so timings cover the work and not its launch."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], Any], calls: int) -> float:
     """Seconds per call of `fn` over `calls` calls."""
+    sync()
     started = time.perf_counter()
     for _ in range(calls):
         fn()
+    sync()
     return (time.perf_counter() - started) / calls
 
 
-def matmul_rates(batch: int, d_in: int, width: int) -> dict[str, float]:
-    """GFLOP/s of fp32 matmuls: the encode and decode shapes of the SAE, and a SQUARE³ one."""
+def matmul_rates(batch: int, d_in: int, width: int, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """GFLOP/s of matmuls in `dtype`: the encode and decode shapes of the SAE, and a SQUARE³ one."""
     gen = torch.Generator().manual_seed(1)
     shapes = {"encode": (batch, d_in, width), "decode": (batch, width, d_in), "square": (SQUARE,) * 3}
     rates = {}
     for name, (m, k, n) in shapes.items():
-        a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+        a = torch.randn(m, k, generator=gen).to(device, dtype)
+        b = torch.randn(k, n, generator=gen).to(device, dtype)
         once = timed(lambda a=a, b=b: a @ b, 1)
         calls = max(2, int(0.5 / once))  # about half a second per shape
         rates[name] = 2 * m * k * n / timed(lambda a=a, b=b: a @ b, calls) / 1e9
@@ -59,10 +70,11 @@ def matmul_rates(batch: int, d_in: int, width: int) -> dict[str, float]:
 
 def make_step(architecture: str, d_in: int, width: int, batches: list[torch.Tensor]) -> Callable[[], None]:
     """Build a fresh SAE and its optimiser; each call of the result runs one train_step on the next batch."""
-    sae = build_sae(SAEConfig(architecture=architecture, d_in=d_in, d_sae=width))
+    sae = build_sae(SAEConfig(architecture=architecture, d_in=d_in, d_sae=width)).to(batches[0].device,
+                                                                                      batches[0].dtype)
     sae.init_b_dec_(batches[0])
     optimizer = make_optimizer(sae, lr=1e-4)
-    dead = torch.zeros(width, dtype=torch.bool)
+    dead = torch.zeros(width, dtype=torch.bool, device=batches[0].device)
     state = {"i": 0}
 
     def step() -> None:
@@ -72,10 +84,12 @@ def make_step(architecture: str, d_in: int, width: int, batches: list[torch.Tens
     return step
 
 
-def run(d_in: int, width: int, batch: int, steps: int, repeats: int) -> dict[str, Any]:
+def run(d_in: int, width: int, batch: int, steps: int, repeats: int, device: str = "cpu",
+        dtype: str = "float32") -> dict[str, Any]:
     """Measure everything interleaved and return one JSON-able dict."""
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randn(batch, d_in, generator=gen) for _ in range(4)]
+    kind = getattr(torch, dtype)
+    batches = [torch.randn(batch, d_in, generator=gen).to(device, kind) for _ in range(4)]
     steps_by_arch = {arch: make_step(arch, d_in, width, batches) for arch in ARCHITECTURES}
     counted: dict[str, float] = {}
     for arch, step in steps_by_arch.items():  # warm-up: allocator, Adam state, thread pool; count FLOPs
@@ -83,14 +97,14 @@ def run(d_in: int, width: int, batch: int, steps: int, repeats: int) -> dict[str
         with FlopCounterMode(display=False) as counter:
             step()
         counted[arch] = counter.get_total_flops() / (batch * d_in * width)
-    matmul_rates(batch, d_in, width)
+    matmul_rates(batch, d_in, width, device, kind)
     names = [*ARCHITECTURES, "matmul"]
     seconds: dict[str, list[float]] = {arch: [] for arch in ARCHITECTURES}
     rates: list[dict[str, float]] = []
     for repeat in range(repeats):
         for name in names if repeat % 2 == 0 else reversed(names):
             if name == "matmul":
-                rates.append(matmul_rates(batch, d_in, width))
+                rates.append(matmul_rates(batch, d_in, width, device, kind))
             else:
                 seconds[name].append(timed(steps_by_arch[name], steps))
     peaks = [max(r.values()) for r in rates]
@@ -107,7 +121,8 @@ def run(d_in: int, width: int, batch: int, steps: int, repeats: int) -> dict[str
         }
     return {
         "benchmark": "train_throughput",
-        "machine": machine_info(),
+        "machine": {**machine_info(), "device": device, "dtype": dtype,
+                    "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None},
         "d_in": d_in, "width": width, "batch": batch, "steps": steps, "repeats": repeats,
         "flops_per_ndh": FLOPS_PER_NDH,
         "counted_flops_per_ndh": counted,
@@ -122,11 +137,11 @@ def run(d_in: int, width: int, batch: int, steps: int, repeats: int) -> dict[str
 def print_table(result: dict[str, Any]) -> None:
     m = result["machine"]
     print(f"machine: {m['platform']}, {m['cpu']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), "
-          f"torch {m['torch']}, python {m['python']}")
-    print(f"SAE: d_in {result['d_in']}, width {result['width']}, batch {result['batch']} tokens, fp32; "
+          f"torch {m['torch']}, python {m['python']}; device {m['device']}{' ' + m['gpu'] if m['gpu'] else ''}")
+    print(f"SAE: d_in {result['d_in']}, width {result['width']}, batch {result['batch']} tokens, {m['dtype']}; "
           f"{result['steps']} steps x {result['repeats']} interleaved repeats; medians")
     mm = result["matmul_gflops"]
-    print(f"fp32 matmul GFLOP/s: encode shape {mm['encode']:.1f}, decode shape {mm['decode']:.1f}, "
+    print(f"{m['dtype']} matmul GFLOP/s: encode shape {mm['encode']:.1f}, decode shape {mm['decode']:.1f}, "
           f"square {SQUARE}³ {mm['square']:.1f}; peak (best per repeat) {result['peak_gflops']:.1f}\n")
     print(f"{'architecture':<13}{'FLOPs/step':>11}{'s/step':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'/peak':>7}")
     for arch, r in result["architectures"].items():
@@ -148,13 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per architecture and repeat (default 20)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="SAE, batch and matmul dtype (default float32)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if min(args.d_in, args.width, args.batch, args.steps, args.repeats) < 1:
         parser.error("--d-in, --width, --batch, --steps and --repeats must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(args.d_in, args.width, args.batch, args.steps, args.repeats)
+    result = run(args.d_in, args.width, args.batch, args.steps, args.repeats, args.device, args.dtype)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
