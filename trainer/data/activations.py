@@ -48,7 +48,9 @@ from trainer.training.distributed import LOCAL, Distributed
 
 logger = logging.getLogger(__name__)
 
-_TOKENIZE_GROUP = 64  # documents per tokenizer call: the fast tokenizer batches them in Rust
+# Documents per tokenizer call (the fast tokenizer batches them in Rust): few at first, so that a small token
+# cap does not tokenise 64 long documents up front, then doubling up to the cap.
+_TOKENIZE_GROUP_FIRST, _TOKENIZE_GROUP = 4, 64
 
 
 @dataclass(frozen=True)
@@ -79,13 +81,13 @@ def iter_windows(tokenizer: PreTrainedTokenizerBase, documents: Iterable[Documen
         raise ValueError(f"context_length must leave room for at least one token after BOS, got {context_length}")
     prefix = (bos,) if bos is not None else ()
     docs = iter(documents)
-    first = 0
-    while group := list(islice(docs, _TOKENIZE_GROUP)):
+    first, size = 0, _TOKENIZE_GROUP_FIRST
+    while group := list(islice(docs, size)):
         encoded = tokenizer([d.text for d in group], add_special_tokens=False, verbose=False)["input_ids"]
         for offset, ids in enumerate(encoded):
             for start in range(0, len(ids), span):
                 yield Window(first + offset, start, prefix + tuple(ids[start : start + span]), bool(prefix))
-        first += len(group)
+        first, size = first + len(group), min(2 * size, _TOKENIZE_GROUP)
 
 
 def batch_windows(windows: Iterable[Window], batch_size: int, pad_id: int) -> Iterator[WindowBatch]:

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# A rank may wait at a barrier for a long time (e.g. while rank 0 evaluates, or a slower rank collects).
+# A rank may wait at a barrier for a long time (e.g. while a slower rank finishes its share of a collection).
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 _STAGE_FINGERPRINT = "stage-broadcast"  # of the one-stage checkpoints that carry a stage between ranks
 
