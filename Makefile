@@ -8,7 +8,7 @@ TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 LOCK   := constraints.txt
 
-.PHONY: venv test lint lock demo demo-stack tour bench hookpoints protos clean-venv k8s-tools browser-tools lint-k8s soak
+.PHONY: venv test lint lock demo explorer demo-stack tour bench hookpoints protos clean-venv k8s-tools browser-tools lint-k8s soak bench-peers gpu-check
 
 venv: $(STAMP)
 
@@ -78,6 +78,10 @@ demo-stack: $(DEMO_STACK)
 demo: $(DEMO_STACK)
 	$(PY) -m service demo --model default --stack runs/demo/stack
 
+# The demo, then the server stays up for the explorer (http://127.0.0.1:<port>/, printed) until Ctrl-C.
+explorer: $(DEMO_STACK)
+	$(PY) -m service demo --model default --stack runs/demo/stack --keep-serving
+
 tour: $(STAMP)
 	$(PY) -m service tour
 
@@ -99,6 +103,29 @@ bench: $(DEMO_STACK)
 	$(PY) bench/train_throughput.py
 	$(PY) bench/serve_overhead.py --stack runs/demo/stack
 	$(PY) bench/concurrency.py --stack runs/demo/stack
+
+# Side-by-side benchmarks against eai-sparsify, SAELens/TransformerLens and nnsight (bench/peers.py). The peers are
+# opponents, never dependencies: they live in a virtual environment of their own, torch pinned first as in .venv
+# and kept as a constraint so no peer can pull another build. PEERS_ARGS is passed on (e.g. --items train --json).
+PEERS_VENV  := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+PEERS_ARGS  ?=
+
+$(PEERS_STAMP): bench/peers/requirements.txt
+	@test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(TORCH)
+	echo '$(TORCH)' > $(PEERS_VENV)/torch-constraint.txt
+	$(PEERS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+		-c $(PEERS_VENV)/torch-constraint.txt -r bench/peers/requirements.txt
+	@touch $@
+
+bench-peers: $(STAMP) $(PEERS_STAMP)
+	$(PY) bench/peers.py $(PEERS_ARGS)
+
+# On a machine with one NVIDIA GPU: set up (CUDA torch), run the tests marked gpu and print the serving,
+# concurrency and training ratios in bf16, in under ten minutes. On a CPU machine it says it skipped the GPU parts.
+gpu-check:
+	sh bench/gpu_check.sh
 
 # The API's generated Python code is committed into the client package; tests/clients/test_protos.py
 # regenerates it with these same flags and diffs. Only featurewire.proto defines a service.

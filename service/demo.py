@@ -198,7 +198,17 @@ def _show_metrics(metrics_port: int) -> None:
             print(line)
 
 
-def run_demo(stack: str | Path, model: ModelConfig) -> int:
+def _keep_serving(http_port: int) -> None:
+    _section("explorer")
+    print(f"the server keeps serving: open http://127.0.0.1:{http_port}/ in a browser; Ctrl-C stops it")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+def run_demo(stack: str | Path, model: ModelConfig, *, keep_serving: bool = False) -> int:
     port, metrics_port, http_port = _free_port(), _free_port(), _free_port()
     command = [sys.executable, "-m", "service", "serve", "--model", model.name, "--stack", str(stack),
                "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
@@ -212,13 +222,16 @@ def run_demo(stack: str | Path, model: ModelConfig) -> int:
             print(f"ready (SERVING) after {time.perf_counter() - started:.1f}s: model loaded, stack self-checked, "
                   "warmed up")
             print(f"HTTP/JSON gateway: http://127.0.0.1:{http_port}/v1/<Method>, e.g.\n  curl -s -X POST "
-                  f"http://127.0.0.1:{http_port}/v1/GetServerInfo -d '{{}}'")
+                  f"http://127.0.0.1:{http_port}/v1/GetServerInfo -d '{{}}'\n"
+                  f"explorer: http://127.0.0.1:{http_port}/ (`make explorer` keeps it up after the demo)")
             _show_gateway(http_port)
             stub = pb_grpc.FeaturewireStub(channel)
             info = _show_info(stub)
             _show_decomposition(stub)
             _show_steering(stub, info)
             _show_metrics(metrics_port)
+            if keep_serving:
+                _keep_serving(http_port)
     finally:
         _section("shutdown")
         server.send_signal(signal.SIGTERM)
