@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from core.sae.base import ForwardOutput, SAEConfig, SparseAutoencoder, register
-from core.sae.topk import auxk_loss
+from core.sae.sparse_decode import SparsePattern
+from core.sae.topk import auxk_loss, latent_major_encoder_, sparse_forward
 
 
 def keep_batch_top_k(acts: Tensor, k: int) -> Tensor:
@@ -30,6 +31,26 @@ def keep_batch_top_k(acts: Tensor, k: int) -> Tensor:
     flat = acts.flatten()  # (N·d_sae,)
     values, indices = flat.topk(min(acts.shape[0] * k, flat.numel()), sorted=False)
     return torch.zeros_like(flat).scatter(0, indices, values).view_as(acts)  # (N, d_sae)
+
+
+def batch_top_k_indices(acts: Tensor, k: int) -> Tensor:
+    """Sorted flat indices of the N·k largest entries of (N, d_sae) `acts`, the set `keep_batch_top_k` keeps.
+
+    Why two stages: one top-(N·k) over all N·d_sae entries is several times slower than a per-row top-m
+    (m = 4k) followed by a top-(N·k) over the N·m candidates. The candidates hold the batch top-(N·k) whenever
+    no row had all m of its candidates chosen (its (m+1)-th value then cannot beat the chosen ones); when one
+    did, this falls back to the one-stage top-k.
+    """
+    n, width = acts.shape
+    budget = min(n * k, n * width)
+    m = 4 * k
+    if m < width:
+        candidates, columns = acts.topk(m, dim=-1, sorted=False)  # (N, m)
+        chosen = candidates.reshape(-1).topk(budget, sorted=False).indices  # (N·k,) into the candidates
+        rows = chosen.div(m, rounding_mode="floor")
+        if int(torch.bincount(rows, minlength=n).max()) < m:
+            return (rows * width + columns.reshape(-1)[chosen]).sort().values
+    return acts.reshape(-1).topk(budget, sorted=False).indices.sort().values
 
 
 @register
@@ -45,6 +66,7 @@ class BatchTopKSAE(SparseAutoencoder):
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
+        latent_major_encoder_(self)
         self.register_buffer("threshold", torch.zeros(()), persistent=True)
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long), persistent=True)
 
@@ -55,17 +77,30 @@ class BatchTopKSAE(SparseAutoencoder):
         return pre * (pre > self.threshold).to(pre.dtype)
 
     def forward(self, x: Tensor, *, sparsity_scale: float = 1.0, dead_mask: Tensor | None = None) -> ForwardOutput:
-        """In training mode, batch top-k (and a threshold update); in eval mode, the inference encoder."""
+        """In training mode, batch top-k (and a threshold update), decoded and backpropagated through the kept
+        entries only (core/sae/sparse_decode.py); in eval mode, the inference encoder with a dense decode."""
+        if not self.training:
+            return self._dense_forward(x, dead_mask)
+        with torch.no_grad():
+            x_centered = x - self.b_dec  # (N, d_in)
+            pre = x_centered @ self.W_enc + self.b_enc  # (N, d_sae), = pre_activation(x), no graph
+            # Selecting on π rather than ReLU(π) keeps the same positive entries; where fewer than N·k are
+            # positive it keeps other zeros after the ReLU, which the code cannot tell apart.
+            if self.batch_cutoff is not None:
+                cutoff = self.batch_cutoff(pre, self.cfg.k)  # ()
+                # What the global batch top-k keeps here (zeros add nothing, so they are left out).
+                pattern = SparsePattern.from_mask((pre >= cutoff) & (pre > 0))
+                self._update_threshold_(cutoff.reshape(1))  # the smallest value kept across ranks
+                top = pattern.gather(pre)  # (nnz,)
+            else:
+                pattern = SparsePattern.from_flat(batch_top_k_indices(pre, self.cfg.k), *pre.shape)
+                top = pattern.gather(pre).relu_()  # (N·k,)
+                self._update_threshold_(top)
+        return sparse_forward(self, x, x_centered, pre, top, pattern, dead_mask)
+
+    def _dense_forward(self, x: Tensor, dead_mask: Tensor | None) -> ForwardOutput:
         acts = torch.relu(self.pre_activation(x))  # (N, d_sae)
-        if self.training and self.batch_cutoff is not None:
-            cutoff = self.batch_cutoff(acts, self.cfg.k)  # ()
-            z = acts * (acts >= cutoff).to(acts.dtype)  # (N, d_sae), what the global batch top-k keeps here
-            self._update_threshold_(cutoff.reshape(1))  # the smallest value kept across ranks
-        elif self.training:
-            z = keep_batch_top_k(acts, self.cfg.k)  # (N, d_sae)
-            self._update_threshold_(z)
-        else:
-            z = acts * (acts > self.threshold).to(acts.dtype)
+        z = acts * (acts > self.threshold).to(acts.dtype)
         x_hat = self.decode(z)  # (N, d_in)
         mse = self.mse(x, x_hat)
         aux = auxk_loss(acts, x - x_hat, self.W_dec, dead_mask, self.cfg.aux_k)
