@@ -232,6 +232,9 @@ def serve_items(args: argparse.Namespace, log_dir: Path, work: Path, items: set[
     from core.config import default_cache_dir
     from core.host.gguf_cache import default_model_dir
 
+    if not args.peer_python.exists():  # before loading anything: the default model may still need converting
+        return [skipped(item, f"no peer environment at {args.peer_python}: run `make bench-peers`")
+                for item in sorted(items)]
     model_dir = default_model_dir(default_cache_dir(os.environ))
     ids = prompt(model_dir, args.tokens)
     cfg = {"model_dir": str(model_dir), "layer": LAYER, "sae_dir": str(work / "saelens_sae"), "width": args.width,
