@@ -27,6 +27,12 @@ class ServerProcess:
     def log(self) -> str:
         return "".join(self.lines)
 
+    @property
+    def http_port(self) -> int | None:
+        """The HTTP/JSON gateway's port, when the server was started with `--http-port`."""
+        match = re.search(r"gateway on https?://[^\s]*:(\d+)", self.log)
+        return int(match.group(1)) if match else None
+
     def stop(self, timeout: float = 60) -> None:
         """SIGTERM (the drain path), then kill if it does not exit in time."""
         if self.process.poll() is None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from featurewire.v1 import featurewire_pb2 as pb
 from featurewire.v1 import featurewire_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -106,13 +107,34 @@ class ServedProcess:
 def fuzz_server(fuzz_stack: Path) -> Iterator[ServedProcess]:
     env = {f"FEATUREWIRE_{name.upper()}": str(value) for name, value in FUZZ_LIMITS.items()}
     server = launch(["--model", "tiny-random", "--device", "cpu", "--stack", str(fuzz_stack), "--host", "127.0.0.1",
-                     "--port", "0", "--metrics-port", "0", "--drain-grace", "5"], env=env)
+                     "--port", "0", "--http-port", "0", "--metrics-port", "0", "--drain-grace", "5"], env=env)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     try:
         yield ServedProcess(server, channel, pb_grpc.FeaturewireStub(channel))
     finally:
         channel.close()
         server.stop()
+
+
+@dataclass(frozen=True)
+class World:
+    """What the server reports, so drawn requests can hit real stages, features and hookpoints."""
+
+    stack: str
+    stages: tuple[str, ...]
+    d_sae: tuple[int, ...]
+    d_in: tuple[int, ...]
+    vocab: int
+    hookpoints: tuple[tuple[str, int], ...]
+
+
+@pytest.fixture(scope="module")
+def world(fuzz_server: ServedProcess) -> World:
+    info = fuzz_server.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
+    stack = info.stacks[0]
+    return World(stack.name, tuple(s.name for s in stack.stages), tuple(s.d_sae for s in stack.stages),
+                 tuple(s.d_in for s in stack.stages), info.model.vocab_size,
+                 tuple((h.name, h.d) for h in info.hookpoints))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -11,8 +11,6 @@ of the session (conftest.py); FEATUREWIRE_FUZZ_EXAMPLES sets the examples per pr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import grpc
 import pytest
 from featurewire.v1 import featurewire_pb2 as pb
@@ -20,7 +18,7 @@ from featurewire.v1 import types_pb2 as t
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.reliability.conftest import FUZZ_EXAMPLES, FUZZ_LIMITS, TRIED, ServedProcess
+from tests.reliability.conftest import FUZZ_EXAMPLES, FUZZ_LIMITS, TRIED, ServedProcess, World
 
 SERVICE = "/featurewire.v1.Featurewire/"
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE,
@@ -46,27 +44,6 @@ def enum_numbers(wrapper: type) -> st.SearchStrategy[int]:
 
 def big_list(n: int) -> list[int]:
     return [1] * n
-
-
-@dataclass(frozen=True)
-class World:
-    """What the server reports, so drawn requests can hit real stages, features and hookpoints."""
-
-    stack: str
-    stages: tuple[str, ...]
-    d_sae: tuple[int, ...]
-    d_in: tuple[int, ...]
-    vocab: int
-    hookpoints: tuple[tuple[str, int], ...]
-
-
-@pytest.fixture(scope="module")
-def world(fuzz_server: ServedProcess) -> World:
-    info = fuzz_server.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
-    stack = info.stacks[0]
-    return World(stack.name, tuple(s.name for s in stack.stages), tuple(s.d_sae for s in stack.stages),
-                 tuple(s.d_in for s in stack.stages), info.model.vocab_size,
-                 tuple((h.name, h.d) for h in info.hookpoints))
 
 
 # ------------------------------------------------------------------------------------------- strategies
