@@ -254,7 +254,7 @@ def test_an_empty_prompt_shows_the_servers_error(page: Page) -> None:
     assert "input.text is empty" in tab.text_content("#decompose-output .error")
     tab.goto(page.base + "#steer")
     tab.fill("#steer-prompt", "")
-    tab.click("#steer-run")
+    tab.press("#steer-prompt", "Control+Enter")  # the keyboard way to run
     tab.wait_for_selector("#steer-status .error")
     assert "prompt.text is empty" in tab.text_content("#steer-status .error")
     tab.goto(page.base + "#feature/no-such-stage/1")

@@ -14,7 +14,8 @@ export class DecomposeView {
     this.result = null; // {header, tokens: [{token, features}]}
     this.selected = null; // position of the selected token
     this.heatmap = null; // {stage, feature, values}
-    this.text = el("textarea", { id: "decompose-text", rows: 4, spellcheck: "false" }, DEFAULT_TEXT);
+    this.text = el("textarea", { id: "decompose-text", rows: 4, spellcheck: "false", title: "Ctrl+Enter decomposes",
+      onkeydown: (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) this.run(); } }, DEFAULT_TEXT);
     this.topK = el("input", { id: "decompose-topk", type: "number", min: 1, max: 64, value: 8 });
     this.stageSelect = el("select", { id: "decompose-stage", onchange: () => this.render() });
     this.button = el("button", { id: "decompose-run", class: "primary", onclick: () => this.run() }, "Decompose");

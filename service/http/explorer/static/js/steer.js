@@ -17,7 +17,8 @@ export class SteerView {
   constructor(app) {
     this.app = app;
     this.controller = null;
-    this.prompt = el("textarea", { id: "steer-prompt", rows: 3, spellcheck: "false" }, DEFAULT_PROMPT);
+    this.prompt = el("textarea", { id: "steer-prompt", rows: 3, spellcheck: "false", title: "Ctrl+Enter generates",
+      onkeydown: (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) this.run(); } }, DEFAULT_PROMPT);
     this.maxTokens = el("input", { id: "steer-max-tokens", type: "number", min: 1, value: 24 });
     this.temperature = el("input", { id: "steer-temperature", type: "number", min: 0, max: 10, step: 0.1, value: 0 });
     this.seed = el("input", { id: "steer-seed", type: "number", min: 0, value: 0 });
