@@ -131,8 +131,8 @@ class SparseAutoencoder(nn.Module, abc.ABC):
         """Project out the radial part of W_dec's gradient, so a step rotates rows instead of growing them."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-        self.W_dec.grad -= parallel * self.W_dec
+        parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec, dim=1)  # (d_sae,), one pass, no temporary
+        self.W_dec.grad.addcmul_(self.W_dec, parallel.unsqueeze(1), value=-1.0)
 
     @staticmethod
     def mse(x: Tensor, x_hat: Tensor) -> Tensor:

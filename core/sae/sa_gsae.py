@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from core.sae.base import ForwardOutput, SAEConfig, SparseAutoencoder, register
-from core.sae.ste import bi_step, jumprelu
+from core.sae.ste import sign_aware_code, sign_aware_encode
 
 SparsityPenalty = Literal["l1", "l0"]
 
@@ -108,37 +108,38 @@ class SignAwareGatedSAE(SparseAutoencoder):
         return torch.where(pi > 0, self.r_mag_pos, self.r_mag_neg)
 
     def _gate_and_magnitude(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(π, m): the gate pre-activation and the sign-consistent magnitude, both (N, d_sae)."""
+        """(π, m): the gate pre-activation and the sign-consistent (ungated) magnitude, both (N, d_sae); the
+        step computes them fused, this spells them out for inspection."""
         projected = (x - self.b_dec) @ self.W_enc  # (N, d_sae)
         pi = projected + self.b_enc
         mu = self._log_scales(pi).exp() * projected + self.b_mag  # (N, d_sae), signed
         sign = torch.sign(pi)
         return pi, sign * torch.relu(sign * mu)
 
+    def _log_scale_params(self) -> tuple[Tensor, Tensor]:
+        """(r⁺, r⁻), each (d_sae,); the same tensor twice when tied."""
+        if self.cfg.tied_magnitude:
+            return self.r_mag, self.r_mag
+        return self.r_mag_pos, self.r_mag_neg
+
     def encode(self, x: Tensor) -> Tensor:
-        pi, magnitude = self._gate_and_magnitude(x)
-        theta_pos, theta_neg = self.thresholds()
-        gate = (pi > theta_pos) | (pi < -theta_neg)  # (N, d_sae)
-        return gate.to(magnitude.dtype) * magnitude  # (N, d_sae), signed
+        projected = (x - self.b_dec) @ self.W_enc  # (N, d_sae)
+        return sign_aware_encode(projected, self.b_enc, *self._log_scale_params(), self.b_mag, *self.thresholds())
 
     def forward(self, x: Tensor, *, sparsity_scale: float = 1.0, dead_mask: Tensor | None = None) -> ForwardOutput:
-        eps = self.cfg.bandwidth
-        pi, magnitude = self._gate_and_magnitude(x)
-        theta_pos, theta_neg = self.thresholds()
-        gate = bi_step(pi, theta_pos, theta_neg, eps)  # (N, d_sae) in {0, 1}; STE gradient to θ only
-        z = gate * magnitude  # (N, d_sae), signed
+        """The losses above; gate, magnitude, Bi-JumpReLU and their straight-through gradients run fused
+        (`core.sae.ste.sign_aware_code`), a few (N, d_sae) passes instead of dozens."""
+        projected = (x - self.b_dec) @ self.W_enc  # (N, d_sae)
+        z, phi, column = sign_aware_code(projected, self.b_enc, *self._log_scale_params(), self.b_mag,
+                                         *self.thresholds(), self.cfg.bandwidth, self.sparsity_penalty,
+                                         self.cfg.aux_reconstruction)  # (N, d_sae), (N, d_sae), (d_sae,)
         x_hat = self.decode(z)
         mse = self.mse(x, x_hat)
-
-        if self.sparsity_penalty == "l1":
-            # |φ(π)| as the sum of the two one-sided JumpReLUs (no |·| at 0, so the kernel gradient survives).
-            gate_l1 = jumprelu(pi, theta_pos, eps) + jumprelu(-pi, theta_neg, eps)  # (N, d_sae) ≥ 0
-            penalty = (gate_l1 * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
-        else:
-            penalty = gate.sum(dim=-1).mean()
-
+        if self.sparsity_penalty == "l1":  # mean over tokens of Σ_i ‖d_i‖·|φ(π)_i|
+            penalty = (column * self.W_dec.norm(dim=1)).sum() / x.shape[0]
+        else:  # mean over tokens of Σ_i g_i
+            penalty = column.sum() / x.shape[0]
         if self.cfg.aux_reconstruction:
-            phi = jumprelu(pi, theta_pos.detach(), eps) - jumprelu(-pi, theta_neg.detach(), eps)  # (N, d_sae)
             aux = self.mse(x, phi @ self.W_dec.detach() + self.b_dec.detach())
         else:
             aux = mse.new_zeros(())
