@@ -7,8 +7,10 @@ Each repeat times `steps` calls of `trainer.training.optimization.train_step` fo
 matmuls (the SAE's encode and decode shapes and a large square one), interleaved, with the order reversed on
 every other repeat so that drift on a shared machine hits all alike. Inputs are N(0, 1) of shape (batch, d_in),
 so E‖x‖² = d_in as in training; no latent is marked dead, so AuxK costs nothing (as early in a healthy run).
-Achieved GFLOP/s counts only the dense matmuls of a step (`FLOPS_PER_NDH`); the ratio to the peak is the
-median of the per-repeat ratios.
+Achieved GFLOP/s counts the FLOPs a step needs (`flops_per_ndh`): the dense matmuls, and for TopK/BatchTopK,
+which decode and backpropagate through their k active latents only, the sparse products at 2·N·k·d each
+instead of the dense matmuls they replace. The ratio to the peak is the median of the per-repeat ratios;
+tokens/s and the speed relative to relu (same run) are the numbers to compare across architectures.
 """
 
 from __future__ import annotations
@@ -29,12 +31,22 @@ from trainer.training.optimization import make_optimizer, train_step
 
 # Dense matmul FLOPs of one training step in units of N·d·H (N tokens, d = d_in, H = width). Each (N×d)@(d×H)
 # product costs 2·N·d·H forward and 2× that backward (grad of the input and of the weight).
-# relu/topk/batchtopk/jumprelu: encode + decode = 4 forward, 8 backward.
+# relu/jumprelu: encode + decode = 4 forward, 8 backward.
 # gated/sa_gsae: the magnitude path reuses the gate's projection (no second encoder matmul), but the auxiliary
 # reconstruction decodes once more through a frozen W_dec: 6 forward, backward 8 + 2 (input grad only).
-# Every run checks these against torch's FlopCounterMode on one warm-up step and reports what it counted.
-FLOPS_PER_NDH = {"relu": 12, "topk": 12, "batchtopk": 12, "jumprelu": 12, "gated": 16, "sa_gsae": 16}
+# topk/batchtopk: only the encoder's forward matmul is dense (2); the decode, its two gradients and the encoder's
+# weight gradient go through the N·k active entries (SPARSE_PRODUCTS of 2·N·k·d each, core/sae/sparse_decode.py),
+# and the input needs no gradient.
+# Every run checks the dense part against torch's FlopCounterMode on one warm-up step (it does not count the
+# sparse products) and reports what it counted.
+DENSE_FLOPS_PER_NDH = {"relu": 12, "topk": 2, "batchtopk": 2, "jumprelu": 12, "gated": 16, "sa_gsae": 16}
+SPARSE_PRODUCTS = {"topk": 4, "batchtopk": 4}
 SQUARE = 2048
+
+
+def flops_per_ndh(arch: str, k: int, width: int) -> float:
+    """FLOPs a training step needs, in units of N·d·H."""
+    return DENSE_FLOPS_PER_NDH[arch] + 2 * SPARSE_PRODUCTS.get(arch, 0) * k / width
 
 
 def sync() -> None:
@@ -91,6 +103,8 @@ def run(d_in: int, width: int, batch: int, steps: int, repeats: int, device: str
     kind = getattr(torch, dtype)
     batches = [torch.randn(batch, d_in, generator=gen).to(device, kind) for _ in range(4)]
     steps_by_arch = {arch: make_step(arch, d_in, width, batches) for arch in ARCHITECTURES}
+    k = SAEConfig(architecture="topk", d_in=d_in, d_sae=width).k
+    flops = {arch: flops_per_ndh(arch, k, width) for arch in ARCHITECTURES}
     counted: dict[str, float] = {}
     for arch, step in steps_by_arch.items():  # warm-up: allocator, Adam state, thread pool; count FLOPs
         step()
@@ -111,11 +125,12 @@ def run(d_in: int, width: int, batch: int, steps: int, repeats: int, device: str
     ndh = batch * d_in * width
     results = {}
     for arch in ARCHITECTURES:
-        gflops = [FLOPS_PER_NDH[arch] * ndh / s / 1e9 for s in seconds[arch]]
+        gflops = [flops[arch] * ndh / s / 1e9 for s in seconds[arch]]
         results[arch] = {
-            "flops_per_step": FLOPS_PER_NDH[arch] * ndh,
+            "flops_per_step": flops[arch] * ndh,
             "seconds_per_step": statistics.median(seconds[arch]),
             "tokens_per_s": batch / statistics.median(seconds[arch]),
+            "vs_relu": statistics.median(r / s for r, s in zip(seconds["relu"], seconds[arch], strict=True)),
             "gflops": statistics.median(gflops),
             "ratio_to_peak": statistics.median(g / p for g, p in zip(gflops, peaks, strict=True)),
         }
@@ -123,8 +138,9 @@ def run(d_in: int, width: int, batch: int, steps: int, repeats: int, device: str
         "benchmark": "train_throughput",
         "machine": {**machine_info(), "device": device, "dtype": dtype,
                     "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None},
-        "d_in": d_in, "width": width, "batch": batch, "steps": steps, "repeats": repeats,
-        "flops_per_ndh": FLOPS_PER_NDH,
+        "d_in": d_in, "width": width, "k": k, "batch": batch, "steps": steps, "repeats": repeats,
+        "flops_per_ndh": flops,
+        "dense_flops_per_ndh": DENSE_FLOPS_PER_NDH,
         "counted_flops_per_ndh": counted,
         "matmul_gflops": {name: statistics.median(r[name] for r in rates) for name in rates[0]},
         "peak_gflops": statistics.median(peaks),
@@ -138,21 +154,24 @@ def print_table(result: dict[str, Any]) -> None:
     m = result["machine"]
     print(f"machine: {m['platform']}, {m['cpu']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), "
           f"torch {m['torch']}, python {m['python']}; device {m['device']}{' ' + m['gpu'] if m['gpu'] else ''}")
-    print(f"SAE: d_in {result['d_in']}, width {result['width']}, batch {result['batch']} tokens, {m['dtype']}; "
+    print(f"SAE: d_in {result['d_in']}, width {result['width']}, k {result['k']}, batch {result['batch']} tokens, "
+          f"{m['dtype']}; "
           f"{result['steps']} steps x {result['repeats']} interleaved repeats; medians")
     mm = result["matmul_gflops"]
     print(f"{m['dtype']} matmul GFLOP/s: encode shape {mm['encode']:.1f}, decode shape {mm['decode']:.1f}, "
           f"square {SQUARE}³ {mm['square']:.1f}; peak (best per repeat) {result['peak_gflops']:.1f}\n")
-    print(f"{'architecture':<13}{'FLOPs/step':>11}{'s/step':>9}{'tokens/s':>10}{'GFLOP/s':>9}{'/peak':>7}")
+    print(f"{'architecture':<13}{'FLOPs/step':>12}{'s/step':>9}{'tokens/s':>10}{'x relu':>8}{'GFLOP/s':>9}{'/peak':>7}")
     for arch, r in result["architectures"].items():
-        flops = f"{result['flops_per_ndh'][arch]}·NdH"
-        print(f"{arch:<13}{flops:>11}{r['seconds_per_step']:>9.3f}{r['tokens_per_s']:>10.0f}"
+        flops = f"{result['flops_per_ndh'][arch]:.4g}·NdH"
+        print(f"{arch:<13}{flops:>12}{r['seconds_per_step']:>9.3f}{r['tokens_per_s']:>10.0f}{r['vs_relu']:>8.2f}"
               f"{r['gflops']:>9.1f}{r['ratio_to_peak']:>7.2f}")
-    print("\nFLOPs/step: dense matmuls only (N tokens, d = d_in, H = width); forward 2·NdH per matmul, backward 2x; "
-          "checked against torch's FlopCounterMode")
+    print("\nFLOPs/step: what a step needs (N tokens, d = d_in, H = width): dense matmuls at 2·NdH forward, 2x "
+          "backward; topk/batchtopk: one dense encoder matmul plus 4 sparse products of 2·N·k·d over the active "
+          "latents. x relu: speed relative to relu in the same repeat. Dense part checked against torch's "
+          "FlopCounterMode")
     for arch, counted in result["counted_flops_per_ndh"].items():
-        if abs(counted - result["flops_per_ndh"][arch]) > 1e-6:
-            print(f"warning: torch counted {counted:.2f}·NdH for {arch}; update FLOPS_PER_NDH")
+        if abs(counted - result["dense_flops_per_ndh"][arch]) > 1e-6:
+            print(f"warning: torch counted {counted:.2f}·NdH for {arch}; update DENSE_FLOPS_PER_NDH")
 
 
 def main(argv: list[str] | None = None) -> int:
