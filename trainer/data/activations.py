@@ -205,8 +205,14 @@ def collect_activations(
     points = host.hookpoints.resolve(list(hookpoints))  # unknown names fail here, before any work
     names, dims = [p.name for p in points], {p.name: p.dim for p in points}
     directory = Path(out_dir)
+    refusal = None
     if parallel.is_main:
-        prepare_directory(directory, overwrite=overwrite)
+        try:
+            prepare_directory(directory, overwrite=overwrite)
+        except FileExistsError as exc:
+            refusal = str(exc)
+    if (refusal := parallel.main_value(refusal)) is not None:  # every rank raises; none waits on the others
+        raise FileExistsError(refusal)
     documents = documents if parallel.world == 1 else list(documents)  # iterated twice: count, then run
 
     def plan() -> Iterator[PlannedBatch]:
@@ -214,7 +220,6 @@ def collect_activations(
                             max_tokens=max_tokens)
 
     mine = rank_slice(plan(), parallel)
-    parallel.barrier()  # the directory is ready
     writer = ShardWriter(directory, dims, dtype, shard_tokens, first_row=mine.first_row, ends_store=mine.ends_store)
     windows = documents_used = 0
     started = time.perf_counter()
