@@ -16,7 +16,8 @@ is faster). Items, each skipped with the reason when its peer cannot be installe
 - decompose: a random SAELens TopK SAE at blocks.6.hook_resid_post of the default model, saved with SAELens,
   imported with `featurewire-train import`; gRPC Decompose (top-32 codes and error norms of every token) against
   `run_with_cache_with_saes` with and without `stop_at_layer`; checks that Decompose gives SAELens's codes and
-  that `featurewire-train export --to saelens` of the imported stage loads in SAELens with the same codes.
+  that `featurewire-train export --to saelens` of the imported stage loads in SAELens with the same codes. A
+  control times the plain HF body in the SAELens process, to tell TransformerLens's own cost from machine load.
 - generate: greedy generation with one feature pinned (SET, every position): gRPC Generate against
   TransformerLens `generate` with the SAE attached with `use_error_term=True` and against nnsight `generate`
   with the same edit; tokens/s ratios and whether the three give the same tokens.
@@ -266,7 +267,8 @@ def serve_items(args: argparse.Namespace, log_dir: Path, work: Path, items: set[
         if "decompose" in items:
             variants = {"featurewire_grpc_decompose": lambda: timed(decompose),
                         "saelens_run_with_cache": lambda: saelens.time("cache"),
-                        "saelens_run_with_cache_stop_at_layer": lambda: saelens.time("cache_stop")}
+                        "saelens_run_with_cache_stop_at_layer": lambda: saelens.time("cache_stop"),
+                        "control_hf_body_in_peer_process": lambda: saelens.time("hf_body")}
             for fn in variants.values():
                 fn()
             seconds = interleave(variants, args.repeats)
@@ -279,7 +281,8 @@ def serve_items(args: argparse.Namespace, log_dir: Path, work: Path, items: set[
                                                                                    "featurewire_grpc_decompose"),
                               "target": 1.1},
                              *({"what": f"{p} / featurewire gRPC Decompose", "target": None,
-                                "ratio": ratio(seconds, p, "featurewire_grpc_decompose")} for p in peers)]})
+                                "ratio": ratio(seconds, p, "featurewire_grpc_decompose")}
+                               for p in [*peers, "control_hf_body_in_peer_process"])]})
         if "generate" in items:
             rows.append(generate_item(args, saelens, cfg, stub, stack, codes, log_dir))
     except Exception as exc:  # a peer or the import/export failing must not stop the other items

@@ -17,6 +17,8 @@ Calls:
   `add_sae(sae, use_error_term=True)` and feature `feature` pinned to `value` (call arguments) at every position
   by a hook on hook_sae_acts_post; generate_plain without SAE or hook. Both return the generated token ids.
 - codes: per token, the top-k (ids, values) of the SAE's codes on the prompt.
+- hf_body: the plain HF body forward (18 layers, no logits) of the prompt in this process: a control that shows
+  how fast this process runs plain torch work next to TransformerLens's.
 - check_export(path): load a SAELens SAE from `path` (what `featurewire-train export --to saelens` wrote) and
   compare its codes with the original SAE's on the prompt's activations.
 """
@@ -36,17 +38,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of reaching fo
 TL_NAME = "google/gemma-3-270m"
 
 
-def load_model(model_dir: str) -> Any:
+def load_model(model_dir: str) -> tuple[Any, Any]:
+    """(TransformerLens model, the HF model it was built from: kept as a control for this process's speed)."""
     from sae_lens import HookedSAETransformer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = HookedSAETransformer.from_pretrained_no_processing(TL_NAME, hf_model=hf, tokenizer=tokenizer,
                                                                device="cpu", dtype=torch.float32)
-    del hf
     gc.collect()
-    return model.eval()
+    return model.eval(), hf
 
 
 def make_sae(model: Any, hook: str, cfg: dict[str, Any], ids: torch.Tensor, sae_dir: Path) -> None:
@@ -71,7 +73,7 @@ def build(cfg: dict[str, Any]) -> tuple[dict[str, Callable[..., Any]], dict[str,
     hook = f"blocks.{layer}.hook_resid_post"
     acts, sae_in, recons = (f"{hook}.hook_sae_acts_post", f"{hook}.hook_sae_input", f"{hook}.hook_sae_recons")
     ids = torch.tensor([cfg["ids"]], dtype=torch.long)  # (1, T)
-    model = load_model(cfg["model_dir"])
+    model, hf = load_model(cfg["model_dir"])
     sae_dir = Path(cfg["sae_dir"])
     if not (sae_dir / "cfg.json").exists():
         make_sae(model, hook, cfg, ids, sae_dir)
@@ -124,6 +126,7 @@ def build(cfg: dict[str, Any]) -> tuple[dict[str, Callable[..., Any]], dict[str,
         "cache": lambda: decompose(stop=False), "cache_stop": lambda: decompose(stop=True),
         "generate": generate, "generate_plain": lambda: generate(steered=False), "codes": codes,
         "check_export": check_export,
+        "hf_body": lambda: hf.model(input_ids=ids, use_cache=False),  # control: plain HF body in this process
     }
     info = {"versions": worker.versions("sae-lens", "transformer-lens", "transformers"),
             "torch_threads": torch.get_num_threads(), "tl_model": TL_NAME, "hook": hook,
