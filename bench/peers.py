@@ -251,6 +251,8 @@ def serve_items(args: argparse.Namespace, log_dir: Path, work: Path, items: set[
                         "--out", str(work / "stack"))
         featurewire_cli("export", "--to", "saelens", "--stack", str(work / "stack"), "--out", str(work / "exported"))
         export_check = saelens.call("check_export", path=str(work / "exported"))
+        if args.threads:  # the server is a process of its own: torch reads its thread count from the environment
+            os.environ["OMP_NUM_THREADS"] = str(args.threads)
         server = ServerProcess("default", work / "stack")
         stub = pb_grpc.FeaturewireStub(grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}"))
         (stack,) = stub.ListStacks(pb.ListStacksRequest(), timeout=60).stacks[:1]
@@ -394,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=128, help="prompt tokens for Decompose and generation")
     parser.add_argument("--new-tokens", type=int, default=32, help="generated tokens (default 32)")
     parser.add_argument("--width", type=int, default=4096, help="d_sae of the served SAE (default 4096)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads here and in the peers (default: torch's)")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads here, in the peers and in the server (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.threads:
