@@ -98,7 +98,11 @@ class SparseAutoencoder(nn.Module, abc.ABC):
         return self.cfg.d_sae
 
     def pre_activation(self, x: Tensor) -> Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc  # (N, d_sae)
+        """(x − b_dec) W_enc + b_enc: (N, d_sae). One addmm for 2-D x: the bias rides in the matmul instead of
+        a separate (N, d_sae) pass."""
+        if x.dim() == 2:
+            return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
 
     @abc.abstractmethod
     def encode(self, x: Tensor) -> Tensor:

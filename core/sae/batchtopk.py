@@ -83,7 +83,7 @@ class BatchTopKSAE(SparseAutoencoder):
             return self._dense_forward(x, dead_mask)
         with torch.no_grad():
             x_centered = x - self.b_dec  # (N, d_in)
-            pre = x_centered @ self.W_enc + self.b_enc  # (N, d_sae), = pre_activation(x), no graph
+            pre = torch.addmm(self.b_enc, x_centered, self.W_enc)  # (N, d_sae), = pre_activation(x), no graph
             # Selecting on π rather than ReLU(π) keeps the same positive entries; where fewer than N·k are
             # positive it keeps other zeros after the ReLU, which the code cannot tell apart.
             if self.batch_cutoff is not None:

@@ -200,7 +200,7 @@ class _ActivePreActivations(torch.autograd.Function):
         if need_b_enc or need_b_dec:
             colsum = W_enc.new_zeros(pattern.n_cols).index_add_(0, pattern.cols, grad_pre)  # (H,)
             grad_b_enc = colsum if need_b_enc else None
-            grad_b_dec = -(W_enc @ colsum) if need_b_dec else None  # (d,)
+            grad_b_dec = -(colsum @ W_enc.t()) if need_b_dec else None  # (d,), W_enc is stored latent-major
         if need_W:
             grad_W = pattern.cols_sum(x_centered, grad_pre).t()  # (d, H)
         if need_x:

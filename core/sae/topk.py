@@ -80,7 +80,7 @@ class TopKSAE(SparseAutoencoder):
         (core/sae/sparse_decode.py); the same losses and gradients as decoding the dense code."""
         with torch.no_grad():
             x_centered = x - self.b_dec  # (N, d_in)
-            pre = x_centered @ self.W_enc + self.b_enc  # (N, d_sae), = pre_activation(x), no graph
+            pre = torch.addmm(self.b_enc, x_centered, self.W_enc)  # (N, d_sae), = pre_activation(x), no graph
             # Top-k of π, then ReLU: the same code as top-k of ReLU(π) (a row with fewer than k positive entries
             # keeps other zeros), without a full ReLU pass.
             top, indices = pre.topk(min(self.cfg.k, self.d_sae), dim=-1, sorted=False)  # (N, k)
