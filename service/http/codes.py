@@ -58,6 +58,9 @@ _UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _GRPC_TIMEOUT = re.compile(r"(\d{1,8})([HMSmun])")
 TIMEOUT_HEADER = "grpc-timeout"
 TIMEOUT_QUERY = "timeout"
+MAX_TIMEOUT_S = 1e7
+"""Longer deadlines (gRPC's form allows 99999999H, ~11,000 years) are capped at ~116 days: past a few centuries
+the channel's deadline overflows its clock and the call fails at once with DEADLINE_EXCEEDED."""
 
 
 def http_status(code: grpc.StatusCode) -> int:
@@ -86,10 +89,10 @@ def parse_timeout(header: str | None, query: str | None) -> float | None:
 
     The header takes gRPC's form (`30S`, `500m`, `2M`) or plain seconds (`30`, `0.5`); None means "no
     deadline from the client", so the server applies its default (`request_timeout_s`) exactly as for a
-    gRPC client that sets none.
+    gRPC client that sets none. Values beyond MAX_TIMEOUT_S become MAX_TIMEOUT_S.
     """
     if query is not None:
-        return _seconds(query, f"the {TIMEOUT_QUERY} query parameter")
+        return min(MAX_TIMEOUT_S, _seconds(query, f"the {TIMEOUT_QUERY} query parameter"))
     if header is None:
         return None
     match = _GRPC_TIMEOUT.fullmatch(header.strip())
@@ -97,8 +100,8 @@ def parse_timeout(header: str | None, query: str | None) -> float | None:
         value = int(match.group(1)) * _UNITS[match.group(2)]
         if value <= 0:
             raise BadTimeout(f"the {TIMEOUT_HEADER} header must be a positive duration, got {header!r}")
-        return value
-    return _seconds(header, f"the {TIMEOUT_HEADER} header")
+        return min(MAX_TIMEOUT_S, value)
+    return min(MAX_TIMEOUT_S, _seconds(header, f"the {TIMEOUT_HEADER} header"))
 
 
 def _seconds(text: str, where: str) -> float:
