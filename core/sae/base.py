@@ -18,6 +18,8 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from core.sae.sparse_decode import decode_codes
+
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated", "sa_gsae")
 
 
@@ -77,6 +79,8 @@ class SparseAutoencoder(nn.Module, abc.ABC):
 
     architecture: ClassVar[str]
     signed: ClassVar[bool] = False
+    sparse_codes: ClassVar[bool] = False
+    """Codes have few non-zeros by construction (TopK, BatchTopK), so serving decodes them sparsely."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -110,6 +114,13 @@ class SparseAutoencoder(nn.Module, abc.ABC):
 
     def decode(self, z: Tensor) -> Tensor:
         return z @ self.W_dec + self.b_dec  # (N, d_in)
+
+    def decode_codes(self, z: Tensor) -> Tensor:
+        """`decode` for serving: through the active latents when the codes are sparse by construction
+        (`sparse_codes`) and few (core/sae/sparse_decode.py); the same x̂ up to fp32 rounding: (N, d_in)."""
+        if not self.sparse_codes:
+            return self.decode(z)
+        return decode_codes(z, self.W_dec) + self.b_dec
 
     @abc.abstractmethod
     def forward(self, x: Tensor, *, sparsity_scale: float = 1.0, dead_mask: Tensor | None = None) -> ForwardOutput:

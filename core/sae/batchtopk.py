@@ -56,6 +56,7 @@ def batch_top_k_indices(acts: Tensor, k: int) -> Tensor:
 @register
 class BatchTopKSAE(SparseAutoencoder):
     architecture = "batchtopk"
+    sparse_codes = True
     threshold_momentum: ClassVar[float] = 0.99
 
     threshold: Tensor  # () inference threshold on the ReLU pre-activations

@@ -67,6 +67,7 @@ class TopKSAE(SparseAutoencoder):
     """
 
     architecture = "topk"
+    sparse_codes = True
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)

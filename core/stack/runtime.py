@@ -7,11 +7,11 @@ it reads from, and maps back with ĥ = A h_m + c + r̂ / s. Either way the SAE s
 reconstruction returns to activation space through `to_activation`.
 
 An edit of codes z → z' changes the activation by (z' − z) W_dec / s: only the edited features move and
-the SAE's reconstruction error stays (error-preserving). Codes and edits with few non-zeros (TopK, BatchTopK,
-trained JumpReLU, any edit) decode through their active latents only, which also spares a generation step
-reading all of W_dec; dense codes keep the matmul (`decode_codes`). A later residual stage computes its residual
-from the edited activation that flowed, so the predictor carries the edit and the later stage does not
-re-express it.
+the SAE's reconstruction error stays (error-preserving). Codes and edits of a few tokens (a generation step)
+with few non-zeros (TopK and BatchTopK codes, any edit) decode through their active latents only, sparing a
+read of all of W_dec; other codes keep the matmul (`decode_codes`). A later residual stage computes
+its residual from the edited activation that flowed, so the predictor carries the edit and the later stage
+does not re-express it.
 
 `StackPass` runs inside a forward pass: it hands each stage's (h, h_prev) to a handler in forward order
 and records what flowed after the handler, so residual stages downstream see edits and splices.
@@ -146,7 +146,7 @@ class StackRuntime:
     def run_stage(self, stage: RuntimeStage, h: Tensor, prev: Tensor | None = None) -> StageResult:
         x = self.sae_input(stage, h, prev)  # (N, d)
         z = stage.sae.encode(x)  # (N, d_sae)
-        x_hat = decode_codes(z, stage.sae.W_dec) + stage.sae.b_dec  # (N, d), = sae.decode(z)
+        x_hat = stage.sae.decode_codes(z)  # (N, d), = sae.decode(z)
         recon = self.to_activation(stage, x_hat, prev)
         predicted = stage.error_predictor.predict_norm(x) if stage.error_predictor is not None else None
         return StageResult(z, x, x_hat, recon, _flat(h).to(recon.device, recon.dtype) - recon, predicted)
@@ -160,7 +160,7 @@ class StackRuntime:
 
     def edit_delta(self, stage: RuntimeStage, z: Tensor, z_new: Tensor) -> Tensor:
         """The activation change of an error-preserving edit z → z': (z' − z) W_dec / s, (N, d). Only the
-        edited entries of z' − z are non-zero, so this decodes them alone (core/sae/sparse_decode.py)."""
+        edited entries of z' − z are non-zero, so for a few tokens this decodes them alone (`decode_codes`)."""
         return decode_codes(z_new - z, stage.sae.W_dec) / stage.input_scale
 
     def apply_edit(self, stage: RuntimeStage, h: Tensor, prev: Tensor | None,

@@ -132,11 +132,12 @@ def test_batchtopk_eval_forward_stays_dense_and_matches_encode() -> None:
     assert torch.equal(sae(x).z, sae.encode(x))
 
 
+@pytest.mark.parametrize("rows", [1, 8, N])
 @pytest.mark.parametrize("density", [0.0, 0.01, 0.5])
-def test_decode_codes_matches_the_matmul(density: float) -> None:
-    """Sparse below SPARSE_DENSITY, the plain matmul above it and whenever a gradient is needed."""
+def test_decode_codes_matches_the_matmul(density: float, rows: int) -> None:
+    """Sparse for few rows below SPARSE_DENSITY, the plain matmul otherwise and whenever a gradient is needed."""
     W_dec = torch.randn(WIDTH, D_IN)
-    z = torch.randn(N, WIDTH) * (torch.rand(N, WIDTH) < density)
+    z = torch.randn(rows, WIDTH) * (torch.rand(rows, WIDTH) < density)
     with torch.no_grad():
         torch.testing.assert_close(decode_codes(z, W_dec), z @ W_dec, **TOL)
     W = W_dec.clone().requires_grad_()
@@ -152,3 +153,15 @@ def test_sparse_decode_of_an_empty_pattern() -> None:
     assert torch.equal(out, torch.zeros(3, D_IN))
     out.sum().backward()
     assert W_dec.grad is not None and not W_dec.grad.any()
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu"])
+def test_sae_decode_codes_serves_the_same_reconstruction(arch: str) -> None:
+    """Serving decodes TopK/BatchTopK codes of a few tokens sparsely; others (and many tokens) by the matmul."""
+    sae = build_sae(SAEConfig(architecture=arch, d_in=D_IN, d_sae=WIDTH, k=8)).requires_grad_(False)
+    assert sae.sparse_codes == (arch != "relu")
+    for rows in (1, 4, N):
+        x = torch.randn(rows, D_IN)
+        with torch.inference_mode():
+            z = sae.encode(x)
+            torch.testing.assert_close(sae.decode_codes(z), sae.decode(z), **TOL)
