@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from core.sae.base import ForwardOutput, SAEConfig, SparseAutoencoder, register
-from core.sae.sparse_decode import SparsePattern
+from core.sae.sparse_decode import SparsePattern, sort_index
 from core.sae.topk import auxk_loss, latent_major_encoder_, sparse_forward
 
 
@@ -49,8 +49,8 @@ def batch_top_k_indices(acts: Tensor, k: int) -> Tensor:
         chosen = candidates.reshape(-1).topk(budget, sorted=False).indices  # (N·k,) into the candidates
         rows = chosen.div(m, rounding_mode="floor")
         if int(torch.bincount(rows, minlength=n).max()) < m:
-            return (rows * width + columns.reshape(-1)[chosen]).sort().values
-    return acts.reshape(-1).topk(budget, sorted=False).indices.sort().values
+            return sort_index(rows * width + columns.reshape(-1)[chosen])
+    return sort_index(acts.reshape(-1).topk(budget, sorted=False).indices)
 
 
 @register

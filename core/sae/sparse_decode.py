@@ -125,6 +125,14 @@ def _argsort(index: Tensor, n: int) -> Tensor:
     return torch.sort(index.to(torch.int32) if n < 2**31 else index, stable=True).indices
 
 
+def sort_index(index: Tensor) -> Tensor:
+    """`index` (long) sorted ascending; on CPU through numpy (single-threaded SIMD sort, for the reason in
+    `_argsort`)."""
+    if index.device.type == "cpu":
+        return torch.from_numpy(np.sort(index.numpy()))
+    return index.sort().values
+
+
 def _offsets(index: Tensor, n: int) -> Tensor:
     """Start of each value's run once `index` is sorted: (n + 1,)."""
     counts = torch.bincount(index, minlength=n)
