@@ -20,10 +20,10 @@ import random
 import statistics
 import tempfile
 import time
-from contextlib import contextmanager
 from typing import Any
 
 import torch
+from dashboards import truncated
 from machine import machine_info
 
 from core.config import ModelConfig
@@ -41,18 +41,6 @@ def default_hookpoints(host: HostModel) -> list[str]:
     n = host.hookpoints.num_layers
     layers = sorted({n * i // 6 for i in range(1, 5)})
     return [f"blocks.{layer}.hook_resid_post" for layer in layers]
-
-
-@contextmanager
-def truncated(host: HostModel, layers: int):
-    """The HF body with only its first `layers` decoder layers (the plain baseline of an early-stopped pass)."""
-    body = host.model.base_model
-    full = body.layers
-    body.layers = full[:layers]
-    try:
-        yield body
-    finally:
-        body.layers = full
 
 
 def plain_batches(host: HostModel, documents: list[Document], windows: int, context_length: int,

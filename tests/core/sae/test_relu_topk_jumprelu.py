@@ -5,7 +5,6 @@ straight-through estimators, AuxK, dead-latent resets) and of (de)serialisation.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -34,13 +33,7 @@ LOSS_KEYS = {
 D_IN, N_FEATURES, WIDTH = 32, 48, 96
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """These tensors are tiny: intra-op threads only add overhead, which is 10-20x on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import itertools
 import types
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,12 +22,7 @@ D_IN, WIDTH, N = 16, 48, 128
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference_forward(self: SignAwareGatedSAE, x: Tensor, *, sparsity_scale: float = 1.0,

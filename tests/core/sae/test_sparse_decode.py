@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import types
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,12 +21,7 @@ D_IN, WIDTH, N = 24, 256, 96
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def dense_forward(self: SparseAutoencoder, x: Tensor, *, sparsity_scale: float = 1.0,
