@@ -26,7 +26,7 @@ import torch
 from dashboards import truncated
 from machine import machine_info
 
-from core.config import ModelConfig
+from core.config import add_model_arguments, model_config_from_args
 from core.host.devices import dtype_name
 from core.host.host_model import HostModel
 from core.host.loading import load_host_model
@@ -126,9 +126,7 @@ def print_table(result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="default | tiny-random | DIR | FILE.gguf (env FEATUREWIRE_MODEL)")
-    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (env FEATUREWIRE_DEVICE)")
-    parser.add_argument("--dtype", help="auto | float32 | bfloat16 | float16 (env FEATUREWIRE_DTYPE)")
+    add_model_arguments(parser)
     parser.add_argument("--tokens", type=int, default=4096, help="stored tokens per pass (default 4096)")
     parser.add_argument("--context-length", type=int, default=128, help="window length (default 128)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
@@ -141,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tokens, --repeats, --context-length and --batch-size must be >= 1, --warmup >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
-    host = load_host_model(ModelConfig.from_env(os.environ, name=args.model, device=args.device, dtype=args.dtype))
+    host = load_host_model(model_config_from_args(args, os.environ))
     result = report(host, args.tokens, args.context_length, args.batch_size, args.repeats, args.warmup)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -22,7 +22,7 @@ import torch
 import transformers
 from machine import machine_info
 
-from core.config import ModelConfig
+from core.config import add_model_arguments, model_config_from_args
 from core.host.devices import dtype_name
 from core.host.hooks import add_vector
 from core.host.host_model import HostModel
@@ -170,9 +170,7 @@ def print_table(result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="default | tiny-random | DIR | FILE.gguf (env FEATUREWIRE_MODEL)")
-    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (env FEATUREWIRE_DEVICE)")
-    parser.add_argument("--dtype", help="auto | float32 | bfloat16 | float16 (env FEATUREWIRE_DTYPE)")
+    add_model_arguments(parser)
     parser.add_argument("--tokens", type=int, default=256, help="prompt length, batch 1 (default 256)")
     parser.add_argument("--repeats", type=int, default=5, help="timed interleaved repeats (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds of every variant (default 1)")
@@ -183,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tokens and --repeats must be >= 1, --warmup >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = ModelConfig.from_env(os.environ, name=args.model, device=args.device, dtype=args.dtype)
-    host = load_host_model(config)
+    host = load_host_model(model_config_from_args(args, os.environ))
     result = report(host, args.tokens, args.repeats, args.warmup)
     if args.json:
         print(json.dumps(result, indent=2))
