@@ -89,3 +89,93 @@ def test_the_rules_catch_a_violation(tmp_path):
         "core/stack/bad.py imports service.engine.served.ServedStack",
         "core/stack/bad.py imports trainer",
     ]
+
+
+# --- import cycles -------------------------------------------------------------------------------------------
+# Every import statement counts, at module level or inside a function: an import hidden in a function to break
+# a circle still says that some code lives in the wrong module. Package roots and their module names:
+CYCLE_ROOTS = {"core": ROOT / "core", "trainer": ROOT / "trainer", "service": ROOT / "service",
+               "featurewire": ROOT / "clients" / "python" / "featurewire"}
+
+
+def module_files(roots: dict[str, Path]) -> dict[str, Path]:
+    """Dotted module name -> source file, for every module under the roots (generated `_pb2` code left out)."""
+    modules: dict[str, Path] = {}
+    for name, directory in roots.items():
+        for path in sorted(directory.rglob("*.py")):
+            if "_pb2" in path.name:
+                continue
+            parts = [name, *path.relative_to(directory).with_suffix("").parts]
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """module -> the project modules it imports. `from a.b import c` points at a.b.c when that is a module,
+    else at a.b; a package's own `__init__` running first is Python's doing, not an edge."""
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names if alias.name in modules)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:
+                    target = f"{node.module}.{alias.name}"
+                    if target in modules:
+                        edges.add(target)
+                    elif node.module in modules:
+                        edges.add(node.module)
+        graph[module] = edges - {module}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted: every import circle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_forms_a_cycle():
+    assert cycles(import_graph(module_files(CYCLE_ROOTS))) == []
+
+
+def test_the_cycle_check_catches_a_function_level_circle(tmp_path):
+    """The checker itself: a circle held together by an import inside a function is reported."""
+    package = tmp_path / "core" / "sae"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "base.py").write_text("def build():\n    from core.sae import registry\n    return registry\n")
+    (package / "registry.py").write_text("from core.sae.base import build\n")
+    (package / "leaf.py").write_text("from core.sae.base import build\n")
+    graph = import_graph(module_files({"core": tmp_path / "core"}))
+    assert cycles(graph) == [["core.sae.base", "core.sae.registry"]]

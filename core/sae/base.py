@@ -20,8 +20,6 @@ from torch import Tensor, nn
 
 from core.sae.sparse_decode import decode_codes
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated", "sa_gsae")
-
 
 @dataclass(frozen=True)
 class SAEConfig:
@@ -49,8 +47,6 @@ class SAEConfig:
     """Gated / SA-GSAE: auxiliary reconstruction through a frozen decoder (off only for the ablation)."""
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
         if self.d_in < 1 or self.d_sae < 1:
             raise ValueError(f"d_in and d_sae must be positive, got {self.d_in} and {self.d_sae}")
         if not 0 < self.k <= self.d_sae:
@@ -165,19 +161,3 @@ def top_k_by_magnitude(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
     k = min(k, z.shape[-1])
     indices = z.abs().topk(k, dim=-1).indices
     return z.gather(-1, indices), indices
-
-
-_REGISTRY: dict[str, type[SparseAutoencoder]] = {}
-
-
-def register(cls: type[SparseAutoencoder]) -> type[SparseAutoencoder]:
-    """Class decorator: make an architecture buildable by name."""
-    _REGISTRY[cls.architecture] = cls
-    return cls
-
-
-def build_sae(cfg: SAEConfig) -> SparseAutoencoder:
-    """Construct the architecture `cfg` names (imports every architecture module on first use)."""
-    from core.sae import architectures  # noqa: F401  (registers the classes)
-
-    return _REGISTRY[cfg.architecture](cfg)

@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from core.sae.base import ForwardOutput, SAEConfig, SparseAutoencoder, register
+from core.sae.base import ForwardOutput, SAEConfig, SparseAutoencoder
 from core.sae.sparse_decode import SparsePattern, sort_index
 from core.sae.topk import auxk_loss, latent_major_encoder_, sparse_forward
 
@@ -53,7 +53,6 @@ def batch_top_k_indices(acts: Tensor, k: int) -> Tensor:
     return sort_index(acts.reshape(-1).topk(budget, sorted=False).indices)
 
 
-@register
 class BatchTopKSAE(SparseAutoencoder):
     architecture = "batchtopk"
     sparse_codes = True

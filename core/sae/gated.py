@@ -23,10 +23,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from core.sae.base import ForwardOutput, SAEConfig, SparseAutoencoder, register
+from core.sae.base import ForwardOutput, SAEConfig, SparseAutoencoder
 
 
-@register
 class GatedSAE(SparseAutoencoder):
     """Gate path (W_enc, b_enc) picks the support; magnitude path (exp(r_mag) ⊙ W_enc, b_mag) sets values."""
 

@@ -19,11 +19,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from core.sae.base import ForwardOutput, SAEConfig, SparseAutoencoder, register
+from core.sae.base import ForwardOutput, SAEConfig, SparseAutoencoder
 from core.sae.ste import jumprelu, step
 
 
-@register
 class JumpReLUSAE(SparseAutoencoder):
     architecture = "jumprelu"
     min_threshold: ClassVar[float] = 1e-6

@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from core.sae.base import ForwardOutput, SparseAutoencoder, register
+from core.sae.base import ForwardOutput, SparseAutoencoder
 
 
-@register
 class ReLUSAE(SparseAutoencoder):
     architecture = "relu"
 

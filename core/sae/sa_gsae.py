@@ -53,13 +53,12 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from core.sae.base import ForwardOutput, SAEConfig, SparseAutoencoder, register
+from core.sae.base import ForwardOutput, SAEConfig, SparseAutoencoder
 from core.sae.ste import sign_aware_code, sign_aware_encode
 
 SparsityPenalty = Literal["l1", "l0"]
 
 
-@register
 class SignAwareGatedSAE(SparseAutoencoder):
     """One signed latent per bipolar concept: two-sided learned-threshold gate × signed magnitude path."""
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from core.sae.base import ForwardOutput, SAEConfig, SparseAutoencoder, register
+from core.sae.base import ForwardOutput, SAEConfig, SparseAutoencoder
 from core.sae.sparse_decode import (
     SparsePattern,
     active_pre_activations,
@@ -58,7 +58,6 @@ def auxk_loss(acts: Tensor, residual: Tensor, W_dec: Tensor, dead_mask: Tensor |
     return (residual.detach() - e_hat).pow(2).sum(dim=-1).mean()
 
 
-@register
 class TopKSAE(SparseAutoencoder):
     """z = TopK_k(ReLU(pre)): the k largest pre-activations of each token survive, the rest are 0.
 

@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.sae.base import ARCHITECTURES, SAEConfig, SparseAutoencoder, build_sae
+from core.sae.base import SAEConfig, SparseAutoencoder
+from core.sae.registry import ARCHITECTURES, build_sae
 from core.stack.affine import AffineMap
 from core.stack.dashboards import check_dashboard_entry, parse_explanations
 from core.stack.error_predictor import ErrorPredictor

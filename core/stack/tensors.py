@@ -14,7 +14,8 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 from torch import Tensor
 
-from core.sae.base import SAEConfig, build_sae
+from core.sae.base import SAEConfig
+from core.sae.registry import build_sae
 from core.stack.manifest import StackError, file_sha256
 
 MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit

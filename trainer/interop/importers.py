@@ -37,7 +37,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from core.sae.base import SAEConfig, SparseAutoencoder, build_sae
+from core.sae.base import SAEConfig, SparseAutoencoder
+from core.sae.registry import build_sae
 from core.stack.identity import HostModelIdentity
 from core.stack.writer import StageSpec, write_stack
 

@@ -4,9 +4,9 @@ Why ONNX: applications that run their model elsewhere (vLLM, TGI, a custom runti
 activations to `featurewire-serve serve --no-model`, which encodes them with ONNX Runtime and never loads
 torch or a host model (DESIGN.md §6).
 
-Each graph is traced from `StageGraph`, whose forward is the stack runtime's own math (core.stack.runtime:
-input scale or ReSAE residual, the SAE's `encode`, `decode`, back to activation space), so the graph and
-the service's torch path cannot drift apart; the parity check (trainer/interop/onnx_parity.py) fails the export
+Each graph is traced from `StageGraph` (trainer/interop/stage_graph.py), whose forward is the stack runtime's
+own math (core.stack.runtime: input scale or ReSAE residual, the SAE's `encode`, `decode`, back to activation
+space), so the graph and the service's torch path cannot drift apart; the parity check (trainer/interop/onnx_parity.py) fails the export
 when ONNX Runtime disagrees with torch. Graph interface (N rows, M error rows, K features):
 
     inputs   activations (N, d_in) float32     raw activations at the stage's hookpoint
@@ -38,61 +38,19 @@ from typing import Any, Literal
 import onnx
 import torch
 from onnx import TensorProto, helper
-from torch import Tensor, nn
+from torch import Tensor
 
 from core import __version__
-from core.sae.base import l0
-from core.stack.error_predictor import NormProbe
 from core.stack.manifest import StackError, attach_onnx
-from core.stack.reader import LoadedStage, read_stack
+from core.stack.reader import read_stack
 from core.stack.runtime import StackRuntime
 from trainer.interop.onnx_parity import ParityReport, check_parity, random_inputs
+from trainer.interop.stage_graph import ErrorPredictor, StageGraph, error_predictor, input_names
 
 OPSET = 17
 IR_VERSION = 8
 MAX_GRAPH_BYTES = 2**31 - 1  # protobuf's limit: larger stages would need ONNX external data (not supported)
 Codes = Literal["top_k", "full"]
-ErrorPredictor = nn.Module
-"""forward(h (M, d_in), previous (M, d_prev) or None) -> predicted ‖h − ĥ‖ (M,); traced into the graph."""
-
-
-def error_predictor(stage: LoadedStage) -> ErrorPredictor | None:
-    """The stage's stored norm probe as a traceable module (core/stack/error_predictor.py: relu(x·w + b) on the
-    stage's SAE input), or None when the stage has none; the graph then has a `predicted_error_norm` output.
-    The one place the exporter asks for it, like `service.engine.served.predicted_error_norm` on the torch path.
-    """
-    if stage.error_predictor is None:
-        return None
-    return NormProbe(stage.error_predictor, stage.input_scale, stage.affine).to(stage.sae.W_dec.device)
-
-
-class StageGraph(nn.Module):
-    """What one stage's graph computes, written with the stack runtime's functions (traced, never scripted)."""
-
-    def __init__(self, runtime: StackRuntime, index: int, predictor: ErrorPredictor | None = None) -> None:
-        super().__init__()
-        self.runtime = runtime
-        self.stage = runtime.stages[index]
-        self.sae = self.stage.sae  # registered, so .eval() and the parameters follow the module
-        self.predictor = predictor
-
-    def forward(self, activations: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
-        """(activations, [previous,] error_rows) -> (codes (N, d_sae), l0 (N,), error_norm (M,)[, predicted (M,)])."""
-        previous, error_rows = (rest[0], rest[1]) if self.stage.is_residual else (None, rest[0])
-        z = self.runtime.encode(self.stage, activations, previous)  # (N, d_sae)
-        h = activations.index_select(0, error_rows)  # (M, d_in)
-        prev = previous.index_select(0, error_rows) if previous is not None else None
-        recon = self.runtime.to_activation(self.stage, self.sae.decode(z.index_select(0, error_rows)), prev)
-        outputs = (z, l0(z), (h - recon).norm(dim=-1))
-        if self.predictor is not None:
-            outputs += (self.predictor(h, prev),)
-        return outputs
-
-
-def input_names(graph: StageGraph) -> list[str]:
-    return ["activations", *(["previous"] if graph.stage.is_residual else []), "error_rows"]
-
-
 def _trace(graph: StageGraph) -> onnx.ModelProto:
     """torch.onnx.export (TorchScript tracing) of `graph` with dynamic row counts."""
     stage = graph.stage

@@ -31,10 +31,10 @@ import torch
 from torch import Tensor
 
 from core.stack.runtime import StackRuntime
+from trainer.interop.stage_graph import StageGraph
 
 if TYPE_CHECKING:
     from core.stack.reader import LoadedStack
-    from trainer.interop.onnx_export import StageGraph
 
 TOLERANCE = 1e-4
 FLIP_FACTOR = 4
@@ -83,7 +83,6 @@ class ParityReport:
 
 def float64_twin(graph: StageGraph) -> StageGraph:
     """The same stage computed in float64 (copies of the SAEs it reads), the reference for rounding flips."""
-    from trainer.interop.onnx_export import StageGraph
 
     runtime = graph.runtime
     needed = set(runtime.dependencies([graph.stage.index]))

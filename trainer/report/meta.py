@@ -7,10 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from core.stack.reader import read_stack
 from trainer.report import architectures
 from trainer.report.markdown import Table, fmt
 from trainer.report.runs import ReportSettings, base_config, finished_report, missing_note, train_or_reuse
 from trainer.training.config import TrainConfig
+from trainer.training.loop import run_training
+from trainer.training.meta_sae import fit_meta_sae
 
 WIDTH = architectures.WIDTH
 K = 32
@@ -50,9 +53,7 @@ def compare(settings: ReportSettings) -> list[dict[str, Any]]:
     """Per stage: {hookpoint, d_in, solo: {...}, <run label>: {...}} with evaluation metrics, mean |φ| on
     PHI_TOKENS held-out tokens, and a post-hoc meta-SAE's FVE on the final decoder; [] without the solo run
     or any joint run."""
-    from core.stack.reader import read_stack
     from trainer.evaluation.cooccurrence import stack_cooccurrence
-    from trainer.training.meta_sae import fit_meta_sae
 
     configs = _configs(settings)
     meta_section = configs[-1][1].meta_sae  # the post-hoc critic: only width, k and σ² matter, shared by all
@@ -146,3 +147,35 @@ def section(settings: ReportSettings, img_dir: Path, img_rel: str) -> str:
         *verdicts(rows),
         "",
     ])
+
+
+COMPARED = ("fve", "l0", "dead_fraction", "delta_ce", "ce_loss_recovered", "mean_abs_phi", "phi_noise_floor",
+            "phi_tokens", "meta_fve", "meta_penalty")
+
+
+def compare_solo_and_meta(solo: TrainConfig, joint: TrainConfig, out_dir: str | Path, *, progress: bool = False,
+                          post_hoc_steps: int = 300) -> list[dict[str, Any]]:
+    """Train (or resume, or reuse) a solo and a meta-regularised run on the same activations and compare
+    them per stage. Besides each run's evaluation, a fresh meta-SAE with the joint run's settings is fitted
+    post hoc on both final decoders (`meta_fve_post_hoc`): the joint run's own critic was trained against
+    its rows, so only a fresh one measures both decoders alike. Runs go to OUT/solo and OUT/meta."""
+    if solo.meta_sae is not None or joint.meta_sae is None:
+        raise ValueError("compare_solo_and_meta needs a solo config without [meta_sae] and a joint one with it")
+    if (solo.collection_fingerprint(), solo.sae, solo.training) != (joint.collection_fingerprint(), joint.sae,
+                                                                      joint.training):
+        raise ValueError("the solo and joint configs must share activations, [sae] and [training]")
+    rows: list[dict[str, Any]] = []
+    for name, cfg in (("solo", solo), ("meta", joint)):
+        result = run_training(cfg, Path(out_dir) / name, progress=progress)
+        stages = read_stack(result.stack_dir).stages
+        for i, (stage, loaded) in enumerate(zip(result.report["stages"], stages, strict=True)):
+            if len(rows) <= i:
+                rows.append({"hookpoint": stage["hookpoint"], "d_sae": stage["d_sae"]})
+            _, post_hoc = fit_meta_sae(loaded.sae.W_dec, joint.meta_sae, steps=post_hoc_steps, lr=cfg.training.lr,
+                                       seed=cfg.training.seed)
+            rows[i][name] = {k: stage["eval"].get(k) for k in COMPARED} | {
+                "meta_fve_post_hoc": post_hoc["meta_fve"], "meta_mean_p_post_hoc": post_hoc["meta_mean_p"]}
+    for row in rows:
+        solo_phi, joint_phi = row["solo"]["mean_abs_phi"], row["meta"]["mean_abs_phi"]
+        row["mean_abs_phi_change"] = joint_phi / solo_phi - 1 if solo_phi and joint_phi is not None else None
+    return rows

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from core.config import ModelConfig
-from core.sae.base import ARCHITECTURES, SAEConfig
+from core.sae.base import SAEConfig
+from core.sae.registry import ARCHITECTURES
 from core.stack.dashboards import LIMITS as DASHBOARD_LIMITS
 
 

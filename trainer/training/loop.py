@@ -25,8 +25,9 @@ from tqdm import tqdm
 
 from core.host.host_model import HostModel
 from core.host.loading import load_host_model
-from core.sae.base import build_sae, l0
+from core.sae.base import l0
 from core.sae.batchtopk import BatchTopKSAE
+from core.sae.registry import build_sae
 from core.stack.affine import AffineMap
 from core.stack.error_predictor import ErrorPredictor
 from core.stack.identity import HostModelIdentity

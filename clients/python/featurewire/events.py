@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from featurewire.results import enum_name
+from featurewire._base import TextToken, enum_name
 from featurewire.v1 import featurewire_pb2 as pb
 from featurewire.v1 import types_pb2 as t
 
@@ -50,13 +50,6 @@ class StageRef:
     hookpoint: str
     d_sae: int
     signed: bool
-
-
-@dataclass(frozen=True)
-class TextToken:
-    position: int
-    id: int
-    text: str
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,10 @@ reads the messages.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from featurewire._base import TextToken
 from featurewire.v1 import featurewire_pb2 as pb
-
-if TYPE_CHECKING:  # events imports results, which imports this module
-    from featurewire.events import TextToken
 
 
 def _sign(number: int) -> str | None:
@@ -192,8 +190,6 @@ def meta_latents(m: pb.MetaLatents) -> MetaLatents:
 
 
 def search_result(m: pb.SearchFeaturesResponse) -> SearchResult:
-    from featurewire.events import TextToken
-
     features = tuple(FeatureMatch(stage=f.stage, stage_index=f.stage_index, feature=f.feature, score=f.score,
                                   sign=_sign(f.sign), position=f.position,
                                   density=f.density if f.HasField("density") else None, explanation=f.explanation)

@@ -11,17 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from featurewire import feature_results as fr
+from featurewire._base import enum_name
 from featurewire.feature_results import FeatureDashboard, MetaLatents
 from featurewire.v1 import featurewire_pb2 as pb
 from featurewire.v1 import types_pb2 as t
-
-
-def enum_name(wrapper: Any, number: int, prefix: str) -> str:
-    """INTERVENTION_OP_SET -> "SET"; an unknown number (newer server) -> its digits."""
-    try:
-        return wrapper.Name(number).removeprefix(prefix)
-    except ValueError:
-        return str(number)
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from core.sae.base import SAEConfig, SparseAutoencoder, build_sae, l0
+from core.sae.base import SAEConfig, SparseAutoencoder, l0
 from core.sae.gated import GatedSAE
+from core.sae.registry import build_sae
 from core.sae.relu import ReLUSAE
 from core.sae.sa_gsae import SignAwareGatedSAE
 from trainer.data.synthetic import (

@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 import torch
 
-from core.sae.base import SAEConfig, SparseAutoencoder, build_sae, l0
+from core.sae.base import SAEConfig, SparseAutoencoder, l0
 from core.sae.batchtopk import BatchTopKSAE
 from core.sae.jumprelu import JumpReLUSAE
+from core.sae.registry import build_sae
 from core.sae.relu import ReLUSAE
 from core.sae.topk import TopKSAE, auxk_loss
 from trainer.data.synthetic import SyntheticData, recovered_fraction, sparse_dictionary_data

@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from core.sae.base import ForwardOutput, SAEConfig, SparseAutoencoder, build_sae
+from core.sae.base import ForwardOutput, SAEConfig, SparseAutoencoder
 from core.sae.batchtopk import BatchTopKSAE, batch_top_k_indices, keep_batch_top_k
+from core.sae.registry import build_sae
 from core.sae.sparse_decode import SparsePattern, decode_codes, sparse_decode
 from core.sae.topk import auxk_loss, keep_top_k
 from trainer.training.optimization import make_optimizer, train_step

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.sae.base import SAEConfig, build_sae
+from core.sae.base import SAEConfig
+from core.sae.registry import build_sae
 from core.stack.runtime import RuntimeStage, StackRuntime
 from trainer.evaluation.cooccurrence import (
     binarize,

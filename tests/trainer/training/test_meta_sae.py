@@ -12,16 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.sae.base import ARCHITECTURES, SAEConfig, build_sae
+from core.sae.base import SAEConfig
+from core.sae.registry import ARCHITECTURES, build_sae
 from core.stack.manifest import StackError
 from core.stack.meta_sae import meta_latents
 from core.stack.reader import read_stack
+from trainer.report.meta import compare_solo_and_meta
 from trainer.training.checkpoint import StageTrainingState, load_checkpoint, save_checkpoint
 from trainer.training.config import MetaSAESection, config_from_dict, load_config
 from trainer.training.loop import _step_stage
 from trainer.training.meta_sae import (
     build_meta_state,
-    compare_solo_and_meta,
     decomposability,
     fit_meta_sae,
     meta_phase,
