@@ -6,8 +6,9 @@ torch or a host model (DESIGN.md §6).
 
 Each graph is traced from `StageGraph` (trainer/interop/stage_graph.py), whose forward is the stack runtime's
 own math (core.stack.runtime: input scale or ReSAE residual, the SAE's `encode`, `decode`, back to activation
-space), so the graph and the service's torch path cannot drift apart; the parity check (trainer/interop/onnx_parity.py) fails the export
-when ONNX Runtime disagrees with torch. Graph interface (N rows, M error rows, K features):
+space), so the graph and the service's torch path cannot drift apart; the parity check
+(trainer/interop/onnx_parity.py) fails the export when ONNX Runtime disagrees with torch. Graph interface
+(N rows, M error rows, K features):
 
     inputs   activations (N, d_in) float32     raw activations at the stage's hookpoint
              previous    (N, d_prev) float32   ReSAE stages only: activations at the source stage's hookpoint
