@@ -120,6 +120,12 @@ class TrainingSection:
     checkpoint_every: int = 500
     """Optimiser steps between checkpoints (resume point after an interruption)."""
     seed: int = 0
+    history_every: int = 0
+    """Steps between entries of each stage's training history in report.json (loss, L0, FVE and the dead fraction
+    over each of `history_windows`); 0 = no history. Observation only: training is the same with or without it."""
+    history_windows: tuple[int, ...] = (100_000,)
+    """Trailing windows (tokens) of the history's dead fractions: a latent is dead over W when it fired on none of
+    the last W training tokens (counted without the revivals `dead_after_tokens` triggers)."""
 
 
 @dataclass(frozen=True)
@@ -276,6 +282,11 @@ class TrainConfig:
                              f"({len(self.stack.hookpoints)}), got {list(per_stage)}")
         if self.training.lr <= 0:
             raise ValueError(f"training.lr must be > 0, got {self.training.lr}")
+        if self.training.history_every < 0:
+            raise ValueError(f"training.history_every must be >= 0 (0: no history), got {self.training.history_every}")
+        if not self.training.history_windows or min(self.training.history_windows) < 1:
+            raise ValueError(f"training.history_windows needs at least one window >= 1 token, "
+                             f"got {list(self.training.history_windows)}")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -286,6 +297,8 @@ class TrainConfig:
             del data["sae"]["sparsity_coefficients"]  # likewise
         if not data["stack"]["error_predictors"] and not data["stack"]["error_predictor_tokens"]:
             del data["stack"]["error_predictors"], data["stack"]["error_predictor_tokens"]  # likewise
+        if not data["training"]["history_every"]:
+            del data["training"]["history_every"], data["training"]["history_windows"]  # likewise
         return data
 
     def fingerprint(self) -> str:
@@ -313,6 +326,8 @@ def _section(name: str, values: dict[str, Any]) -> Any:
         raise ValueError(f"unknown key(s) {sorted(unknown)} in [{name}]; allowed: {', '.join(sorted(allowed))}")
     if name == "stack" and "hookpoints" in values:
         values = {**values, "hookpoints": tuple(values["hookpoints"])}
+    if name == "training" and "history_windows" in values:
+        values = {**values, "history_windows": tuple(int(v) for v in values["history_windows"])}
     if name == "sae" and "sparsity_coefficients" in values:
         values = {**values, "sparsity_coefficients": tuple(float(v) for v in values["sparsity_coefficients"])}
     return cls(**values)

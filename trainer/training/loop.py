@@ -153,9 +153,12 @@ def total_steps(cfg: TrainConfig, manifest: ActivationManifest) -> int:
 
 def fit_stages(cfg: TrainConfig, manifest: ActivationManifest, states: list[StageTrainingState],
                runtime: StackRuntime, checkpoint_dir: Path, *, progress: bool = True,
-               on_step: Callable[[int], None] | None = None, parallel: Distributed = LOCAL) -> list[dict[str, float]]:
+               on_step: Callable[[int], None] | None = None, parallel: Distributed = LOCAL,
+               histories: list[list[dict[str, Any]]] | None = None) -> list[dict[str, float]]:
     """Train all stages on the same batches (one activation pass feeds them all); resumable. Under torchrun,
-    `parallel` splits each batch's rows or the stages across ranks (trainer/training/distributed.py)."""
+    `parallel` splits each batch's rows or the stages across ranks (trainer/training/distributed.py).
+    With `training.history_every`, `histories` (one list per stage) receives the stages' training histories
+    (`history_entry`) from the steps this call runs (a resumed run's history starts at its checkpoint)."""
     t = cfg.training
     hookpoints = list(cfg.stack.hookpoints)
     steps = total_steps(cfg, manifest)
@@ -166,6 +169,8 @@ def fit_stages(cfg: TrainConfig, manifest: ActivationManifest, states: list[Stag
                               device=device, epochs=None, skip_batches=start, drop_last=True, normalize=False)
     batches = parallel.local_rows(batches)
     recent: list[list[dict[str, float]]] = [[] for _ in states]
+    observers = [DeadLatentTracker(state.sae.d_sae, max(t.history_windows), device) if t.history_every else None
+                 for state in states]
     bar = tqdm(total=steps * t.batch_size, initial=start * t.batch_size, unit="tok", unit_scale=True,
                desc="train", disable=not progress)
     with bar:
@@ -177,8 +182,12 @@ def fit_stages(cfg: TrainConfig, manifest: ActivationManifest, states: list[Stag
                     state.sae.init_b_dec_(parallel.gather_rows(x))
             for i, (x, state, log) in enumerate(zip(inputs, states, recent, strict=True)):
                 if parallel.owns(i):
-                    log.append(_step_stage(cfg, state, x, step, steps, parallel))
+                    log.append(_step_stage(cfg, state, x, step, steps, parallel, observers[i]))
                     del log[:-50]
+                    if histories is not None and t.history_every and ((step + 1) % t.history_every == 0
+                                                                      or step + 1 == steps):
+                        histories[i].append(history_entry(step + 1, t.batch_size, log[-1], observers[i],
+                                                          t.history_windows, seen=(step + 1 - start) * t.batch_size))
             bar.update(t.batch_size)
             bar.set_postfix(_mean_postfix(recent), refresh=False)
             if (step + 1) % t.checkpoint_every == 0 or step + 1 == steps:
@@ -191,8 +200,20 @@ def fit_stages(cfg: TrainConfig, manifest: ActivationManifest, states: list[Stag
                                     for log in recent])
 
 
+def history_entry(steps_done: int, batch_size: int, log: dict[str, float], observer: DeadLatentTracker | None,
+                  windows: tuple[int, ...], *, seen: int) -> dict[str, Any]:
+    """One point of a stage's training history: this step's loss, L0, FVE and `dead_fraction` (the
+    training tracker's, whose revivals restart a latent's window), and `dead_over_W`, the share of latents that
+    fired on none of the last W tokens, for each window W no longer than the `seen` tokens observed (else null)."""
+    entry: dict[str, Any] = {"step": steps_done, "tokens": steps_done * batch_size, **log}
+    for window in windows:
+        dead = (observer.tokens_since_fired >= window).float().mean() if observer is not None else None
+        entry[f"dead_over_{window}"] = float(dead) if dead is not None and seen >= window else None
+    return entry
+
+
 def _step_stage(cfg: TrainConfig, state: StageTrainingState, x: torch.Tensor, step: int, steps: int,
-                parallel: Distributed = LOCAL) -> dict:
+                parallel: Distributed = LOCAL, observer: DeadLatentTracker | None = None) -> dict:
     t = cfg.training
     for group in state.optimizer.param_groups:
         group["lr"] = t.lr * lr_factor(step, t.warmup_steps, steps, t.lr_decay_fraction)
@@ -200,7 +221,10 @@ def _step_stage(cfg: TrainConfig, state: StageTrainingState, x: torch.Tensor, st
     penalty = penalty_term(state.meta, cfg.meta_sae) if state.meta and cfg.meta_sae else None
     out = train_step(state.sae, state.optimizer, x, sparsity_scale=sparsity_factor(step, t.sparsity_warmup_steps),
                      dead_mask=dead, sync_grads=parallel.gradient_sync, penalty=penalty)
-    state.tracker.record(*parallel.firing(out.z))
+    firing = parallel.firing(out.z)
+    state.tracker.record(*firing)
+    if observer is not None:  # never revived: a dead latent stays dead until it fires
+        observer.record(*firing)
     if bool(dead.any()) and state.sae.reset_dead_(dead):
         state.tracker.revived(dead)
     log = {"loss": float(out.losses["total"]), "l0": float(l0(out.z).float().mean()),
@@ -286,8 +310,9 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True
     maps = fit_calibrated_maps(host, splits, cfg, out_dir, progress, parallel) if cfg.stack.residualize else []
     states = _build_states(cfg, manifest, host.device)
     runtime = build_runtime(cfg, manifest, states, maps)
+    histories: list[list[dict[str, Any]]] = [[] for _ in states]
     summaries = fit_stages(cfg, manifest, states, runtime, out_dir / "checkpoint", progress=progress,
-                           on_step=on_step, parallel=parallel)
+                           on_step=on_step, parallel=parallel, histories=histories)
     if not parallel.is_main:  # rank 0 evaluates and writes the stack and the report
         return TrainResult(out_dir / "stack", {})
     trained_seconds = time.perf_counter() - started
@@ -324,8 +349,9 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True
               "affine_maps": [m.metadata() for m in maps],
               "error_predictors": [p.metadata() if p else None for p in predictors],
               "stages": [{"hookpoint": hp, "architecture": st.sae.cfg.architecture, "d_sae": st.sae.d_sae,
-                          "training": s, "eval": m}
-                         for hp, st, s, m in zip(cfg.stack.hookpoints, states, summaries, metrics, strict=True)]}
+                          "training": s, "eval": m, **({"history": h} if cfg.training.history_every else {})}
+                         for hp, st, s, m, h in zip(cfg.stack.hookpoints, states, summaries, metrics, histories,
+                                                    strict=True)]}
     if cfg.dashboards is not None:  # on rank 0 alone here; `featurewire-train dashboards` spreads over torchrun ranks
         report["dashboards"] = stack_dashboards(cfg, host, splits, stack_dir, progress)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))

@@ -164,3 +164,36 @@ def test_per_stage_sparsity_coefficients_reach_each_stage_and_keep_old_fingerpri
     data["sae"]["sparsity_coefficients"] = [1.0]
     with pytest.raises(ValueError, match="one value >= 0 per hookpoint"):
         config_from_dict(data)
+
+
+def test_training_history_observes_without_changing_the_run(tmp_path):
+    plain = _small("sa_gsae")
+    observed = _small("sa_gsae")
+    observed["training"].update(history_every=2, history_windows=[256, 1024, 100_000])  # 512 tokens apart
+    with_history = run_training(config_from_dict(observed), tmp_path / "history", progress=False)
+    without = run_training(config_from_dict(plain), tmp_path / "plain", progress=False)
+    for a, b in zip(read_stack(with_history.stack_dir).stages, read_stack(without.stack_dir).stages, strict=True):
+        for name, tensor in a.sae.state_dict().items():
+            assert torch.equal(tensor, b.sae.state_dict()[name]), name  # observation only
+    assert "history" not in without.report["stages"][0]
+    assert "history_every" not in config_from_dict(plain).to_dict()["training"]  # old fingerprints unchanged
+    history = with_history.report["stages"][0]["history"]
+    steps = with_history.report["steps"]
+    assert [h["step"] for h in history] == list(range(2, steps + 1, 2))
+    assert history[-1]["tokens"] == steps * observed["training"]["batch_size"]
+    first, last = history[0], history[-1]
+    assert first["dead_over_1024"] is None and last["dead_over_1024"] is not None  # only once 1024 tokens are seen
+    assert last["dead_over_100000"] is None  # longer than the run
+    assert 0.0 <= last["dead_over_256"] <= 1.0 and last["l0"] > 0
+    # a latent dead over 1024 tokens is also dead over 256
+    assert all(h["dead_over_256"] >= h["dead_over_1024"] for h in history if h["dead_over_1024"] is not None)
+
+
+def test_history_settings_are_checked():
+    bad = _small()
+    bad["training"]["history_every"] = -1
+    with pytest.raises(ValueError, match="history_every must be >= 0"):
+        config_from_dict(bad)
+    bad["training"].update(history_every=2, history_windows=[0])
+    with pytest.raises(ValueError, match="history_windows needs at least one window >= 1"):
+        config_from_dict(bad)
