@@ -35,10 +35,10 @@ from core.sae import SAEConfig, build_sae
 from core.stack.identity import HostModelIdentity
 from core.stack.writer import StageSpec, write_stack
 from service.config import ServerConfig
-from service.engine.decompose import decompose_events
-from service.engine.generation import generate_events
-from service.engine.served import ServedStack
-from service.engine.specs import DecomposeSpec, GenerateSpec, InterventionSpec, Op, SamplingSpec
+from service.engine.contract.specs import DecomposeSpec, GenerateSpec, InterventionSpec, Op, SamplingSpec
+from service.engine.operations.decompose import decompose_events
+from service.engine.operations.generation import generate_events
+from service.engine.stacks.served import ServedStack
 from service.server import Server
 
 

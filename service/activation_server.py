@@ -25,7 +25,7 @@ from core.errors import FailedPrecondition
 from service import __version__
 from service.activation_servicer import ActivationOnlyServicer, EncodeWorker
 from service.config import ServerConfig
-from service.engine.onnx_runtime import OnnxStack, load_onnx_stack, providers_for
+from service.engine.stacks.onnx_runtime import OnnxStack, load_onnx_stack, providers_for
 from service.lifecycle import ServerBase, run_server
 
 log = logging.getLogger(__name__)

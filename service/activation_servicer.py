@@ -8,7 +8,7 @@ one; ending the call makes the failure and its message impossible to miss, and t
 from the sequence number it has seen answered.
 
 The activation-only servicer (`serve --no-model`) imports neither torch nor transformers: its stacks are
-ONNX Runtime sessions (service/engine/onnx_runtime.py), run one at a time on one worker thread (a
+ONNX Runtime sessions (service/engine/stacks/onnx_runtime.py), run one at a time on one worker thread (a
 bounded queue like the engine's: RESOURCE_EXHAUSTED when full). Every RPC that needs the host model
 answers UNIMPLEMENTED and says why.
 """
@@ -30,9 +30,9 @@ from service.config import ServerConfig
 from service.convert import info as describe
 from service.convert import requests as to_spec
 from service.convert import responses as to_proto
-from service.engine.encode_spec import EncodeSpec, EncodeValidator
-from service.engine.onnx_runtime import OnnxStack
-from service.engine.specs import StageCodes
+from service.engine.contract.encode_spec import EncodeSpec, EncodeValidator
+from service.engine.contract.specs import StageCodes
+from service.engine.stacks.onnx_runtime import OnnxStack
 from service.metrics import Metrics
 
 T = TypeVar("T")
@@ -113,7 +113,7 @@ class ActivationOnlyServicer(pb_grpc.FeaturewireServicer):
 
     def attach(self, stacks: Mapping[str, OnnxStack], worker: EncodeWorker) -> None:
         self._stacks, self._worker = dict(stacks), worker
-        self._validator = EncodeValidator({n: s.targets for n, s in stacks.items()}, self.config)
+        self._validator = EncodeValidator({n: s.targets for n, s in stacks.items()}, self.config.limits())
         providers = sorted({s.provider for s in stacks.values()})
         self.backend = "onnxruntime:" + ",".join(providers)
 

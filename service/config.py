@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from core.config import ENV_PREFIX
+from service.engine.contract.inputs import Limits
+from service.engine.contract.settings import EngineSettings
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -112,6 +114,17 @@ class ServerConfig:
             raise ValueError("auth_token must be printable ASCII without spaces (it travels in a gRPC header)")
         if self.log_level not in _LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(_LOG_LEVELS)}, got {self.log_level!r}")
+
+    def limits(self) -> Limits:
+        """The request limits this deployment enforces and GetServerInfo reports."""
+        return Limits.from_bounds(max_new_tokens=self.max_new_tokens, max_prompt_tokens=self.max_prompt_tokens,
+                                  max_top_k=self.max_top_k, max_interventions=self.max_interventions,
+                                  max_batch_vectors=self.max_batch_vectors, max_message_bytes=self.max_message_bytes,
+                                  queue_size=self.queue_size)
+
+    def engine_settings(self) -> EngineSettings:
+        """The transport-free settings the engine is built with."""
+        return EngineSettings(self.limits(), self.max_batch_size, self.max_batch_tokens)
 
     @property
     def address(self) -> str:

@@ -26,10 +26,10 @@ from core.host.host_model import HostModel
 from core.host.loading import load_host_model
 from service import __version__
 from service.config import ServerConfig
-from service.engine.decompose import decompose_events
-from service.engine.engine import Engine, deadline_after
-from service.engine.served import ServedStack, load_served_stack
-from service.engine.specs import DecomposeSpec
+from service.engine.contract.specs import DecomposeSpec
+from service.engine.execution.engine import Engine, deadline_after
+from service.engine.operations.decompose import decompose_events
+from service.engine.stacks.served import ServedStack, load_served_stack
 from service.lifecycle import SERVICE_NAMES, ServerBase, run_server
 from service.servicer import FeaturewireServicer
 
@@ -61,7 +61,7 @@ class Server(ServerBase):
         self.metrics.set_build_info(__version__, host.name, summary.device, summary.dtype)
         for path in self.config.stacks:
             await self._load_stack(host, path)
-        self.engine = Engine(host, self.stacks, self.config, self.metrics)
+        self.engine = Engine(host, self.stacks, self.config.engine_settings(), self.metrics)
 
     async def _load_stack(self, host: HostModel, path: Path) -> None:
         started = time.perf_counter()

@@ -28,17 +28,9 @@ from service.config import ServerConfig
 from service.convert import info as describe
 from service.convert import requests as to_spec
 from service.convert import responses as to_proto
-from service.engine.activations import encode_batch, encode_targets
-from service.engine.decompose import decompose_events
-from service.engine.encode_spec import EncodeSpec, EncodeValidator
-from service.engine.engine import Engine, deadline_after
-from service.engine.feature_specs import Page
-from service.engine.features import feature_info
-from service.engine.generation import generate_events
-from service.engine.score import score
-from service.engine.search import list_features, search_features
-from service.engine.served import ServedStack
-from service.engine.specs import (
+from service.engine.contract.encode_spec import EncodeSpec, EncodeValidator
+from service.engine.contract.feature_specs import Page
+from service.engine.contract.specs import (
     DecomposeChunk,
     DecomposeHeader,
     FinishEvent,
@@ -49,7 +41,15 @@ from service.engine.specs import (
     TokenEvent,
     TokenFeatures,
 )
-from service.engine.validation import RequestValidator
+from service.engine.contract.validation import RequestValidator
+from service.engine.execution.engine import Engine, deadline_after
+from service.engine.operations.activations import encode_batch, encode_targets
+from service.engine.operations.decompose import decompose_events
+from service.engine.operations.features import feature_info
+from service.engine.operations.generation import generate_events
+from service.engine.operations.score import score
+from service.engine.operations.search import list_features, search_features
+from service.engine.stacks.served import ServedStack
 from service.metrics import Metrics
 
 MODE_FULL = "full"
@@ -79,8 +79,9 @@ class FeaturewireServicer(pb_grpc.FeaturewireServicer):
 
     def attach(self, host: HostModel, stacks: Mapping[str, ServedStack], engine: Engine) -> None:
         """Start serving: the model and stacks are loaded and the engine runs."""
-        encode = EncodeValidator({name: encode_targets(s) for name, s in stacks.items()}, self.config)
-        self._runtime = Runtime(host, dict(stacks), engine, RequestValidator(host, stacks, self.config), encode)
+        limits = self.config.limits()
+        encode = EncodeValidator({name: encode_targets(s) for name, s in stacks.items()}, limits)
+        self._runtime = Runtime(host, dict(stacks), engine, RequestValidator(host, stacks, limits), encode)
 
     def drain(self) -> None:
         """Refuse new calls (UNAVAILABLE); calls already running continue."""

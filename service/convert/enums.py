@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 from featurewire.v1 import featurewire_pb2 as pb
 from featurewire.v1 import types_pb2 as t
 
-from service.engine.encode_spec import RAW_DTYPES
-from service.engine.feature_specs import FeatureSort, Reduction, Sign, TokenDirection
-from service.engine.specs import Action, Branch, Comparison, FinishReason, Op, Scope
+from service.engine.contract.encode_spec import RAW_DTYPES
+from service.engine.contract.feature_specs import FeatureSort, Reduction, Sign, TokenDirection
+from service.engine.contract.specs import Action, Branch, Comparison, FinishReason, Op, Scope
 
 E = TypeVar("E", bound=Enum)
 

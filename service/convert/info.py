@@ -23,12 +23,11 @@ import service
 from core.stack.manifest import StackSummary
 from service.config import ServerConfig
 from service.convert.enums import ACTIONS, OPS, table
-from service.engine.inputs import Limits
 
 if TYPE_CHECKING:
     from core.host.host_model import HostModel
-    from service.engine.onnx_runtime import OnnxStack
-    from service.engine.served import ServedStack
+    from service.engine.stacks.onnx_runtime import OnnxStack
+    from service.engine.stacks.served import ServedStack
 
 SERVING_MODES = {"full": pb.SERVING_MODE_FULL, "activation_only": pb.SERVING_MODE_ACTIVATION_ONLY}
 FULL_RPCS = ("GetServerInfo", "ListStacks", "GetFeature", "Tokenize", "Decompose", "Generate", "Score",
@@ -111,7 +110,7 @@ def _model_info(host: HostModel) -> pb.ModelInfo:
 
 
 def _limits(config: ServerConfig) -> pb.Limits:
-    limits = Limits.from_config(config)
+    limits = config.limits()
     return pb.Limits(**{f.name: getattr(limits, f.name) for f in pb.Limits.DESCRIPTOR.fields})
 
 

@@ -26,9 +26,9 @@ from service.convert.enums import (
     TOKEN_DIRECTIONS,
     E,
 )
-from service.engine.encode_spec import EncodeSpec, MatrixIn
-from service.engine.feature_specs import ListSpec, SearchSpec
-from service.engine.inputs import (
+from service.engine.contract.encode_spec import EncodeSpec, MatrixIn
+from service.engine.contract.feature_specs import ListSpec, SearchSpec
+from service.engine.contract.inputs import (
     ConditionIn,
     DecomposeOptionsIn,
     InputIn,
@@ -42,12 +42,12 @@ from service.engine.inputs import (
     TextQueryIn,
     TokenQueryIn,
 )
-from service.engine.specs import DecomposeSpec, GenerateSpec, ScoreSpec
+from service.engine.contract.specs import DecomposeSpec, GenerateSpec, ScoreSpec
 
 if TYPE_CHECKING:
-    from service.engine.encode_spec import EncodeValidator
-    from service.engine.served import ServedStack
-    from service.engine.validation import RequestValidator
+    from service.engine.contract.encode_spec import EncodeValidator
+    from service.engine.contract.validation import RequestValidator
+    from service.engine.stacks.served import ServedStack
 
 
 def _enum(number: int, table: Mapping[int, E], wrapper: Any, field: str) -> E | None:

@@ -14,8 +14,8 @@ from featurewire.v1 import featurewire_pb2 as pb
 from featurewire.v1 import types_pb2 as t
 
 from service.convert.enums import ACTION_NUMBERS, BRANCHES, FINISH_REASONS, SIGNS
-from service.engine.feature_specs import Example, FeatureDashboard, ListPage, Neighbour, SearchPage
-from service.engine.specs import (
+from service.engine.contract.feature_specs import Example, FeatureDashboard, ListPage, Neighbour, SearchPage
+from service.engine.contract.specs import (
     ConditionEvent,
     DecomposeChunk,
     DecomposeHeader,
@@ -28,7 +28,7 @@ from service.engine.specs import (
 )
 
 if TYPE_CHECKING:
-    from service.engine.served import ServedStack
+    from service.engine.stacks.served import ServedStack
 
 
 def stage_codes(codes: StageCodes) -> t.StageCodes:

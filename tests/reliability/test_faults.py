@@ -3,7 +3,7 @@ server process), out-of-memory inside the engine, and a stack directory changed 
 
 Already covered elsewhere and not repeated: call.cancel() and deadline expiry freeing the engine, a full queue
 (tests/service/test_servicer.py), SIGTERM of an idle server (tests/service/test_server.py), OOM in the engine
-unit (tests/service/test_engine.py).
+unit (tests/service/engine/execution/test_engine.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from featurewire.v1 import types_pb2 as t
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from core.errors import FailedPrecondition
-from service.engine.served import load_served_stack
+from service.engine.stacks.served import load_served_stack
 from tests.server_process import launch
 from tests.service.conftest import MAX_NEW_TOKENS, Running, ServerLoop, server_config, start_server
 

@@ -30,8 +30,8 @@ from service.activation_server import ActivationServer
 from service.activation_servicer import EncodeWorker
 from service.cli import main as serve_main
 from service.config import ServerConfig
-from service.engine.encode_spec import EncodeSpec
-from service.engine.onnx_runtime import CUDA, load_onnx_stack, providers_for
+from service.engine.contract.encode_spec import EncodeSpec
+from service.engine.stacks.onnx_runtime import CUDA, load_onnx_stack, providers_for
 from tests.service.conftest import Running, ServerLoop, server_config, start_server
 from tests.service.onnx_stacks import RESID, SIGNED, captured, encode_requests, write_resae_stack
 from trainer.interop.onnx_export import export_stack

@@ -18,7 +18,7 @@ from service.config import ServerConfig
 from service.convert import info as describe
 from service.convert import requests as to_spec
 from service.convert import responses as to_proto
-from service.engine.specs import (
+from service.engine.contract.specs import (
     Action,
     Branch,
     ConditionEvent,
@@ -37,8 +37,8 @@ from service.engine.specs import (
     TokenFeatures,
     TokenScore,
 )
-from service.engine.validation import RequestValidator
-from tests.service.test_validation import CONFIG, S0, build_stacks, fails
+from service.engine.contract.validation import RequestValidator
+from tests.service.engine.contract.test_validation import CONFIG, S0, build_stacks, fails
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def stacks(tiny_gemma, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def v(tiny_gemma, stacks) -> RequestValidator:
-    return RequestValidator(tiny_gemma, stacks, CONFIG)
+    return RequestValidator(tiny_gemma, stacks, CONFIG.limits())
 
 
 IDS = t.Input(token_ids=t.TokenIds(ids=[2, 10, 11, 12]))

@@ -19,7 +19,7 @@ from core.sae.base import top_k_by_magnitude as torch_top_k
 from core.stack.reader import read_stack
 from core.stack.runtime import StackRuntime
 from service.config import ServerConfig
-from service.engine.encode_spec import EncodeTarget, EncodeValidator, MatrixIn, top_k_by_magnitude
+from service.engine.contract.encode_spec import EncodeTarget, EncodeValidator, MatrixIn, top_k_by_magnitude
 from tests.service.conftest import Running, ServerLoop, server_config, start_server
 from tests.service.onnx_stacks import HOOKPOINTS, RESID, SIGNED, captured, encode_requests, matrix, write_resae_stack
 
@@ -151,7 +151,7 @@ def test_a_bad_batch_ends_the_stream_after_the_good_ones_are_answered(full: Runn
 
 def test_the_validator_without_a_server() -> None:
     targets = {"s": [EncodeTarget(0, "a", 4, 10), EncodeTarget(1, "b", 4, 3, residual_of=0)]}
-    validator = EncodeValidator(targets, ServerConfig(max_top_k=8, max_batch_vectors=5))
+    validator = EncodeValidator(targets, ServerConfig(max_top_k=8, max_batch_vectors=5).limits())
     ones = MatrixIn(2, 4, values=[1.0] * 8)
     spec = validator.encode(9, "", "b", ones, ones, 0, True)
     assert (spec.sequence, spec.stack, spec.stage, spec.top_k, spec.rows) == (9, "s", 1, 3, 2)  # top_k <= d_sae
@@ -161,7 +161,7 @@ def test_the_validator_without_a_server() -> None:
                                what="x")
     assert decoded.tolist() == [[1.5, -2.0, 3.25, 0.0]]
     with pytest.raises(FailedPrecondition, match="none loaded"):
-        EncodeValidator({}, ServerConfig()).encode(0, "", "a", ones, None, 0, False)
+        EncodeValidator({}, ServerConfig().limits()).encode(0, "", "a", ones, None, 0, False)
     with pytest.raises(NotFound):
         validator.encode(0, "", "c", ones, None, 0, False)
     with pytest.raises(InvalidRequest, match="6 exceeds"):

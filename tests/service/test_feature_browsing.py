@@ -19,7 +19,7 @@ from featurewire.v1 import featurewire_pb2 as pb
 from core.stack.meta_sae import meta_latents
 from core.stack.reader import LoadedStack, read_stack
 from core.stack.runtime import StackRuntime
-from service.engine.decompose import token_texts
+from service.engine.operations.decompose import token_texts
 from tests.service.conftest import Running, ServerLoop, server_config, start_server
 from tests.service.engine.tiny_stacks import EXPLANATIONS, one_thread, write_dashboard_stack, write_tiny_stack
 

@@ -155,7 +155,7 @@ def test_set_changes_the_continuation_and_ablating_an_inactive_feature_changes_n
     ablated_ids, ablated_logprobs, _ = branch(ablated)
     # the engine batches a request's branches (and other requests) into one pass, and a row's last bits
     # depend on its batch (batch size, row index in CPU attention kernels): the edit itself leaves the
-    # activation bit-for-bit unchanged (tests/service/engine/test_generation.py runs it alone)
+    # activation bit-for-bit unchanged (tests/service/engine/operations/test_generation.py runs it alone)
     assert ablated_ids == default_ids and ablated_logprobs == pytest.approx(default_logprobs, abs=1e-5)
     ablated_default_ids, ablated_default_logprobs, _ = branch(ablated, t.BRANCH_DEFAULT)
     assert ablated_default_ids == default_ids

@@ -20,7 +20,7 @@ ErrorPredictor = nn.Module
 def error_predictor(stage: LoadedStage) -> ErrorPredictor | None:
     """The stage's stored norm probe as a traceable module (core/stack/error_predictor.py: relu(x·w + b) on the
     stage's SAE input), or None when the stage has none; the graph then has a `predicted_error_norm` output.
-    The one place the exporter asks for it, like `service.engine.served.predicted_error_norm` on the torch path.
+    The one place the exporter asks for it, like `service.engine.stacks.served.predicted_error_norm` on the torch path.
     """
     if stage.error_predictor is None:
         return None

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.errors import FailedPrecondition, InvalidRequest, NotFound
-from service.config import ServerConfig
-from service.engine.inputs import Limits
-from service.engine.specs import StageCodes
+from service.engine.contract.inputs import Limits
+from service.engine.contract.specs import StageCodes
 
 RAW_DTYPES = {"FLOAT32": ("<f4", 4), "FLOAT16": ("<f2", 2), "BFLOAT16": ("<u2", 2)}
 """DType name -> (numpy little-endian dtype of the bytes, itemsize); bfloat16 is read as uint16 and widened."""
@@ -100,9 +99,9 @@ def _finite(array: np.ndarray, field: str) -> np.ndarray:
 class EncodeValidator:
     """Checks EncodeActivations requests against the served stacks (first = default) and the limits."""
 
-    def __init__(self, stacks: Mapping[str, Sequence[EncodeTarget]], config: ServerConfig) -> None:
+    def __init__(self, stacks: Mapping[str, Sequence[EncodeTarget]], limits: Limits) -> None:
         self.stacks = {name: list(stages) for name, stages in stacks.items()}
-        self.limits = Limits.from_config(config)
+        self.limits = limits
 
     def _stage(self, stack: str, stage: str) -> tuple[str, EncodeTarget]:
         if stack and stack not in self.stacks:
@@ -159,7 +158,7 @@ class EncodeValidator:
 def codes_rows(stage: int, values: np.ndarray, indices: np.ndarray, l0: np.ndarray, error: np.ndarray | None,
                predicted: np.ndarray | None) -> list[StageCodes]:
     """values/indices (N, K) ranked by |value|, l0 (N,), errors (N,) or None -> N StageCodes; zero values are
-    dropped, as `service.engine.codes.stage_codes` does on the torch path."""
+    dropped, as `service.engine.operations.codes.stage_codes` does on the torch path."""
     out = []
     for row in range(values.shape[0]):
         keep = values[row] != 0

@@ -1,7 +1,7 @@
 """Transport-free specs and results of the feature-browsing RPCs: GetFeature's dashboard, SearchFeatures and
 ListFeatures.
 
-Kept apart from service/engine/specs.py (the streaming RPCs' contract) so each stays readable; the same rules
+Kept apart from service/engine/contract/specs.py (the streaming RPCs' contract) so each stays readable; the same rules
 hold: specs are built by the validator, so every index in them is in range and every page offset came from a
 page token this server signed for the same query.
 """

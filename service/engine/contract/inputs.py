@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from service.config import ServerConfig
-from service.engine.feature_specs import FeatureSort, Reduction, TokenDirection
-from service.engine.specs import Action, Comparison, Op, Scope
+from service.engine.contract.feature_specs import FeatureSort, Reduction, TokenDirection
+from service.engine.contract.specs import Action, Comparison, Op, Scope
 
 DEFAULT_TOP_K = 32
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -53,16 +52,15 @@ class Limits:
         return self.max_prompt_tokens + self.max_new_tokens
 
     @classmethod
-    def from_config(cls, config: ServerConfig) -> Limits:
+    def from_bounds(cls, *, max_new_tokens: int, max_prompt_tokens: int, max_top_k: int, max_interventions: int,
+                    max_batch_vectors: int, max_message_bytes: int, queue_size: int) -> Limits:
+        """The limits for the deployment's bounds; the defaults and fixed bounds are the engine's own."""
         return cls(
-            max_new_tokens=config.max_new_tokens,
-            default_max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, config.max_new_tokens),
-            max_prompt_tokens=config.max_prompt_tokens, max_top_k=config.max_top_k,
-            default_top_k=min(DEFAULT_TOP_K, config.max_top_k), max_interventions=config.max_interventions,
-            max_conditions=config.max_interventions, max_stop_strings=MAX_STOP_STRINGS, max_top_n=MAX_TOP_N,
-            max_page_size=MAX_PAGE_SIZE, default_page_size=DEFAULT_PAGE_SIZE,
-            max_batch_vectors=config.max_batch_vectors, max_message_bytes=config.max_message_bytes,
-            queue_size=config.queue_size,
+            max_new_tokens=max_new_tokens, default_max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, max_new_tokens),
+            max_prompt_tokens=max_prompt_tokens, max_top_k=max_top_k, default_top_k=min(DEFAULT_TOP_K, max_top_k),
+            max_interventions=max_interventions, max_conditions=max_interventions, max_stop_strings=MAX_STOP_STRINGS,
+            max_top_n=MAX_TOP_N, max_page_size=MAX_PAGE_SIZE, default_page_size=DEFAULT_PAGE_SIZE,
+            max_batch_vectors=max_batch_vectors, max_message_bytes=max_message_bytes, queue_size=queue_size,
         )
 
 

@@ -1,4 +1,4 @@
-"""Validation of SearchFeatures and ListFeatures requests, mixed into RequestValidator (service/engine/validation.py).
+"""Validation of SearchFeatures and ListFeatures requests, mixed into RequestValidator (contract/validation.py).
 
 Same rules as the rest of the validator: every error names the field as the proto spells it (`text.span.end`,
 `token.text`, `page_token`) and says what is allowed; NotFound for an unknown stack or stage, FailedPrecondition
@@ -13,7 +13,7 @@ import re
 from typing import TYPE_CHECKING
 
 from core.errors import FailedPrecondition, InvalidRequest
-from service.engine.feature_specs import (
+from service.engine.contract.feature_specs import (
     ExplanationSearch,
     FeatureSort,
     ListSpec,
@@ -24,13 +24,13 @@ from service.engine.feature_specs import (
     TokenDirection,
     TokenSearch,
 )
-from service.engine.inputs import MAX_QUERY_CHARS, InputIn, ListFeaturesIn, SearchIn, TextQueryIn, TokenQueryIn
-from service.engine.paging import PageSigner, canonical
+from service.engine.contract.inputs import MAX_QUERY_CHARS, InputIn, ListFeaturesIn, SearchIn, TextQueryIn, TokenQueryIn
+from service.engine.contract.paging import PageSigner, canonical
 
 if TYPE_CHECKING:
     from core.host.host_model import HostModel
-    from service.engine.inputs import Limits
-    from service.engine.served import ServedStack
+    from service.engine.contract.inputs import Limits
+    from service.engine.stacks.served import ServedStack
 
 WORD = re.compile(r"\w+")
 MAX_TOKEN_CHARS = 256  # a token search's string: far longer than any one token

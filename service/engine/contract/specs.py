@@ -1,7 +1,7 @@
 """Transport-free request specs and result events: the contract between the servicer (which converts
 protobuf to and from these) and the engine (which validates nothing twice and computes).
 
-Specs are built by service/engine/validation.py, so every value in them is already checked: stage and
+Specs are built by service/engine/contract/validation.py, so every value in them is already checked: stage and
 feature indices are in range, floats are finite, positions are sane. Stage references are resolved to
 indices of the request's stack. Positions count from 0 over the prompt (BOS included), then the
 generated tokens.
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from service.engine.feature_specs import FeatureDashboard, MetaLatents
+from service.engine.contract.feature_specs import FeatureDashboard, MetaLatents
 
 
 class Op(StrEnum):

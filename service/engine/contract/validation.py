@@ -1,8 +1,8 @@
 """Check every request value against the loaded model, stacks and server limits, and build the specs.
 
 Transport-free: `service/convert/requests.py` pulls plain values out of protobuf (enums mapped to the spec enums,
-UNSPECIFIED -> None, unset messages -> None) into the `*In` records of `service/engine/inputs.py`;
-`RequestValidator` turns them into the specs of `service/engine/specs.py`, so the engine never checks
+UNSPECIFIED -> None, unset messages -> None) into the `*In` records of `service/engine/contract/inputs.py`;
+`RequestValidator` turns them into the specs of `service/engine/contract/specs.py`, so the engine never checks
 anything twice. Every error
 names the field as the proto spells it (`interventions[2].feature`) and the allowed range or choices:
 InvalidRequest for a malformed value, NotFound for an unknown stack, stage or hookpoint name and for a
@@ -18,8 +18,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from core.errors import FailedPrecondition, InvalidRequest, NotFound
-from service.config import ServerConfig
-from service.engine.inputs import (
+from service.engine.contract.inputs import (
     DEFAULT_CHUNK_TOKENS,
     DEFAULT_TOP_N,
     MAX_CHARS_PER_TOKEN,
@@ -39,9 +38,9 @@ from service.engine.inputs import (
     SamplingIn,
     SteeringIn,
 )
-from service.engine.paging import PageSigner
-from service.engine.search_validation import FeatureQueryValidation
-from service.engine.specs import (
+from service.engine.contract.paging import PageSigner
+from service.engine.contract.search_validation import FeatureQueryValidation
+from service.engine.contract.specs import (
     Action,
     Comparison,
     ConditionSpec,
@@ -58,7 +57,7 @@ from service.engine.specs import (
 
 if TYPE_CHECKING:
     from core.host.host_model import HostModel
-    from service.engine.served import ServedStack
+    from service.engine.stacks.served import ServedStack
 
 FEATURE_OUT_OF_RANGE = NotFound  # docs/api.md and GetFeatureRequest.feature: NOT_FOUND for a feature id >= d_sae
 
@@ -85,14 +84,13 @@ def _count(items: Sequence[object], bound: int, field: str, limit_name: str) -> 
 
 class RequestValidator(FeatureQueryValidation):
     """Validates requests against one host model, the loaded stacks (first = default) and the limits
-    (SearchFeatures and ListFeatures: service/engine/search_validation.py)."""
+    (SearchFeatures and ListFeatures: service/engine/contract/search_validation.py)."""
 
-    def __init__(self, host: HostModel, stacks: Mapping[str, ServedStack], config: ServerConfig,
+    def __init__(self, host: HostModel, stacks: Mapping[str, ServedStack], limits: Limits,
                  pages: PageSigner | None = None) -> None:
         self.host = host
         self.stacks = stacks
-        self.config = config
-        self.limits = Limits.from_config(config)
+        self.limits = limits
         self.vocab_size = int(host.model.config.vocab_size)
         self.pages = pages or PageSigner()
 

@@ -8,8 +8,8 @@ client cancelled the RPC) and its deadline, then closes the generator so its `tr
 
 Jobs wait in a bounded FIFO and run interleaved, up to `max_batch_size` at once; Generate streams hand
 their forward passes to the batcher, which runs the rows of many requests as one batch (continuous
-batching: service/engine/scheduler.py, service/engine/batch.py). Other jobs advance one item per cycle
-between decode steps.
+batching: execution/scheduler.py, execution/batch.py). Other jobs advance one item per cycle between
+decode steps.
 
 Metrics (when given): the worker reports how long each job waited before its first work, and the rows and
 time of every batched forward step by phase (`_WorkerMetrics`), so queueing behind decode, slow prefills
@@ -24,19 +24,18 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
 from core.errors import Overloaded
-from service.engine.batch import RowPass, run_rows
-from service.engine.scheduler import DECODE, END, ERROR, ITEM, PREFILL, Batcher, Job, Scheduler
+from service.engine.execution.batch import RowPass, run_rows
+from service.engine.execution.scheduler import DECODE, END, ERROR, ITEM, PREFILL, Batcher, Job, Scheduler
 
-if TYPE_CHECKING:  # the engine stays importable without grpc/prometheus; Metrics is only passed in
+if TYPE_CHECKING:
     from core.host.host_model import HostModel
-    from service.config import ServerConfig
-    from service.engine.served import ServedStack
-    from service.metrics import Metrics
+    from service.engine.contract.settings import EngineSettings
+    from service.engine.stacks.served import ServedStack
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +49,33 @@ def deadline_after(seconds: float | None) -> float | None:
     return None if seconds is None else time.monotonic() + max(0.0, seconds)
 
 
+class EngineMetrics(Protocol):
+    """What the engine reports, injected by the server (service.metrics.Metrics is one): the engine never
+    imports prometheus or the server's metrics module."""
+
+    def observe_queue_wait(self, method: str, seconds: float) -> None: ...
+    def observe_step_rows(self, phase: str, rows: int) -> None: ...
+    def observe_step_seconds(self, phase: str, seconds: float) -> None: ...
+    def queue_depth_from(self, depth: Callable[[], int], capacity: int) -> None: ...
+
+
 class Engine:
     """Runs model work on one worker thread. `stream`/`call` are coroutines for the server's event loop."""
 
-    def __init__(self, host: HostModel, stacks: Mapping[str, ServedStack], config: ServerConfig,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(self, host: HostModel, stacks: Mapping[str, ServedStack], settings: EngineSettings,
+                 metrics: EngineMetrics | None = None) -> None:
         self.host = host
         self.stacks = dict(stacks)
-        self.config = config
+        self.settings = settings
         self.metrics = metrics
-        self._scheduler = Scheduler(config.queue_size)
+        self._scheduler = Scheduler(settings.queue_size)
         self._observer = None if metrics is None else _WorkerMetrics(metrics, getattr(host, "device", None))
-        self._batcher = Batcher(self._run_rows, config.max_batch_size, config.max_batch_tokens, self._out_of_memory,
+        self._batcher = Batcher(self._run_rows, settings.max_batch_size, settings.max_batch_tokens, self._out_of_memory,
                                 on_start=None if self._observer is None else self._observer.started)
         self._busy = threading.Event()
         self._thread = threading.Thread(target=self._work, name="featurewire-engine", daemon=True)
         if metrics is not None:
-            metrics.queue_depth_from(self._scheduler.depth, config.queue_size)
+            metrics.queue_depth_from(self._scheduler.depth, settings.queue_size)
         self._thread.start()
 
     # -- caller side (event loop) ---------------------------------------------------------------
@@ -188,7 +197,7 @@ class _WorkerMetrics:
 
     MAX_PENDING = 256  # steps awaiting their CUDA events; past it, wait (the worker syncs every cycle anyway)
 
-    def __init__(self, metrics: Metrics, device: torch.device | None) -> None:
+    def __init__(self, metrics: EngineMetrics, device: torch.device | None) -> None:
         self.metrics = metrics
         self.device = device
         self.cuda = device is not None and device.type == "cuda"

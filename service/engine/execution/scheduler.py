@@ -33,7 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from core.errors import DeadlineExceeded, NotReady, Overloaded
-from service.engine.batch import RowPass
+from service.engine.execution.batch import RowPass
 
 log = logging.getLogger(__name__)
 ITEM, ERROR, END = "item", "error", "end"

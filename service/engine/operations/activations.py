@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from core.sae.base import l0, top_k_by_magnitude
-from service.engine.encode_spec import EncodeSpec, EncodeTarget, codes_rows
-from service.engine.served import ServedStack, predicted_error_norm
-from service.engine.specs import StageCodes
+from service.engine.contract.encode_spec import EncodeSpec, EncodeTarget, codes_rows
+from service.engine.contract.specs import StageCodes
+from service.engine.stacks.served import ServedStack, predicted_error_norm
 
 
 def encode_targets(stack: ServedStack) -> list[EncodeTarget]:

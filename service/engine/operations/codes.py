@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from core.sae.base import l0, top_k_by_magnitude
-from service.engine.specs import StageCodes
+from service.engine.contract.specs import StageCodes
 
 
 def stage_codes(stage: int, z: Tensor, top_k: int, *, always: tuple[int, ...] = (),

@@ -16,8 +16,7 @@ from torch import Tensor
 from core.host.host_model import HostModel
 from core.stack.meta_sae import meta_latents
 from core.stack.reader import LoadedStack, LoadedStage
-from service.engine.decompose import token_texts
-from service.engine.feature_specs import (
+from service.engine.contract.feature_specs import (
     CoOccurrence,
     DashboardSide,
     Example,
@@ -28,6 +27,7 @@ from service.engine.feature_specs import (
     QuantileGroup,
     Sign,
 )
+from service.engine.operations.decompose import token_texts
 
 SIDES = (Sign.POSITIVE, Sign.NEGATIVE)
 

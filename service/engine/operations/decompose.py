@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from core.host.host_model import HostModel
-from service.engine.codes import stage_codes
-from service.engine.served import ServedStack, predicted_error_norm
-from service.engine.specs import DecomposeChunk, DecomposeHeader, DecomposeSpec, StageCodes, TokenFeatures
+from service.engine.contract.specs import DecomposeChunk, DecomposeHeader, DecomposeSpec, StageCodes, TokenFeatures
+from service.engine.operations.codes import stage_codes
+from service.engine.stacks.served import ServedStack, predicted_error_norm
 
 REPLACEMENT = "\ufffd"
 

@@ -1,5 +1,5 @@
 """What is known about one feature: its decoder direction in activation units, the logit lens through
-the host model's unembedding, and what the stack records: the dashboard (service/engine/dashboard.py), the
+the host model's unembedding, and what the stack records: the dashboard (service/engine/operations/dashboard.py), the
 explanation and the meta-latents, or the older density and top examples.
 
 The dashboard, when the stage has one, also fills the old `density` and `top_examples` fields, so clients that
@@ -22,10 +22,10 @@ from torch import Tensor
 from core.errors import NotFound
 from core.host.host_model import HostModel
 from core.stack.reader import LoadedStage
-from service.engine.dashboard import explanation, feature_dashboard, feature_meta_latents, summary_examples
-from service.engine.decompose import token_texts
-from service.engine.served import ServedStack
-from service.engine.specs import FeatureInfo, TokenScore
+from service.engine.contract.specs import FeatureInfo, TokenScore
+from service.engine.operations.dashboard import explanation, feature_dashboard, feature_meta_latents, summary_examples
+from service.engine.operations.decompose import token_texts
+from service.engine.stacks.served import ServedStack
 
 DENSITY = "density"
 TOP_EXAMPLES = "top_examples"

@@ -38,7 +38,7 @@ from torch import Tensor
 from core.errors import InvalidRequest
 from core.host.hooks import ActivationEdit
 from core.stack.runtime import RuntimeStage, StackRuntime, StageResult
-from service.engine.specs import (
+from service.engine.contract.specs import (
     Action,
     Branch,
     Comparison,

@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from core.host.host_model import HostModel
-from service.engine.interventions import EditPlan
-from service.engine.served import ServedStack
-from service.engine.specs import ScoreResult, ScoreSpec
+from service.engine.contract.specs import ScoreResult, ScoreSpec
+from service.engine.operations.interventions import EditPlan
+from service.engine.stacks.served import ServedStack
 
 
 def special_mask(host: HostModel, ids: Tensor) -> Tensor:

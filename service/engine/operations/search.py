@@ -20,9 +20,7 @@ from torch import Tensor
 
 from core.host.host_model import HostModel
 from core.stack.reader import LoadedStage
-from service.engine.dashboard import dashboard_tokens, densities
-from service.engine.decompose import needed_hookpoints, token_texts
-from service.engine.feature_specs import (
+from service.engine.contract.feature_specs import (
     ExplanationSearch,
     FeatureMatch,
     FeatureSort,
@@ -38,8 +36,10 @@ from service.engine.feature_specs import (
     TokenDirection,
     TokenSearch,
 )
-from service.engine.search_validation import WORD
-from service.engine.served import ServedStack
+from service.engine.contract.search_validation import WORD
+from service.engine.operations.dashboard import dashboard_tokens, densities
+from service.engine.operations.decompose import needed_hookpoints, token_texts
+from service.engine.stacks.served import ServedStack
 
 _WORD_SETS: dict[tuple[str, str], dict[str, list[tuple[int, frozenset[str]]]]] = {}
 """(stack name, digest) -> stage name -> [(feature, words of its explanation)], built on first search."""

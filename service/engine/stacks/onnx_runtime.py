@@ -28,8 +28,8 @@ import onnxruntime as ort
 
 from core.errors import FailedPrecondition
 from core.stack.manifest import StackError, StackSummary, StageSummary, read_summary
-from service.engine.encode_spec import EncodeSpec, EncodeTarget, codes_rows, top_k_by_magnitude
-from service.engine.specs import StageCodes
+from service.engine.contract.encode_spec import EncodeSpec, EncodeTarget, codes_rows, top_k_by_magnitude
+from service.engine.contract.specs import StageCodes
 
 log = logging.getLogger(__name__)
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"

@@ -30,7 +30,7 @@ from core.stack.affine import AffineMap
 from core.stack.identity import HostModelIdentity
 from core.stack.runtime import RuntimeStage, StackRuntime
 from core.stack.writer import StageSpec, write_stack
-from service.engine.served import CALIBRATION_TOPICS
+from service.engine.stacks.served import CALIBRATION_TOPICS
 from trainer.data.corpus import Document
 from trainer.evaluation.evaluate import reconstruction_metrics
 from trainer.training.affine_fit import MomentAccumulator, fit_affine

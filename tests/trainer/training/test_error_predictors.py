@@ -231,7 +231,7 @@ def test_a_tampered_predictor_file_or_record_is_refused(tmp_path: Path) -> None:
 
 
 def test_training_with_error_predictors_serves_predicted_norms(tmp_path: Path, tiny_gemma) -> None:
-    from service.engine.served import load_served_stack, predicted_error_norm
+    from service.engine.stacks.served import load_served_stack, predicted_error_norm
     from trainer.interop.onnx_export import export_stack
     from trainer.training.config import config_from_dict
     from trainer.training.loop import run_training

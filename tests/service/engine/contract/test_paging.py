@@ -1,4 +1,4 @@
-"""Page tokens (service/engine/paging.py): what one signer issues for a query it accepts for that query only."""
+"""Page tokens (contract/paging.py): what one signer issues for a query it accepts for that query only."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import base64
 import pytest
 
 from core.errors import InvalidRequest
-from service.engine.paging import PageSigner, canonical
-from service.engine.search_validation import query_words
+from service.engine.contract.paging import PageSigner, canonical
+from service.engine.contract.search_validation import query_words
 
 QUERY = canonical("ListFeatures", "tiny", "digest", 0, 0.0, 1.0, "density", False)
 

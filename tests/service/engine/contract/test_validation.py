@@ -17,7 +17,7 @@ from core.stack.affine import AffineMap
 from core.stack.identity import HostModelIdentity
 from core.stack.writer import StageSpec, write_stack
 from service.config import ServerConfig
-from service.engine.inputs import (
+from service.engine.contract.inputs import (
     DEFAULT_CHUNK_TOKENS,
     MAX_CHUNK_TOKENS,
     ConditionIn,
@@ -28,9 +28,9 @@ from service.engine.inputs import (
     SamplingIn,
     SteeringIn,
 )
-from service.engine.served import ServedStack, load_served_stack
-from service.engine.specs import Action, Comparison, Op, Positions, Scope
-from service.engine.validation import RequestValidator
+from service.engine.contract.specs import Action, Comparison, Op, Positions, Scope
+from service.engine.contract.validation import RequestValidator
+from service.engine.stacks.served import ServedStack, load_served_stack
 
 CONFIG = ServerConfig(max_new_tokens=100, max_prompt_tokens=40, max_top_k=16, max_interventions=3)
 IDS = InputIn(token_ids=(2, 10, 11, 12))
@@ -67,7 +67,7 @@ def stacks(tiny_gemma: HostModel, tmp_path_factory: pytest.TempPathFactory) -> d
 
 @pytest.fixture(scope="module")
 def v(tiny_gemma: HostModel, stacks) -> RequestValidator:
-    return RequestValidator(tiny_gemma, stacks, CONFIG)
+    return RequestValidator(tiny_gemma, stacks, CONFIG.limits())
 
 
 def fails(error: type[Exception], call, *fragments: str) -> str:
@@ -101,7 +101,7 @@ def test_stack_names_resolve_and_unknown_or_missing_stacks_are_refused(v, tiny_g
     assert v.decompose("", IDS, None).stack == "test"  # "" = first loaded
     assert v.decompose("other", IDS, None).stack == "other"
     fails(NotFound, lambda: v.decompose("nope", IDS, None), "stack 'nope' is not loaded", "'test', 'other'")
-    empty = RequestValidator(tiny_gemma, {}, CONFIG)
+    empty = RequestValidator(tiny_gemma, {}, CONFIG.limits())
     fails(FailedPrecondition, lambda: empty.decompose("", IDS, None), "Decompose needs an SAE stack")
     fails(FailedPrecondition, lambda: empty.get_feature("", S0, 1, 0), "GetFeature")
     fails(FailedPrecondition, lambda: empty.generate("", IDS, None, [edit()]), "interventions")

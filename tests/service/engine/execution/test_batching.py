@@ -18,12 +18,7 @@ import torch
 from core.errors import Overloaded
 from core.host.host_model import SamplingParams
 from service.config import ServerConfig
-from service.engine.batch import RowPass, run_rows
-from service.engine.engine import Engine
-from service.engine.generation import generate_events
-from service.engine.scheduler import END, ERROR, ITEM, Batcher, Job
-from service.engine.served import ServedStack, load_served_stack
-from service.engine.specs import (
+from service.engine.contract.specs import (
     Action,
     Branch,
     Comparison,
@@ -38,6 +33,11 @@ from service.engine.specs import (
     SteeringSpec,
     TokenEvent,
 )
+from service.engine.execution.batch import RowPass, run_rows
+from service.engine.execution.engine import Engine
+from service.engine.execution.scheduler import END, ERROR, ITEM, Batcher, Job
+from service.engine.operations.generation import generate_events
+from service.engine.stacks.served import ServedStack, load_served_stack
 from tests.service.engine.tiny_stacks import one_thread, write_tiny_stack
 
 TEXTS = ("The quick brown fox", "def f(x):\n    return x", "A", "In the beginning the universe was created. "
@@ -229,7 +229,7 @@ def test_the_token_budget_splits_prefills_and_runs_a_long_prompt_alone(tiny_gemm
 
 
 def _engine(host, stack, **config) -> Engine:
-    return Engine(host, {stack.name: stack} if stack else {}, ServerConfig(**config))
+    return Engine(host, {stack.name: stack} if stack else {}, ServerConfig(**config).engine_settings())
 
 
 async def _collect(engine: Engine, host, stack, spec: GenerateSpec) -> list:

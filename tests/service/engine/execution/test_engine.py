@@ -16,13 +16,13 @@ from prometheus_client import CollectorRegistry
 
 from core.errors import DeadlineExceeded, InvalidRequest, NotReady, Overloaded
 from service.config import ServerConfig
-from service.engine.engine import Engine, deadline_after
+from service.engine.execution.engine import Engine, deadline_after
 from service.metrics import Metrics
 
 
 @pytest.fixture
 def engine():
-    engine = Engine(host=None, stacks={}, config=ServerConfig(queue_size=2), metrics=None)  # type: ignore[arg-type]
+    engine = Engine(host=None, stacks={}, settings=ServerConfig(queue_size=2).engine_settings(), metrics=None)  # type: ignore[arg-type]
     yield engine
     engine.shutdown(timeout=5)
 
@@ -216,7 +216,7 @@ def test_shutdown_finishes_queued_work_then_refuses(engine):
 
 def test_queue_depth_is_exported():
     metrics = Metrics(CollectorRegistry())
-    engine = Engine(None, {}, ServerConfig(queue_size=7), metrics)  # type: ignore[arg-type]
+    engine = Engine(None, {}, ServerConfig(queue_size=7).engine_settings(), metrics)  # type: ignore[arg-type]
     try:
         text = metrics.exposition().decode()
         assert "featurewire_queue_depth 0.0" in text and "featurewire_queue_capacity 7.0" in text

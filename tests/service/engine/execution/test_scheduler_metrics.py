@@ -21,13 +21,13 @@ from core.errors import Overloaded
 from core.host.host_model import HostModel
 from core.host.loading import load_host_model
 from service.config import ServerConfig
-from service.engine.batch import RowPass
-from service.engine.decompose import decompose_events
-from service.engine.engine import Engine, _WorkerMetrics
-from service.engine.generation import GenerationStream
-from service.engine.scheduler import DECODE, ITEM, PREFILL, Batcher, Job
-from service.engine.served import ServedStack, load_served_stack
-from service.engine.specs import DecomposeSpec, GenerateSpec, SamplingSpec
+from service.engine.contract.specs import DecomposeSpec, GenerateSpec, SamplingSpec
+from service.engine.execution.batch import RowPass
+from service.engine.execution.engine import Engine, _WorkerMetrics
+from service.engine.execution.scheduler import DECODE, ITEM, PREFILL, Batcher, Job
+from service.engine.operations.decompose import decompose_events
+from service.engine.operations.generation import GenerationStream
+from service.engine.stacks.served import ServedStack, load_served_stack
 from service.metrics import PHASES, Metrics
 from tests.service.engine.tiny_stacks import one_thread, write_tiny_stack
 
@@ -77,7 +77,7 @@ def test_batched_generations_record_rows_step_times_and_the_time_they_were_held(
     """The worker is held by a job while three generations queue; they then prefill as one step of 3 rows
     and decode in steps of 3 rows, and each recorded a queue wait of at least the time it was held."""
     metrics = Metrics(CollectorRegistry())
-    engine = Engine(tiny_gemma, {}, ServerConfig(max_batch_size=4), metrics)
+    engine = Engine(tiny_gemma, {}, ServerConfig(max_batch_size=4).engine_settings(), metrics)
     started, release, held = threading.Event(), threading.Event(), 0.3
 
     def hold() -> str:
@@ -128,7 +128,7 @@ def test_a_decompose_queued_behind_decoding_rows_records_its_wait(tiny_gemma, st
     """With the batch full of generations, a Decompose waits until one of them ends: its recorded wait covers
     at least the time from its submission until that generation's slot was freed."""
     metrics = Metrics(CollectorRegistry())
-    engine = Engine(tiny_gemma, {stack.name: stack}, ServerConfig(max_batch_size=2), metrics)
+    engine = Engine(tiny_gemma, {stack.name: stack}, ServerConfig(max_batch_size=2).engine_settings(), metrics)
     closed: list[float] = []
     ids = tuple(tiny_gemma.encode(TEXTS[2])[0].tolist())
     decompose = DecomposeSpec(stack.name, ids, (0,), top_k=3)
@@ -173,7 +173,7 @@ async def _collect(stream) -> list:
 
 
 def test_an_engine_without_metrics_batches_as_before(tiny_gemma):
-    engine = Engine(tiny_gemma, {}, ServerConfig(max_batch_size=2), None)
+    engine = Engine(tiny_gemma, {}, ServerConfig(max_batch_size=2).engine_settings(), None)
 
     async def scenario() -> list:
         return await asyncio.gather(*(_generate(engine, lambda t=t: GenerationStream(tiny_gemma, None,
@@ -273,7 +273,7 @@ def test_cuda_step_times_are_read_from_events_once_done_without_waiting(monkeypa
 def test_step_times_on_a_real_gpu():
     host = load_host_model(ModelConfig(name="tiny-random", device="cuda"))
     metrics = Metrics(CollectorRegistry())
-    engine = Engine(host, {}, ServerConfig(max_batch_size=4), metrics)
+    engine = Engine(host, {}, ServerConfig(max_batch_size=4).engine_settings(), metrics)
 
     async def scenario() -> list:
         return await asyncio.gather(*(_generate(engine, lambda t=t: GenerationStream(host, None, spec(host, t, 8)))

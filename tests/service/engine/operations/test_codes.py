@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from service.engine.codes import stage_codes
+from service.engine.operations.codes import stage_codes
 
 
 def test_codes_are_ranked_by_magnitude_and_zeros_are_not_reported():

@@ -11,9 +11,9 @@ import torch
 from core.sae.base import top_k_by_magnitude
 from core.stack.reader import read_stack
 from core.stack.runtime import StackRuntime
-from service.engine.decompose import decompose_events, needed_hookpoints, token_texts
-from service.engine.served import ServedStack, load_served_stack
-from service.engine.specs import DecomposeChunk, DecomposeHeader, DecomposeSpec
+from service.engine.contract.specs import DecomposeChunk, DecomposeHeader, DecomposeSpec
+from service.engine.operations.decompose import decompose_events, needed_hookpoints, token_texts
+from service.engine.stacks.served import ServedStack, load_served_stack
 from tests.service.engine.tiny_stacks import one_thread, write_tiny_stack
 
 TEXT = "The quick brown fox jumps over the lazy dog. A sparse autoencoder reads the residual stream."

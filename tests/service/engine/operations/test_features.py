@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from core.errors import NotFound
-from service.engine.decompose import token_texts
-from service.engine.features import feature_info
-from service.engine.served import ServedStack, load_served_stack
+from service.engine.operations.decompose import token_texts
+from service.engine.operations.features import feature_info
+from service.engine.stacks.served import ServedStack, load_served_stack
 from tests.service.engine.tiny_stacks import one_thread, write_tiny_stack
 
 DENSITY = [0.5 * i / 256 for i in range(256)]

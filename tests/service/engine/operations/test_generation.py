@@ -14,9 +14,7 @@ from core.host.host_model import SamplingParams
 from core.sae import SAEConfig, build_sae
 from core.stack.identity import HostModelIdentity
 from core.stack.writer import StageSpec, write_stack
-from service.engine.generation import TextStream, generate_events, sample
-from service.engine.served import ServedStack, load_served_stack
-from service.engine.specs import (
+from service.engine.contract.specs import (
     Action,
     Branch,
     Comparison,
@@ -35,6 +33,8 @@ from service.engine.specs import (
     SteeringSpec,
     TokenEvent,
 )
+from service.engine.operations.generation import TextStream, generate_events, sample
+from service.engine.stacks.served import ServedStack, load_served_stack
 
 HOOKPOINTS = ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
 PROMPT = "The quick brown fox"

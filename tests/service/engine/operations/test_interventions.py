@@ -13,9 +13,7 @@ from core.stack.affine import AffineMap
 from core.stack.identity import HostModelIdentity
 from core.stack.runtime import RuntimeStage, StackRuntime
 from core.stack.writer import StageSpec, write_stack
-from service.engine.interventions import EditPlan, scope_interval
-from service.engine.served import ServedStack, load_served_stack
-from service.engine.specs import (
+from service.engine.contract.specs import (
     Action,
     Comparison,
     ConditionSpec,
@@ -25,6 +23,8 @@ from service.engine.specs import (
     Scope,
     SteeringSpec,
 )
+from service.engine.operations.interventions import EditPlan, scope_interval
+from service.engine.stacks.served import ServedStack, load_served_stack
 
 HOOKPOINTS = ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
 CALIBRATION = TRAINING_TEXT[:1500]

@@ -12,9 +12,9 @@ from core.sae import SAEConfig, build_sae
 from core.stack.identity import HostModelIdentity
 from core.stack.runtime import RuntimeStage, StackRuntime
 from core.stack.writer import StageSpec, write_stack
-from service.engine.score import score
-from service.engine.served import ServedStack, load_served_stack
-from service.engine.specs import InterventionSpec, Op, Positions, Scope, ScoreSpec, SteeringSpec
+from service.engine.contract.specs import InterventionSpec, Op, Positions, Scope, ScoreSpec, SteeringSpec
+from service.engine.operations.score import score
+from service.engine.stacks.served import ServedStack, load_served_stack
 
 HOOKPOINTS = ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs."

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from core.errors import FailedPrecondition, NotFound
-from service.engine.served import (
+from service.engine.stacks.served import (
     CALIBRATION_TOKENS,
     FVE_TOLERANCE,
     ServedStack,
