@@ -24,13 +24,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import core.stack.tensors as stack_module
-import service.engine.onnx_runtime as onnx_runtime
+import service.engine.stacks.onnx_runtime as onnx_runtime
 from core.errors import FailedPrecondition
 from core.host.host_model import HostModel
 from core.stack.manifest import MAX_DIMENSION, StackError, read_summary
 from core.stack.reader import read_stack
-from service.engine.onnx_runtime import load_onnx_stack
-from service.engine.served import load_served_stack
+from service.engine.stacks.onnx_runtime import load_onnx_stack
+from service.engine.stacks.served import load_served_stack
 from tests.service.conftest import ServerLoop, make_server, server_config
 from tests.service.onnx_stacks import write_resae_stack
 
