@@ -30,13 +30,24 @@ hold the signed value of the feature at every token of an example's window. H = 
     cooccur_ids (H, C) int64, cooccur_jaccard (H, C) float32       features of the same stage that fire on the
                                          same tokens most (Jaccard index of the firing sets); C may be 0
 
+With `labels` = L > 0 in the record (absent or 0 in stacks written before labels: then none of these exist), the
+LLM-free token label of every feature and side (trainer/dashboards/labels.py):
+
+    label_ids         (S, H, L)     int64    the tokens the feature fires on, by firing mass descending (-1: none)
+    label_share       (S, H, L)     float32  each token's share of the side's firing mass Σ|z|
+    label_firings     (S, H, L)     int64    firings on that token
+    label_occurrences (S, H, L)     int64    occurrences of that token among the pass's tokens
+    label_size        (S, H)        int64    k: the first k tokens form the rule "fires exactly on these tokens"
+                                             (the shortest prefix that maximises F1; 0 when it never fired)
+    label_precision, label_recall, label_f1 (S, H) float32  the rule's exact scores over the pass's tokens
+
 Torch-free on purpose: the activation-only server lists what a stack has without importing torch.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +57,8 @@ from core.stack.manifest import StackError, attach_records, load_manifest
 LIMITS = {"top_n": 256, "context": 64, "bins": 256, "quantiles": 16, "per_quantile": 64, "logit_n": 256,
           "neighbours": 256, "cooccurrence": 256}
 """Largest value of each record integer a stack may declare; larger ones are refused before any shape exists."""
+LABEL_LIMIT = 64
+"""Largest `labels` (tokens per feature label) a record may declare."""
 EXPLANATIONS = "explanations.json"
 MAX_EXPLANATION_CHARS = 2000
 MAX_EXPLANATIONS_BYTES = 64 << 20
@@ -65,6 +78,7 @@ class DashboardShape:
     logit_n: int
     neighbours: int
     cooccurrence: int
+    labels: int = 0  # tokens per feature label; 0 for dashboards written without labels
 
     @property
     def window(self) -> int:
@@ -90,13 +104,19 @@ class DashboardShape:
         want |= {"neighbour_ids": ("I64", (h, k)), "neighbour_cos": ("F32", (h, k)), "cross_stage": ("I64", (h, k)),
                  "cross_ids": ("I64", (h, k)), "cross_cos": ("F32", (h, k)),
                  "cooccur_ids": ("I64", (h, c)), "cooccur_jaccard": ("F32", (h, c))}
+        if self.labels:
+            tokens = (s, h, self.labels)
+            want |= {"label_ids": ("I64", tokens), "label_share": ("F32", tokens), "label_firings": ("I64", tokens),
+                     "label_occurrences": ("I64", tokens), "label_size": ("I64", (s, h))}
+            want |= {f"label_{k}": ("F32", (s, h)) for k in ("precision", "recall", "f1")}
         return want
 
     def record(self) -> dict[str, int]:
         """The integers as stored in the stage's `dashboard` record (d_sae is the stage's own)."""
-        return {"signs": self.signs, "top_n": self.top_n, "context": self.context, "bins": self.bins,
-                "quantiles": self.quantiles, "per_quantile": self.per_quantile, "logit_n": self.logit_n,
-                "neighbours": self.neighbours, "cooccurrence": self.cooccurrence}
+        out = {"signs": self.signs, "top_n": self.top_n, "context": self.context, "bins": self.bins,
+               "quantiles": self.quantiles, "per_quantile": self.per_quantile, "logit_n": self.logit_n,
+               "neighbours": self.neighbours, "cooccurrence": self.cooccurrence}
+        return out | ({"labels": self.labels} if self.labels else {})
 
 
 def check_dashboard_entry(index: int, entry: Mapping[str, Any], files: Mapping[str, Any]) -> DashboardShape | None:
@@ -124,7 +144,62 @@ def check_dashboard_entry(index: int, entry: Mapping[str, Any], files: Mapping[s
     for key in ("tokens", "documents"):
         if type(record.get(key)) is not int or record[key] < 0:
             raise StackError(f"{where}.{key} must be a non-negative integer")
-    return DashboardShape(d_sae=int(entry["d_sae"]), signs=signs, **values)
+    labels = record.get("labels", 0)  # absent in dashboards written before labels
+    if type(labels) is not int or not 0 <= labels <= LABEL_LIMIT:
+        raise StackError(f"{where}.labels must be an integer in [0, {LABEL_LIMIT}] (or absent), got {labels!r}")
+    return DashboardShape(d_sae=int(entry["d_sae"]), signs=signs, **values, labels=labels)
+
+
+@dataclass(frozen=True)
+class TokenLabel:
+    """One side of a feature's LLM-free label: the tokens it fires on by firing mass (at most `labels` of them),
+    and the exact scores over the dashboard pass's tokens of the rule "fires exactly where the token is one of the
+    first `size` tokens" (chosen as the shortest prefix that maximises F1; trainer/dashboards/labels.py)."""
+
+    sign: int  # +1: the positive side (every unsigned stage), -1: the negative side of a signed stage
+    token_ids: tuple[int, ...]  # by firing mass, descending
+    shares: tuple[float, ...]  # each token's share of the side's firing mass Σ|z|
+    firings: tuple[int, ...]  # firings on each token
+    occurrences: tuple[int, ...]  # occurrences of each token among the pass's tokens
+    size: int
+    precision: float
+    recall: float
+    f1: float
+
+    @property
+    def rule_ids(self) -> tuple[int, ...]:
+        """The tokens of the scored rule."""
+        return self.token_ids[: self.size]
+
+    def describe(self, token_text: Callable[[int], str]) -> str:
+        """One line, e.g. `+ 'the' 62%, ' a' 21% (token F1 0.71: precision 0.80, recall 0.64)`, with the rule's
+        tokens decoded by `token_text`."""
+        shares = self.shares[: self.size]
+        tokens = ", ".join(f"{token_text(t)!r} {share:.0%}" for t, share in zip(self.rule_ids, shares, strict=True))
+        return (f"{'+' if self.sign > 0 else '-'} {tokens} (token F1 {self.f1:.2f}: precision {self.precision:.2f}, "
+                f"recall {self.recall:.2f})")
+
+
+def feature_labels(dashboard: Mapping[str, Any] | None, feature: int) -> list[TokenLabel]:
+    """A feature's labels from a stage's loaded dashboard tensors, one per side it fired on (positive first); empty
+    when the dashboard was written without labels or the feature never fired. Works on torch tensors or anything
+    indexable with `.tolist()` (this module imports no torch)."""
+    if dashboard is None or "label_ids" not in dashboard:
+        return []
+    out = []
+    for side in range(len(dashboard["label_size"])):
+        size = int(dashboard["label_size"][side][feature])
+        if size == 0:
+            continue
+        ids = [t for t in dashboard["label_ids"][side][feature].tolist() if t >= 0]
+        n = len(ids)
+        out.append(TokenLabel(
+            sign=1 if side == 0 else -1, token_ids=tuple(ids),
+            shares=tuple(dashboard["label_share"][side][feature].tolist()[:n]),
+            firings=tuple(dashboard["label_firings"][side][feature].tolist()[:n]),
+            occurrences=tuple(dashboard["label_occurrences"][side][feature].tolist()[:n]), size=size,
+            **{k: float(dashboard[f"label_{k}"][side][feature]) for k in ("precision", "recall", "f1")}))
+    return out
 
 
 def parse_explanations(data: bytes, stages: Mapping[str, int]) -> dict[str, dict[int, str]]:

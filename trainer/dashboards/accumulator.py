@@ -33,6 +33,7 @@ class DashboardSettings:
     per_quantile: int = 4
     logit_n: int = 10
     neighbours: int = 10
+    label_n: int = 8  # tokens a feature's label may hold (trainer/dashboards/labels.py); 0: no labels
     cooccurrence: int = 10
     cooccurrence_max_width: int = 8192  # wider stages skip co-occurrence (an H × H count matrix)
     seed: int = 0
@@ -55,6 +56,11 @@ class BatchTokens:
     @property
     def width(self) -> int:
         return self.grid_ids.shape[1]
+
+    @property
+    def ids(self) -> Tensor:
+        """The token id of every kept token (N,)."""
+        return self.grid_ids.reshape(-1)[self.cell]
 
 
 def token_hash(doc: Tensor, pos: Tensor, seed: int) -> Tensor:
@@ -148,9 +154,9 @@ class SideAccumulator:
     def bin_of(self, magnitude: Tensor) -> Tensor:
         return ((magnitude.log10() - self._log_min) / self._log_step).floor().long().clamp(0, self.settings.bins - 1)
 
-    def update(self, magnitude: Tensor, codes: Tensor, tokens: BatchTokens) -> None:
+    def update(self, magnitude: Tensor, codes: Tensor, tokens: BatchTokens) -> tuple[Tensor, Tensor, Tensor]:
         """Add one batch: `magnitude` (N, H) >= 0 is this side's |z| (0 where it did not fire), `codes` (N, H)
-        the signed codes the windows show."""
+        the signed codes the windows show. Returns the firings: row, feature, |z| (nnz,) each."""
         fired = magnitude > 0  # (N, H)
         self.count += fired.sum(0)
         self.sum += magnitude.sum(0, dtype=torch.float64)
@@ -161,6 +167,7 @@ class SideAccumulator:
         self.hist.view(-1).index_add_(0, feature * self.settings.bins + bins, torch.ones_like(feature))
         self._update_top(magnitude, codes, tokens)
         self._update_reservoir(row, feature, value, bins, codes, tokens)
+        return row, feature, value
 
     def _update_top(self, magnitude: Tensor, codes: Tensor, tokens: BatchTokens) -> None:
         n = self.settings.top_n

@@ -71,6 +71,8 @@ def accumulate(host: HostModel, runtime: StackRuntime, documents: Sequence[Docum
         seen += int(tokens.doc.numel())
         bar.update(int(tokens.doc.numel()))
     bar.close()
+    for accumulator in accumulators:  # exact token labels from every rank's firings (trainer/dashboards/labels.py)
+        accumulator.finish_labels(parallel)
     seconds = time.perf_counter() - started
     stats = {"tokens": seen, "documents": len(mine), "seconds": seconds}
     if parallel.world > 1:
@@ -159,6 +161,11 @@ def describe(stack: LoadedStack) -> list[str]:
             continue
         count, tokens = stage.dashboard["count"].sum(0), max(int(stage.dashboard_record.get("tokens", 0)), 1)
         density = count.double() / tokens
-        lines.append(f"{stage.name}: {tokens:,} tokens, {int((count > 0).sum())}/{count.numel()} features fired, "
-                     f"median density {float(density.median()):.4f}, dense (>10%) {int((density > 0.1).sum())}")
+        line = (f"{stage.name}: {tokens:,} tokens, {int((count > 0).sum())}/{count.numel()} features fired, "
+                f"median density {float(density.median()):.4f}, dense (>10%) {int((density > 0.1).sum())}")
+        if "label_f1" in stage.dashboard:
+            f1 = stage.dashboard["label_f1"][stage.dashboard["count"] > 0]  # every fired (feature, side)
+            line += (f"; token-label F1 median {float(f1.median()):.2f}, >= 0.5 for {int((f1 >= 0.5).sum())}"
+                     f"/{f1.numel()} (feature, sign)") if f1.numel() else ""
+        lines.append(line)
     return lines

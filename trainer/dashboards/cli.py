@@ -9,8 +9,9 @@ import os
 from pathlib import Path
 
 from core.config import ModelConfig, add_model_arguments, model_config_from_args
+from core.stack.dashboards import LABEL_LIMIT
 
-DEFAULTS = {"tokens": 50_000, "top_n": 20, "context": 10, "quantiles": 5, "per_quantile": 4}
+DEFAULTS = {"tokens": 50_000, "top_n": 20, "context": 10, "quantiles": 5, "per_quantile": 4, "label_tokens": 8}
 
 
 def add_dashboards(subparsers: argparse._SubParsersAction) -> None:
@@ -20,8 +21,10 @@ def add_dashboards(subparsers: argparse._SubParsersAction) -> None:
         "by default) that records, per feature of every stage: firing density, mean and max activation, a "
         "log-binned activation histogram, the top activating examples and examples from activation quantiles "
         "with their context, logit-lens tokens, nearest features by decoder cosine in the same and the other "
-        "stages, and the features it co-occurs with. Signed (SA-GSAE) features are reported per sign. Under "
-        "torchrun every rank takes its share of the documents.")
+        "stages, the features it co-occurs with, and an LLM-free label: the tokens it fires on with their share of "
+        "its firing mass, and the exact precision, recall and F1 of the rule 'fires exactly on these tokens' over "
+        "the pass. Signed (SA-GSAE) features are reported per sign. Under torchrun every rank takes its share of "
+        "the documents.")
     parser.add_argument("--stack", required=True, metavar="DIR")
     parser.add_argument("--corpus", metavar="SPEC", help="default: the stack's training corpus (its eval split)")
     parser.add_argument("--tokens", type=int, default=DEFAULTS["tokens"], help="held-out tokens to read")
@@ -31,6 +34,9 @@ def add_dashboards(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quantiles", type=int, default=DEFAULTS["quantiles"],
                         help="activation intervals of equal firing mass to draw examples from")
     parser.add_argument("--per-quantile", type=int, default=DEFAULTS["per_quantile"], help="examples per interval")
+    parser.add_argument("--label-tokens", type=int, default=DEFAULTS["label_tokens"],
+                        help=f"most tokens in a feature's label (0 to {LABEL_LIMIT}; 0: no labels, no firings kept "
+                        "on disk during the pass)")
     parser.add_argument("--batch-size", type=int, help="windows per forward pass (default: as in training)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_arguments(parser, default_model="the one the stack names")
@@ -46,9 +52,11 @@ def run_dashboards(args: argparse.Namespace) -> int:
 
     if args.tokens < 1:
         raise ValueError(f"--tokens must be at least 1, got {args.tokens}")
+    if not 0 <= args.label_tokens <= LABEL_LIMIT:
+        raise ValueError(f"--label-tokens must be in [0, {LABEL_LIMIT}], got {args.label_tokens}")
     model = model_config_from_args(args, os.environ, defaults=ModelConfig(name=read_stack(args.stack).identity.name))
     settings = DashboardSettings(top_n=args.top_n, context=args.context, quantiles=args.quantiles,
-                                 per_quantile=args.per_quantile)
+                                 per_quantile=args.per_quantile, label_n=args.label_tokens)
     with session(os.environ, model.device) as parallel:
         held = open_held_out(args.stack, corpus=args.corpus, model_config=model)
         summary = build_dashboards(args.stack, held.host, held.documents, corpus=held.corpus, settings=settings,

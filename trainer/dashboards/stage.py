@@ -1,5 +1,6 @@
-"""One stage's dashboard: its side accumulators (two for a signed stage), the co-occurrence counts, and the
-conversion of what was accumulated into the stored tensors (quantile intervals and their examples)."""
+"""One stage's dashboard: its side accumulators (two for a signed stage), the co-occurrence counts, the firings
+kept for the token labels, and the conversion of what was accumulated into the stored tensors (quantile intervals
+and their examples, the labels)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from torch import Tensor
 
 from core.stack.dashboards import DashboardShape
 from trainer.dashboards.accumulator import BatchTokens, DashboardSettings, Examples, SideAccumulator
+from trainer.dashboards.labels import FiringSpill, TokenCounts, compute_labels
+from trainer.training.distributed import LOCAL, Distributed
 
 _GROUP_SHIFT = 41
 
@@ -23,20 +26,27 @@ class StageAccumulator:
         self.track_cooccurrence = settings.cooccurrence > 0 and d_sae <= settings.cooccurrence_max_width
         self.cooccur = torch.zeros((d_sae, d_sae) if self.track_cooccurrence else (0, 0), dtype=torch.int32,
                                    device=device)
+        self.spill, self.token_counts = FiringSpill(), TokenCounts()  # for the labels (slot = side · H + feature)
+        self.labels: dict[str, Tensor] | None = None
 
     @property
     def shape(self) -> DashboardShape:
         s = self.settings
         return DashboardShape(d_sae=self.d_sae, signs=len(self.sides), top_n=s.top_n, context=s.context, bins=s.bins,
                               quantiles=s.quantiles, per_quantile=s.per_quantile, logit_n=s.logit_n,
-                              neighbours=s.neighbours, cooccurrence=s.cooccurrence if self.track_cooccurrence else 0)
+                              neighbours=s.neighbours, cooccurrence=s.cooccurrence if self.track_cooccurrence else 0,
+                              labels=s.label_n)
 
     def update(self, codes: Tensor, tokens: BatchTokens) -> None:
         """Add one batch of codes (N, H), signed for a signed stage."""
         codes = codes.float()
-        self.sides[0].update(codes.clamp_min(0), codes, tokens)
-        if self.signed:
-            self.sides[1].update((-codes).clamp_min(0), codes, tokens)
+        ids = tokens.ids  # (N,)
+        for i, side in enumerate(self.sides):
+            row, feature, value = side.update((codes if i == 0 else -codes).clamp_min(0), codes, tokens)
+            if self.settings.label_n:
+                self.spill.add(i * self.d_sae + feature, ids[row], value)
+        if self.settings.label_n:
+            self.token_counts.add(ids)
         if self.track_cooccurrence:
             fired = (codes != 0).float()  # (N, H)
             self.cooccur += (fired.T @ fired).round().int()  # exact: per-batch counts are at most N < 2**24
@@ -45,6 +55,19 @@ class StageAccumulator:
         for mine, theirs in zip(self.sides, other.sides, strict=True):
             mine.merge(theirs)
         self.cooccur += other.cooccur
+        if other.spill.records:  # (the accumulators of other ranks carry no firings: their labels are computed)
+            if self.labels is not None:
+                raise RuntimeError("merge the accumulators of document slices before their labels are computed")
+            self.spill.extend(other.spill)
+        self.token_counts.merge(other.token_counts)
+
+    def finish_labels(self, parallel: Distributed = LOCAL) -> None:
+        """Compute the labels from the kept firings (collective under torchrun: every rank calls it, rank 0 keeps
+        them) and free the firings. Until then `state()` carries no labels."""
+        if self.settings.label_n and self.labels is None:
+            firings = torch.cat([side.count for side in self.sides])  # (S·H,)
+            self.labels = compute_labels(self.spill, self.token_counts, firings, self.settings.label_n, parallel)
+        self.spill.close()
 
     def state(self) -> dict[str, Tensor]:
         out = {f"side{i}.{k}": v for i, side in enumerate(self.sides) for k, v in side.state().items()}
@@ -58,7 +81,7 @@ class StageAccumulator:
     # ------------------------------------------------------------------------------------------- output
 
     def tensors(self) -> dict[str, Tensor]:
-        """count, sum, max, bin_edges, hist, top_*, quantile_* and cooccur_* (core/stack/dashboards.py)."""
+        """count, sum, max, bin_edges, hist, top_*, quantile_*, cooccur_* and label_* (core/stack/dashboards.py)."""
         out: dict[str, Tensor] = {
             "count": torch.stack([s.count for s in self.sides]), "sum": torch.stack([s.sum for s in self.sides]),
             "max": torch.stack([s.max for s in self.sides]), "bin_edges": self.settings.edges().float(),
@@ -72,6 +95,10 @@ class StageAccumulator:
         for key in quantiles[0]:
             out[key] = torch.stack([q[key] for q in quantiles])
         out |= self._cooccurring()
+        if self.settings.label_n:
+            self.finish_labels()
+            assert self.labels is not None
+            out |= {k: v.reshape(len(self.sides), self.d_sae, *v.shape[1:]) for k, v in self.labels.items()}
         return {k: v.cpu().contiguous() for k, v in out.items()}
 
     def _quantiles(self, side: SideAccumulator) -> dict[str, Tensor]:

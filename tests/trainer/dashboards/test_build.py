@@ -18,6 +18,7 @@ from core.stack.identity import HostModelIdentity
 from core.stack.reader import read_stack
 from core.stack.runtime import StackRuntime
 from core.stack.writer import StageSpec, write_stack
+from tests.trainer.dashboards.label_oracle import assert_labels_equal, brute_labels
 from trainer.dashboards.accumulator import DashboardSettings
 from trainer.dashboards.build import build_dashboards, select_documents
 from trainer.data.corpus import load_corpus
@@ -105,12 +106,16 @@ def test_the_pass_equals_brute_force_over_the_full_code_matrix(tiny_gemma, stack
                 got = [(int(d), int(p)) for d, p in zip(board["top_doc"][s, f], board["top_pos"][s, f], strict=True)
                        if d >= 0]
                 assert got == [(int(meta[r, 0]), int(meta[r, 1])) for r in best], (stage.name, s, f)
+        assert_labels_equal(board, brute_labels(z, meta[:, 2], stage.signed, SETTINGS.label_n), stage.name)
     planted_board = loaded.stages[0].dashboard
     occurrences = int((meta[:, 2] == planted).sum())
     assert occurrences >= SETTINGS.top_n and int(planted_board["count"][0, 0]) == occurrences
     centre = SETTINGS.context
     assert (planted_board["top_tokens"][0, 0, :, centre] == planted).all()  # every top example is that token
     assert (planted_board["top_acts"][0, 0, :, centre] > 0).all()
+    # its label: that one token, fired on at every occurrence and nowhere else
+    assert int(planted_board["label_ids"][0, 0, 0]) == planted and int(planted_board["label_size"][0, 0]) == 1
+    assert float(planted_board["label_f1"][0, 0]) == 1.0 and float(planted_board["label_share"][0, 0, 0]) == 1.0
     assert loaded.stages[1].dashboard["cross_stage"].ge(0).any()  # the residual stage sees stage 0 through A
 
 
