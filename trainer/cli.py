@@ -305,7 +305,28 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--progress", action="store_true", help="progress bars while training")
     parser.add_argument("--no-train", action="store_true",
                         help="report only finished runs; sections name the runs they leave out")
+    parser.add_argument("--budgets", default="", metavar="LIST",
+                        help="section 1b: comma-separated training budgets in tokens, e.g. 100000,400000,1600000 "
+                        "(without it section 1b is kept from the cache)")
+    parser.add_argument("--budget-store-tokens", type=int, default=200_000, metavar="N",
+                        help="section 1b: tokens collected once for every budget (larger budgets make several "
+                        "passes; default 200000)")
     parser.set_defaults(handler=_run_report)
+
+
+def _budget_list(text: str) -> tuple[int, ...]:
+    """`--budgets`: positive integers (underscores allowed), or an error naming the bad entry."""
+    budgets = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        try:
+            value = int(item)
+        except ValueError:
+            raise ValueError(f"--budgets takes comma-separated token counts such as 100000,400000; got {item!r}") \
+                from None
+        if value < 512:
+            raise ValueError(f"--budgets: each budget must be at least one batch of 512 tokens, got {value}")
+        budgets.append(value)
+    return tuple(dict.fromkeys(budgets))
 
 
 def _run_report(args: argparse.Namespace) -> int:
@@ -317,7 +338,11 @@ def _run_report(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     only = [s.strip() for s in args.sections.split(",") if s.strip()] or None
-    settings = ReportSettings(runs_dir=Path(args.runs), progress=args.progress, train_missing=not args.no_train)
+    if args.budget_store_tokens < 512:
+        raise ValueError(f"--budget-store-tokens must be at least one batch of 512 tokens, got "
+                         f"{args.budget_store_tokens}")
+    settings = ReportSettings(runs_dir=Path(args.runs), progress=args.progress, train_missing=not args.no_train,
+                              budgets=_budget_list(args.budgets), budget_store_tokens=args.budget_store_tokens)
     out = build_report(Path(args.out), settings, only)
     print(f"report: {out}")
     return 0

@@ -29,14 +29,16 @@ compared with. All runs are one seed at budgets that finish on a 2-core CPU, far
 budgets: a disagreement below is a measurement at this budget, not a refutation.
 """
 
-Section = Callable[[ReportSettings, Path, str], str]
+Section = Callable[[ReportSettings, Path, str], str | None]
+"""A section's markdown, or None to keep the cached one (section 1b without budgets)."""
 
 
 def _sections() -> dict[str, tuple[str, Section]]:
-    from trainer.report import architectures, demo, error_norm, meta, resae
+    from trainer.report import architectures, budgets, demo, error_norm, meta, resae
 
     return {
         "1": ("architectures", architectures.section),
+        "1b": ("budgets", budgets.section),
         "2": ("resae", lambda s, _img, _rel: resae.section(s)),
         "3": ("error-norm", error_norm.section),
         "4": ("meta-sae", meta.section),
@@ -50,6 +52,8 @@ def build_report(out: Path, settings: ReportSettings, only: Sequence[str] | None
     unknown = set(only or ()) - set(sections)
     if unknown:
         raise ValueError(f"unknown section(s) {sorted(unknown)}; choose from {', '.join(sections)}")
+    if "1b" in (only or ()) and not settings.budgets:
+        raise ValueError("section 1b needs the training budgets, e.g. --budgets 100000,400000,1600000")
     img_dir = out.parent / "img"
     img_rel = os.path.relpath(img_dir, out.parent)
     cache = settings.runs_dir / "sections"
@@ -57,7 +61,9 @@ def build_report(out: Path, settings: ReportSettings, only: Sequence[str] | None
     for key in only or sections:
         name, make = sections[key]
         logger.info("section %s (%s)", key, name)
-        (cache / f"{key}-{name}.md").write_text(make(settings, img_dir, img_rel))
+        text = make(settings, img_dir, img_rel)
+        if text is not None:
+            (cache / f"{key}-{name}.md").write_text(text)
     parts = [HEADER]
     for key, (name, _) in sections.items():
         cached = cache / f"{key}-{name}.md"

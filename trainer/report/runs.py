@@ -33,6 +33,10 @@ class ReportSettings:
     progress: bool = False
     train_missing: bool = True
     """False: report only runs that already finished (sections list the ones missing)."""
+    budgets: tuple[int, ...] = ()
+    """Training budgets (tokens) of section 1b's budget axis; empty: section 1b is not regenerated."""
+    budget_store_tokens: int = 200_000
+    """Tokens collected once for section 1b; larger budgets make several shuffled passes over them."""
 
 
 def base_config(settings: ReportSettings, *, name: str, hookpoints: list[str], store: str,
