@@ -55,7 +55,7 @@ def decompose_response(event: DecomposeHeader | DecomposeChunk, stack: ServedSta
             num_tokens=event.num_tokens, top_k=event.top_k))
     if isinstance(event, DecomposeChunk):
         return pb.DecomposeResponse(chunk=pb.DecomposeChunk(tokens=[
-            pb.TokenFeatures(token=t.Token(position=tf.position, id=tf.token_id, text=tf.text),
+            pb.TokenFeatures(token=t.Token(position=tf.position, id=tf.token_id, text=tf.text, special=tf.special),
                              features=[stage_codes(c) for c in tf.features])
             for tf in event.tokens]))
     raise TypeError(f"not a Decompose event: {type(event).__name__}")

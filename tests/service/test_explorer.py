@@ -139,6 +139,31 @@ def test_decompose_shows_tokens_features_heatmap_and_charts(page: Page, explorer
     assert tab.locator("svg[data-chart=lines] polyline.actual").count() == 1
 
 
+def test_strongest_features_leave_special_tokens_out(page: Page, explorer: Running) -> None:
+    """"Strongest features in this text" ranks only the text's own tokens: BOS fires the same features whatever
+    the text (at a far larger norm), so two unrelated texts listed the same features before."""
+    tab = page.open("#decompose")
+    listed: dict[str, list[int]] = {}
+    for text in (TEXT, "<p>Quarterly revenue rose 4%</p>"):
+        tab.fill("#decompose-text", text)
+        tab.select_option("#decompose-stage", STAGE)
+        tab.fill("#decompose-topk", "4")
+        tab.click("#decompose-run")
+        count = len(explorer.stub.Tokenize(pb.TokenizeRequest(text=text)).ids)
+        tab.wait_for_function(f"() => document.querySelectorAll('#decompose-tokens .tok').length === {count}")
+        listed[text] = tab.eval_on_selector_all("#text-features button.feature",
+                                                "els => els.map(e => +e.dataset.feature)")
+        tokens = decompose(explorer, text, t.DecomposeOptions(stages=[STAGE], top_k=4))
+        assert tokens[0].token.special and not any(tok.token.special for tok in tokens[1:])
+        best: dict[int, float] = {}
+        for tok in tokens[1:]:
+            for feature, value in zip(tok.features[0].ids, tok.features[0].values, strict=True):
+                best[feature] = max(best.get(feature, 0.0), abs(value))
+        ranked = sorted(best, key=lambda f: -best[f])[:24]
+        assert sorted(listed[text]) == sorted(ranked)  # ties may order either way
+    assert listed[TEXT] != listed["<p>Quarterly revenue rose 4%</p>"]
+
+
 def test_the_feature_view_shows_the_dashboard_and_searches(page: Page, explorer: Running) -> None:
     densest = explorer.stub.ListFeatures(pb.ListFeaturesRequest(stage=STAGE, sort=pb.FEATURE_SORT_DENSITY,
                                                                 descending=True, page_size=1)).features[0].feature

@@ -60,6 +60,8 @@ class TokenFeatures:
     id: int
     text: str
     features: tuple[StageCodes, ...]
+    special: bool = False
+    """A special token of the tokenizer (BOS, EOS, pad, ...): views of a text's features leave it out."""
 
     def stage(self, stage: str | int) -> StageCodes:
         """The codes at a stage, by name or index."""
@@ -213,7 +215,8 @@ def decompose_header(m: pb.DecomposeHeader) -> DecomposeHeader:
 
 
 def token_features(m: pb.TokenFeatures, names: Mapping[int, str]) -> TokenFeatures:
-    return TokenFeatures(m.token.position, m.token.id, m.token.text, tuple(stage_codes(c, names) for c in m.features))
+    return TokenFeatures(m.token.position, m.token.id, m.token.text, tuple(stage_codes(c, names) for c in m.features),
+                         m.token.special)
 
 
 def _branch(number: int) -> str:

@@ -173,6 +173,8 @@ class TokenFeatures:
     token_id: int
     text: str
     features: tuple[StageCodes, ...]
+    special: bool = False
+    """A special token of the tokenizer (BOS, EOS, pad, ...)."""
 
 
 @dataclass(frozen=True)

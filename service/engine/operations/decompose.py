@@ -22,6 +22,12 @@ from service.engine.stacks.served import ServedStack, predicted_error_norm
 REPLACEMENT = "\ufffd"
 
 
+def special_ids(tokenizer) -> set[int]:
+    """The tokenizer's special token ids (BOS, EOS, pad, ...)."""
+    return set(tokenizer.all_special_ids) | {i for i in (tokenizer.bos_token_id, tokenizer.pad_token_id)
+                                             if i is not None}
+
+
 def token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
     """Each token's text on its own: the token decoded alone (special tokens kept, so BOS reads "<bos>"),
     which reads like the text (" the", "\\n") rather than like the vocabulary ("Ġthe", "▁the", "Ċ").
@@ -67,7 +73,8 @@ def decompose_events(host: HostModel, stack: ServedStack,
                      spec: DecomposeSpec) -> Iterator[DecomposeHeader | DecomposeChunk]:
     """The header, then chunks of `spec.chunk_tokens` tokens covering every position once, in order.
 
-    Every token is decomposed, BOS included (positions count from 0 over `spec.token_ids`). Features per
+    Every token is decomposed, BOS included (positions count from 0 over `spec.token_ids`); special tokens are
+    marked so that views of the text's features can leave them out. Features per
     token per stage are the top_k by |value| that are non-zero, then the stage's filter features whatever
     their value; error norms (actual and, when the stage has a predictor, predicted) with include_error.
     """
@@ -79,6 +86,7 @@ def decompose_events(host: HostModel, stack: ServedStack,
     captures = host.forward(input_ids, reads=reads, logits=False).captures
     activations = {hp: captures[hp][0] for hp in reads}  # (T, d)
     step = max(1, spec.chunk_tokens)
+    special = special_ids(host.tokenizer)
     for start in range(0, len(ids), step):
         end = min(start + step, len(ids))
         with torch.inference_mode():
@@ -86,7 +94,7 @@ def decompose_events(host: HostModel, stack: ServedStack,
         texts = token_texts(host.tokenizer, ids[start:end])
         tokens = tuple(
             TokenFeatures(position=start + row, token_id=ids[start + row], text=texts[row],
-                          features=tuple(codes[row] for codes in per_stage))
+                          features=tuple(codes[row] for codes in per_stage), special=ids[start + row] in special)
             for row in range(end - start)
         )
         yield DecomposeChunk(tokens)

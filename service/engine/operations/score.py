@@ -15,15 +15,14 @@ from torch import Tensor
 
 from core.host.host_model import HostModel
 from service.engine.contract.specs import ScoreResult, ScoreSpec
+from service.engine.operations.decompose import special_ids
 from service.engine.operations.interventions import EditPlan
 from service.engine.stacks.served import ServedStack
 
 
 def special_mask(host: HostModel, ids: Tensor) -> Tensor:
     """True at positions holding a special token (BOS, EOS, pad, ...), which splices leave as they are: (T,)."""
-    tokenizer = host.tokenizer
-    special = set(tokenizer.all_special_ids) | {i for i in (tokenizer.bos_token_id, tokenizer.pad_token_id)
-                                                 if i is not None}
+    special = special_ids(host.tokenizer)
     return torch.isin(ids, torch.tensor(sorted(special), dtype=ids.dtype, device=ids.device))
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x61turewire/v1/types.proto\x12\x0e\x66\x65\x61turewire.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x88\x01\n\x05Input\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12-\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x18.featurewire.v1.TokenIdsH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x08\n\x06sourceB\x15\n\x13_add_special_tokens\"3\n\x05Token\x12\x10\n\x08position\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\"\xa8\x01\n\nStageCodes\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x0b\n\x03ids\x18\x02 \x03(\r\x12\x0e\n\x06values\x18\x03 \x03(\x02\x12\n\n\x02l0\x18\x04 \x01(\r\x12\x17\n\nerror_norm\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12!\n\x14predicted_error_norm\x18\x06 \x01(\x02H\x01\x88\x01\x01\x42\r\n\x0b_error_normB\x17\n\x15_predicted_error_norm\"+\n\rFeatureFilter\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\r\"\x7f\n\x10\x44\x65\x63omposeOptions\x12\x0e\n\x06stages\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x15\n\rinclude_error\x18\x03 \x01(\x08\x12\x35\n\x0e\x66\x65\x61ture_filter\x18\x04 \x03(\x0b\x32\x1d.featurewire.v1.FeatureFilter\"U\n\tPositions\x12,\n\x05scope\x18\x01 \x01(\x0e\x32\x1d.featurewire.v1.PositionScope\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\"\xc5\x01\n\x0cIntervention\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x02 \x01(\r\x12*\n\x02op\x18\x03 \x01(\x0e\x32\x1e.featurewire.v1.InterventionOp\x12\r\n\x05value\x18\x04 \x01(\x02\x12\n\n\x02lo\x18\x05 \x01(\x02\x12\n\n\x02hi\x18\x06 \x01(\x02\x12,\n\tpositions\x18\x07 \x01(\x0b\x32\x19.featurewire.v1.Positions\x12\x14\n\x0c\x63ondition_id\x18\x08 \x01(\t\"\x95\x01\n\x0eSteeringVector\x12\x11\n\thookpoint\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x02\x12\x12\n\x05scale\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12,\n\tpositions\x18\x04 \x01(\x0b\x32\x19.featurewire.v1.Positions\x12\x14\n\x0c\x63ondition_id\x18\x05 \x01(\tB\x08\n\x06_scale\"\xd9\x01\n\tCondition\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x03 \x01(\r\x12.\n\ncomparison\x18\x04 \x01(\x0e\x32\x1a.featurewire.v1.Comparison\x12\x11\n\tthreshold\x18\x05 \x01(\x02\x12/\n\x06\x61\x63tion\x18\x06 \x01(\x0e\x32\x1f.featurewire.v1.ConditionAction\x12,\n\tpositions\x18\x07 \x01(\x0b\x32\x19.featurewire.v1.Positions\"g\n\x06Matrix\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0c\n\x04\x63ols\x18\x02 \x01(\r\x12\x0e\n\x06values\x18\x03 \x03(\x02\x12\x0b\n\x03raw\x18\x04 \x01(\x0c\x12$\n\x05\x64type\x18\x05 \x01(\x0e\x32\x15.featurewire.v1.DType\"Y\n\x08StageRef\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\thookpoint\x18\x03 \x01(\t\x12\r\n\x05\x64_sae\x18\x04 \x01(\r\x12\x0e\n\x06signed\x18\x05 \x01(\x08*\x9a\x01\n\rPositionScope\x12\x1e\n\x1aPOSITION_SCOPE_UNSPECIFIED\x10\x00\x12\x19\n\x15POSITION_SCOPE_PROMPT\x10\x01\x12\x1c\n\x18POSITION_SCOPE_GENERATED\x10\x02\x12\x16\n\x12POSITION_SCOPE_ALL\x10\x03\x12\x18\n\x14POSITION_SCOPE_RANGE\x10\x04*\xb5\x01\n\x0eInterventionOp\x12\x1f\n\x1bINTERVENTION_OP_UNSPECIFIED\x10\x00\x12\x17\n\x13INTERVENTION_OP_ADD\x10\x01\x12\x17\n\x13INTERVENTION_OP_SET\x10\x02\x12\x19\n\x15INTERVENTION_OP_SCALE\x10\x03\x12\x19\n\x15INTERVENTION_OP_CLAMP\x10\x04\x12\x1a\n\x16INTERVENTION_OP_ABLATE\x10\x05*T\n\nComparison\x12\x1a\n\x16\x43OMPARISON_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPARISON_ABOVE\x10\x01\x12\x14\n\x10\x43OMPARISON_BELOW\x10\x02*y\n\x0f\x43onditionAction\x12 \n\x1c\x43ONDITION_ACTION_UNSPECIFIED\x10\x00\x12)\n%CONDITION_ACTION_ENABLE_INTERVENTIONS\x10\x01\x12\x19\n\x15\x43ONDITION_ACTION_STOP\x10\x02*H\n\x06\x42ranch\x12\x16\n\x12\x42RANCH_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x42RANCH_STEERED\x10\x01\x12\x12\n\x0e\x42RANCH_DEFAULT\x10\x02*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x42\xa3\x01\n\x11io.featurewire.v1B\nTypesProtoP\x01ZFgithub.com/featurewire/featurewire/gen/go/featurewire/v1;featurewirev1\xa2\x02\x03\x46WX\xaa\x02\x0e\x46\x65\x61turewire.V1\xca\x02\x0e\x46\x65\x61turewire\\V1\xea\x02\x0f\x46\x65\x61turewire::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x61turewire/v1/types.proto\x12\x0e\x66\x65\x61turewire.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x88\x01\n\x05Input\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12-\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x18.featurewire.v1.TokenIdsH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x08\n\x06sourceB\x15\n\x13_add_special_tokens\"D\n\x05Token\x12\x10\n\x08position\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0f\n\x07special\x18\x04 \x01(\x08\"\xa8\x01\n\nStageCodes\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x0b\n\x03ids\x18\x02 \x03(\r\x12\x0e\n\x06values\x18\x03 \x03(\x02\x12\n\n\x02l0\x18\x04 \x01(\r\x12\x17\n\nerror_norm\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12!\n\x14predicted_error_norm\x18\x06 \x01(\x02H\x01\x88\x01\x01\x42\r\n\x0b_error_normB\x17\n\x15_predicted_error_norm\"+\n\rFeatureFilter\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\r\"\x7f\n\x10\x44\x65\x63omposeOptions\x12\x0e\n\x06stages\x18\x01 \x03(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x15\n\rinclude_error\x18\x03 \x01(\x08\x12\x35\n\x0e\x66\x65\x61ture_filter\x18\x04 \x03(\x0b\x32\x1d.featurewire.v1.FeatureFilter\"U\n\tPositions\x12,\n\x05scope\x18\x01 \x01(\x0e\x32\x1d.featurewire.v1.PositionScope\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\"\xc5\x01\n\x0cIntervention\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x02 \x01(\r\x12*\n\x02op\x18\x03 \x01(\x0e\x32\x1e.featurewire.v1.InterventionOp\x12\r\n\x05value\x18\x04 \x01(\x02\x12\n\n\x02lo\x18\x05 \x01(\x02\x12\n\n\x02hi\x18\x06 \x01(\x02\x12,\n\tpositions\x18\x07 \x01(\x0b\x32\x19.featurewire.v1.Positions\x12\x14\n\x0c\x63ondition_id\x18\x08 \x01(\t\"\x95\x01\n\x0eSteeringVector\x12\x11\n\thookpoint\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\x02\x12\x12\n\x05scale\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12,\n\tpositions\x18\x04 \x01(\x0b\x32\x19.featurewire.v1.Positions\x12\x14\n\x0c\x63ondition_id\x18\x05 \x01(\tB\x08\n\x06_scale\"\xd9\x01\n\tCondition\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x03 \x01(\r\x12.\n\ncomparison\x18\x04 \x01(\x0e\x32\x1a.featurewire.v1.Comparison\x12\x11\n\tthreshold\x18\x05 \x01(\x02\x12/\n\x06\x61\x63tion\x18\x06 \x01(\x0e\x32\x1f.featurewire.v1.ConditionAction\x12,\n\tpositions\x18\x07 \x01(\x0b\x32\x19.featurewire.v1.Positions\"g\n\x06Matrix\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0c\n\x04\x63ols\x18\x02 \x01(\r\x12\x0e\n\x06values\x18\x03 \x03(\x02\x12\x0b\n\x03raw\x18\x04 \x01(\x0c\x12$\n\x05\x64type\x18\x05 \x01(\x0e\x32\x15.featurewire.v1.DType\"Y\n\x08StageRef\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\thookpoint\x18\x03 \x01(\t\x12\r\n\x05\x64_sae\x18\x04 \x01(\r\x12\x0e\n\x06signed\x18\x05 \x01(\x08*\x9a\x01\n\rPositionScope\x12\x1e\n\x1aPOSITION_SCOPE_UNSPECIFIED\x10\x00\x12\x19\n\x15POSITION_SCOPE_PROMPT\x10\x01\x12\x1c\n\x18POSITION_SCOPE_GENERATED\x10\x02\x12\x16\n\x12POSITION_SCOPE_ALL\x10\x03\x12\x18\n\x14POSITION_SCOPE_RANGE\x10\x04*\xb5\x01\n\x0eInterventionOp\x12\x1f\n\x1bINTERVENTION_OP_UNSPECIFIED\x10\x00\x12\x17\n\x13INTERVENTION_OP_ADD\x10\x01\x12\x17\n\x13INTERVENTION_OP_SET\x10\x02\x12\x19\n\x15INTERVENTION_OP_SCALE\x10\x03\x12\x19\n\x15INTERVENTION_OP_CLAMP\x10\x04\x12\x1a\n\x16INTERVENTION_OP_ABLATE\x10\x05*T\n\nComparison\x12\x1a\n\x16\x43OMPARISON_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43OMPARISON_ABOVE\x10\x01\x12\x14\n\x10\x43OMPARISON_BELOW\x10\x02*y\n\x0f\x43onditionAction\x12 \n\x1c\x43ONDITION_ACTION_UNSPECIFIED\x10\x00\x12)\n%CONDITION_ACTION_ENABLE_INTERVENTIONS\x10\x01\x12\x19\n\x15\x43ONDITION_ACTION_STOP\x10\x02*H\n\x06\x42ranch\x12\x16\n\x12\x42RANCH_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x42RANCH_STEERED\x10\x01\x12\x12\n\x0e\x42RANCH_DEFAULT\x10\x02*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x42\xa3\x01\n\x11io.featurewire.v1B\nTypesProtoP\x01ZFgithub.com/featurewire/featurewire/gen/go/featurewire/v1;featurewirev1\xa2\x02\x03\x46WX\xaa\x02\x0e\x46\x65\x61turewire.V1\xca\x02\x0e\x46\x65\x61turewire\\V1\xea\x02\x0f\x46\x65\x61turewire::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,40 +32,40 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'featurewire.v1.types_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\021io.featurewire.v1B\nTypesProtoP\001ZFgithub.com/featurewire/featurewire/gen/go/featurewire/v1;featurewirev1\242\002\003FWX\252\002\016Featurewire.V1\312\002\016Featurewire\\V1\352\002\017Featurewire::V1'
-  _globals['_POSITIONSCOPE']._serialized_start=1464
-  _globals['_POSITIONSCOPE']._serialized_end=1618
-  _globals['_INTERVENTIONOP']._serialized_start=1621
-  _globals['_INTERVENTIONOP']._serialized_end=1802
-  _globals['_COMPARISON']._serialized_start=1804
-  _globals['_COMPARISON']._serialized_end=1888
-  _globals['_CONDITIONACTION']._serialized_start=1890
-  _globals['_CONDITIONACTION']._serialized_end=2011
-  _globals['_BRANCH']._serialized_start=2013
-  _globals['_BRANCH']._serialized_end=2085
-  _globals['_DTYPE']._serialized_start=2087
-  _globals['_DTYPE']._serialized_end=2175
+  _globals['_POSITIONSCOPE']._serialized_start=1481
+  _globals['_POSITIONSCOPE']._serialized_end=1635
+  _globals['_INTERVENTIONOP']._serialized_start=1638
+  _globals['_INTERVENTIONOP']._serialized_end=1819
+  _globals['_COMPARISON']._serialized_start=1821
+  _globals['_COMPARISON']._serialized_end=1905
+  _globals['_CONDITIONACTION']._serialized_start=1907
+  _globals['_CONDITIONACTION']._serialized_end=2028
+  _globals['_BRANCH']._serialized_start=2030
+  _globals['_BRANCH']._serialized_end=2102
+  _globals['_DTYPE']._serialized_start=2104
+  _globals['_DTYPE']._serialized_end=2192
   _globals['_TOKENIDS']._serialized_start=46
   _globals['_TOKENIDS']._serialized_end=69
   _globals['_INPUT']._serialized_start=72
   _globals['_INPUT']._serialized_end=208
   _globals['_TOKEN']._serialized_start=210
-  _globals['_TOKEN']._serialized_end=261
-  _globals['_STAGECODES']._serialized_start=264
-  _globals['_STAGECODES']._serialized_end=432
-  _globals['_FEATUREFILTER']._serialized_start=434
-  _globals['_FEATUREFILTER']._serialized_end=477
-  _globals['_DECOMPOSEOPTIONS']._serialized_start=479
-  _globals['_DECOMPOSEOPTIONS']._serialized_end=606
-  _globals['_POSITIONS']._serialized_start=608
-  _globals['_POSITIONS']._serialized_end=693
-  _globals['_INTERVENTION']._serialized_start=696
-  _globals['_INTERVENTION']._serialized_end=893
-  _globals['_STEERINGVECTOR']._serialized_start=896
-  _globals['_STEERINGVECTOR']._serialized_end=1045
-  _globals['_CONDITION']._serialized_start=1048
-  _globals['_CONDITION']._serialized_end=1265
-  _globals['_MATRIX']._serialized_start=1267
-  _globals['_MATRIX']._serialized_end=1370
-  _globals['_STAGEREF']._serialized_start=1372
-  _globals['_STAGEREF']._serialized_end=1461
+  _globals['_TOKEN']._serialized_end=278
+  _globals['_STAGECODES']._serialized_start=281
+  _globals['_STAGECODES']._serialized_end=449
+  _globals['_FEATUREFILTER']._serialized_start=451
+  _globals['_FEATUREFILTER']._serialized_end=494
+  _globals['_DECOMPOSEOPTIONS']._serialized_start=496
+  _globals['_DECOMPOSEOPTIONS']._serialized_end=623
+  _globals['_POSITIONS']._serialized_start=625
+  _globals['_POSITIONS']._serialized_end=710
+  _globals['_INTERVENTION']._serialized_start=713
+  _globals['_INTERVENTION']._serialized_end=910
+  _globals['_STEERINGVECTOR']._serialized_start=913
+  _globals['_STEERINGVECTOR']._serialized_end=1062
+  _globals['_CONDITION']._serialized_start=1065
+  _globals['_CONDITION']._serialized_end=1282
+  _globals['_MATRIX']._serialized_start=1284
+  _globals['_MATRIX']._serialized_end=1387
+  _globals['_STAGEREF']._serialized_start=1389
+  _globals['_STAGEREF']._serialized_end=1478
 # @@protoc_insertion_point(module_scope)

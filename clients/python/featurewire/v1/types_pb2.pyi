@@ -90,14 +90,16 @@ class Input(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., add_special_tokens: _Optional[bool] = ...) -> None: ...
 
 class Token(_message.Message):
-    __slots__ = ("position", "id", "text")
+    __slots__ = ("position", "id", "text", "special")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    SPECIAL_FIELD_NUMBER: _ClassVar[int]
     position: int
     id: int
     text: str
-    def __init__(self, position: _Optional[int] = ..., id: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
+    special: bool
+    def __init__(self, position: _Optional[int] = ..., id: _Optional[int] = ..., text: _Optional[str] = ..., special: _Optional[bool] = ...) -> None: ...
 
 class StageCodes(_message.Message):
     __slots__ = ("stage", "ids", "values", "l0", "error_norm", "predicted_error_norm")

@@ -141,10 +141,13 @@ export class DecomposeView {
     ];
   }
 
-  /** Each feature's largest |value| over the text (among the reported top-k), strongest first. */
+  /** Each feature's largest |value| over the text (among the reported top-k), strongest first. Special tokens
+   * (BOS, ...) are left out: the same features fire there whatever the text, and at a far larger norm. */
   strongest(codes) {
     const best = new Map();
-    for (const c of codes) {
+    const special = this.result.tokens.map((t) => Boolean(t.token?.special));
+    for (const [position, c] of codes.entries()) {
+      if (special[position]) continue;
       (c.ids || []).forEach((id, k) => {
         const v = c.values?.[k] ?? 0;
         if (!best.has(id) || Math.abs(v) > Math.abs(best.get(id))) best.set(id, v);
