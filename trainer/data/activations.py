@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -190,9 +191,11 @@ def collect_activations(
     overwrite: bool = False,
     progress: bool = True,
     parallel: Distributed = LOCAL,
+    corpus: Mapping[str, Any] | None = None,
 ) -> ActivationManifest:
     """Run the host model over `documents` and store the activations at `hookpoints` (one forward pass
-    per batch for all of them) until `max_tokens` rows are stored (None: every document).
+    per batch for all of them) until `max_tokens` rows are stored (None: every document). `corpus` is the
+    text's provenance, recorded as is in the manifest.
 
     Under torchrun every rank calls this with the same arguments and runs its own slice of the batches; the
     store is byte for byte the one a single process writes. Returns the manifest (on every rank), also written
@@ -243,6 +246,7 @@ def collect_activations(
         directory=directory, model=host.name, hookpoints=tuple(names), dtype=dtype, context_length=context_length,
         total_tokens=writer.total_tokens, shards=(), stats={}, documents=documents_used, windows=windows,
         bos_token_id=host.tokenizer.bos_token_id, skipped_token_ids=tuple(special_token_ids(host.tokenizer)),
+        corpus=corpus,
     ))
     elapsed = time.perf_counter() - started
     logger.info("collected %d tokens at %d hookpoints in %.1fs (%.0f tokens/s on %d ranks) into %s",

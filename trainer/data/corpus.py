@@ -1,4 +1,4 @@
-"""Text corpora for SAE training: the embedded default corpus, user files, and stable splits.
+"""Text corpora for SAE training: the embedded default corpus, user files, weighted mixes, and stable splits.
 
 The default corpus is text that ships with Python itself (the pydoc topic pages and the standard
 library's docstrings), so training works offline with nothing downloaded. Splits are decided per
@@ -16,9 +16,11 @@ import json
 import os
 import sysconfig
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from trainer.data import mixing
 
 DEFAULT_SPEC = "default"
 TEXT_SUFFIXES = (".txt", ".md")
@@ -191,13 +193,11 @@ def _load_file(path: Path, doc_id: str, text_field: str) -> list[Document]:
     return [Document(doc_id=doc_id, text=text, source=str(path))] if text.strip() else []
 
 
-def load_corpus(spec: str, text_field: str = "text") -> list[Document]:
-    """Load `default`, a text file, a .jsonl file, or a directory of .txt/.md/.jsonl files.
+def _load_path(spec: str, text_field: str) -> list[Document]:
+    """A text file, a .jsonl file, or a directory of .txt/.md/.jsonl files.
 
     Directory document ids are paths relative to the directory, so moving a corpus keeps its splits.
     """
-    if spec == DEFAULT_SPEC:
-        return default_corpus()
     path = Path(spec).expanduser()
     if path.is_file():
         return _load_file(path, path.name, text_field)
@@ -207,10 +207,36 @@ def load_corpus(spec: str, text_field: str = "text") -> list[Document]:
         for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes):
             docs += _load_file(file, file.relative_to(path).as_posix(), text_field)
         return docs
+    named = ", ".join(repr(n) for n in mixing.NAMED_SOURCES)
     raise FileNotFoundError(
-        f"corpus {spec!r} not found: pass 'default', a text file, a .jsonl file "
+        f"corpus source {spec!r} not found: use {named}, a text file, a .jsonl file "
         f"(one JSON object per line with a text field), or a directory of .txt/.md/.jsonl files"
     )
+
+
+def load_corpus_mix(spec: str, text_field: str = "text", *, generated: Callable[[], list[Document]] | None = None,
+                    mix_seed: int = 0) -> tuple[list[Document], dict[str, dict[str, float]]]:
+    """The documents of a corpus spec (`trainer.data.mixing`: one source or a weighted mix) and, per source,
+    what it contributed. `generated` supplies the generated source (it needs the host model)."""
+
+    def load_source(source: str) -> list[Document]:
+        if source in (mixing.DEFAULT, mixing.PYDOCS):
+            return default_corpus()
+        if source == mixing.GENERATED:
+            if generated is None:
+                raise ValueError("the 'generated' corpus source samples from the host model: use it where a model "
+                                 "is loaded (`train`, or `corpus --model ...`)")
+            return generated()
+        return _load_path(source, text_field)
+
+    return mixing.load_mix(spec, load_source, seed=mix_seed)
+
+
+def load_corpus(spec: str, text_field: str = "text", *, generated: Callable[[], list[Document]] | None = None,
+                mix_seed: int = 0) -> list[Document]:
+    """Load `default`/`pydocs`, `generated`, a text file, a .jsonl file, a directory of .txt/.md/.jsonl files,
+    or a weighted mix of them (`generated:0.7,pydocs:0.3`; see `trainer.data.mixing`)."""
+    return load_corpus_mix(spec, text_field, generated=generated, mix_seed=mix_seed)[0]
 
 
 def _unit_interval(seed: int, doc_id: str) -> float:

@@ -21,6 +21,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -87,6 +88,9 @@ class ActivationManifest:
     bos_token_id: int | None
     skipped_token_ids: tuple[int, ...]  # special tokens that were fed to the model but not stored
     format_version: int = FORMAT_VERSION
+    corpus: Mapping[str, Any] | None = None
+    """Provenance of the text: the corpus spec, each source's share of the mix and, for the generated source,
+    its cache key, sampling settings, model fingerprints and dropped share (absent in older stores)."""
 
     def scale(self, hookpoint: str) -> float:
         """The normalisation scale s of `hookpoint` (E‖s·x‖² = d)."""
@@ -130,6 +134,7 @@ class ActivationManifest:
             "padding": "right",
             "stats": {name: asdict(self.stats[name]) for name in self.hookpoints},
             "shards": [asdict(s) for s in self.shards],
+            **({"corpus": dict(self.corpus)} if self.corpus is not None else {}),
         }
 
     def save(self) -> None:
@@ -160,6 +165,7 @@ class ActivationManifest:
             windows=raw["windows"],
             bos_token_id=raw["bos_token_id"],
             skipped_token_ids=tuple(raw["skipped_token_ids"]),
+            corpus=raw.get("corpus"),
         )
         if verify:
             manifest.verify()

@@ -13,6 +13,8 @@ from core.host.loading import load_host_model
 from core.stack.identity import HostModelIdentity
 from core.stack.reader import LoadedStack, read_stack
 from trainer.data.corpus import Document, load_corpus, split_documents
+from trainer.data.generated import GeneratedSource
+from trainer.data.generation_settings import GenerationSettings
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,14 @@ class HeldOut:
     documents: list[Document]  # its eval split
     context_length: int  # the windows training used
     batch_size: int
+
+
+def recorded_generated_source(host: HostModel, corpus_cfg: dict, cache_dir: Path) -> GeneratedSource:
+    """The generated source with the settings a stack's training config recorded: the cache it wrote is hit, or
+    the same text is sampled again (same model, settings and machine type)."""
+    recorded = corpus_cfg.get("generation")
+    settings = GenerationSettings.from_dict(dict(recorded)) if recorded else GenerationSettings()
+    return GeneratedSource(host, settings, cache_dir, progress=False)
 
 
 def open_held_out(stack_dir: str | Path, *, model: str | None = None, corpus: str | None = None,
@@ -36,7 +46,9 @@ def open_held_out(stack_dir: str | Path, *, model: str | None = None, corpus: st
     training = stack.stages[0].training.get("config", {})
     corpus_cfg, activations = training.get("corpus", {}), training.get("activations", {})
     spec = corpus or corpus_cfg.get("spec", "default")
-    documents = load_corpus(spec, text_field=corpus_cfg.get("text_field", "text"))
+    documents = load_corpus(spec, text_field=corpus_cfg.get("text_field", "text"),
+                            generated=recorded_generated_source(host, corpus_cfg, config.cache_dir),
+                            mix_seed=corpus_cfg.get("split_seed", 0))
     splits = split_documents(documents, calibration_fraction=corpus_cfg.get("calibration_fraction", 0.05),
                              eval_fraction=corpus_cfg.get("eval_fraction", 0.05), seed=corpus_cfg.get("split_seed", 0))
     return HeldOut(host, stack, spec, list(splits.eval), int(activations.get("context_length", 128)),

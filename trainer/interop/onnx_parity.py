@@ -171,15 +171,18 @@ def real_activations(stack: LoadedStack, *, model: str | None = None, corpus: st
     from core.stack.manifest import StackError
     from trainer.data.activations import batch_windows, iter_windows, special_token_ids
     from trainer.data.corpus import load_corpus, split_documents
+    from trainer.evaluation.held_out import recorded_generated_source
 
-    host = load_host_model(ModelConfig.from_env(os.environ, name=model or stack.identity.name, device="cpu",
-                                                dtype="float32"))
+    model_config = ModelConfig.from_env(os.environ, name=model or stack.identity.name, device="cpu", dtype="float32")
+    host = load_host_model(model_config)
     if diff := HostModelIdentity.from_model(host.model, host.name).differences(stack.identity):
         raise StackError(f"model {host.name!r} is not the one stack {stack.name!r} was trained on: {', '.join(diff)}")
     config = stack.stages[0].training.get("config", {})
     corpus_cfg, context = config.get("corpus", {}), config.get("activations", {}).get("context_length", 128)
     spec = corpus or corpus_cfg.get("spec", "default")
-    documents = load_corpus(spec, text_field=corpus_cfg.get("text_field", "text"))
+    documents = load_corpus(spec, text_field=corpus_cfg.get("text_field", "text"),
+                            generated=recorded_generated_source(host, corpus_cfg, model_config.cache_dir),
+                            mix_seed=corpus_cfg.get("split_seed", 0))
     held_out = split_documents(documents, calibration_fraction=corpus_cfg.get("calibration_fraction", 0.05),
                                eval_fraction=corpus_cfg.get("eval_fraction", 0.05),
                                seed=corpus_cfg.get("split_seed", 0))

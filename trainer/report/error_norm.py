@@ -41,7 +41,8 @@ def _held_out_batches(cfg: TrainConfig, store: Path, settings: ReportSettings, t
     from trainer.training.loop import corpus_splits, ensure_activations, load_host, store_is_current
 
     if not store_is_current(store, cfg, tokens):  # the host model loads only when something is collected
-        ensure_activations(load_host(cfg), corpus_splits(cfg).calibration, cfg, store, settings.progress,
+        host = load_host(cfg)
+        ensure_activations(host, corpus_splits(cfg, host).calibration, cfg, store, settings.progress,
                            max_tokens=tokens)
     return iterate_batches(store, list(cfg.stack.hookpoints), 2048, seed=settings.seed + 7, normalize=False)
 

@@ -1,7 +1,7 @@
 """Training configuration: frozen dataclasses loaded from a TOML file, validated, fingerprinted.
 
-A config file has the sections [model], [corpus], [activations], [sae], [training], [eval] and the
-optional [meta_sae] (meta-SAE regularised training; absent means off); every
+A config file has the sections [model], [corpus] (with the optional [corpus.generation] table), [activations],
+[sae], [training], [eval] and the optional [meta_sae] (meta-SAE regularised training; absent means off); every
 key is optional except `stack.hookpoints` (and `meta_sae.lambda_per_dim` in a [meta_sae] table). Unknown
 sections or keys are refused with the list of valid ones, so a typo never silently falls back to a default.
 """
@@ -20,6 +20,8 @@ from core.config import ModelConfig
 from core.sae.base import SAEConfig
 from core.sae.registry import ARCHITECTURES
 from core.stack.dashboards import LIMITS as DASHBOARD_LIMITS
+from trainer.data.generation_settings import GenerationSettings
+from trainer.data.mixing import parse_mix, uses_generated
 
 
 @dataclass(frozen=True)
@@ -40,10 +42,30 @@ class ModelSection:
 @dataclass(frozen=True)
 class CorpusSection:
     spec: str = "default"
+    """One source or a weighted mix (trainer/data/mixing.py): 'default'/'pydocs', 'generated', a file or a
+    directory, e.g. "generated:0.7,pydocs:0.3" (weights are shares of characters)."""
     text_field: str = "text"
     calibration_fraction: float = 0.05
     eval_fraction: float = 0.05
     split_seed: int = 0
+    """Seeds the per-document split hash and the mix's document order."""
+    generation: GenerationSettings | None = None
+    """The [corpus.generation] table: how the 'generated' source is sampled (absent: the defaults)."""
+
+    def __post_init__(self) -> None:
+        parse_mix(self.spec)  # malformed specs, negative or all-zero weights fail when the config loads
+
+    def effective_generation(self) -> GenerationSettings:
+        return self.generation or GenerationSettings()
+
+    def recorded(self) -> dict[str, Any]:
+        """The section as fingerprinted and recorded: generation settings only when the spec samples (then the
+        effective ones), so configs without the generated source keep their fingerprints."""
+        data = asdict(self)
+        data.pop("generation")
+        if uses_generated(self.spec):
+            data["generation"] = self.effective_generation().to_dict()
+        return data
 
 
 @dataclass(frozen=True)
@@ -290,6 +312,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data["corpus"] = self.corpus.recorded()
         for optional in ("meta_sae", "distributed", "dashboards"):
             if data.get(optional) is None:
                 data.pop(optional, None)  # configs without it keep their fingerprint
@@ -308,7 +331,7 @@ class TrainConfig:
 
     def collection_fingerprint(self) -> str:
         """Hash of just what determines the collected activations (reused across SAE sweeps)."""
-        parts = {"model": asdict(self.model), "corpus": asdict(self.corpus),
+        parts = {"model": asdict(self.model), "corpus": self.corpus.recorded(),
                  "activations": asdict(self.activations), "hookpoints": list(self.stack.hookpoints)}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -324,6 +347,10 @@ def _section(name: str, values: dict[str, Any]) -> Any:
     unknown = set(values) - allowed
     if unknown:
         raise ValueError(f"unknown key(s) {sorted(unknown)} in [{name}]; allowed: {', '.join(sorted(allowed))}")
+    if name == "corpus" and "generation" in values:
+        if not isinstance(values["generation"], dict):
+            raise ValueError("[corpus] generation must be a table ([corpus.generation])")
+        values = {**values, "generation": GenerationSettings.from_dict(dict(values["generation"]))}
     if name == "stack" and "hookpoints" in values:
         values = {**values, "hookpoints": tuple(values["hookpoints"])}
     if name == "training" and "history_windows" in values:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from core.config import default_cache_dir
 from core.host.host_model import HostModel
 from core.host.loading import load_host_model
 from core.sae.base import l0
@@ -36,7 +38,9 @@ from core.stack.writer import StageSpec, write_stack
 from trainer.dashboards.accumulator import DashboardSettings
 from trainer.dashboards.build import build_dashboards
 from trainer.data.activations import ActivationManifest, collect_activations, iterate_batches
-from trainer.data.corpus import Document, Splits, load_corpus, split_documents
+from trainer.data.corpus import Document, Splits, load_corpus_mix, split_documents
+from trainer.data.generated import GeneratedSource
+from trainer.data.mixing import uses_generated
 from trainer.evaluation.cooccurrence import cooccurrence_metrics
 from trainer.evaluation.evaluate import evaluate_runtime
 from trainer.training.checkpoint import StageTrainingState, load_checkpoint, save_checkpoint
@@ -70,11 +74,40 @@ def load_host(cfg: TrainConfig, cache_dir: Path | None = None) -> HostModel:
     return load_host_model(replace(model, cache_dir=cache_dir) if cache_dir else model)
 
 
-def corpus_splits(cfg: TrainConfig) -> Splits:
+def training_corpus(cfg: TrainConfig, host: HostModel | None = None, cache_dir: Path | None = None,
+                    progress: bool = False) -> tuple[Splits, dict[str, Any]]:
+    """The corpus's splits and its provenance (recorded in every activation manifest). The generated source
+    needs `host`; it is sampled once into the cache (cache_dir, else FEATUREWIRE_CACHE or ~/.cache/featurewire)."""
     c = cfg.corpus
-    docs = load_corpus(c.spec, text_field=c.text_field)
-    return split_documents(docs, calibration_fraction=c.calibration_fraction, eval_fraction=c.eval_fraction,
-                           seed=c.split_seed)
+    source = None
+    if host is not None:
+        source = GeneratedSource(host, c.effective_generation(), cache_dir or default_cache_dir(os.environ),
+                                 progress=progress)
+    docs, shares = load_corpus_mix(c.spec, c.text_field, generated=source, mix_seed=c.split_seed)
+    provenance: dict[str, Any] = {"spec": c.spec, "sources": shares}
+    if source is not None and source.result is not None:
+        provenance["generated"] = source.result.provenance
+    splits = split_documents(docs, calibration_fraction=c.calibration_fraction, eval_fraction=c.eval_fraction,
+                             seed=c.split_seed)
+    return splits, provenance
+
+
+def corpus_splits(cfg: TrainConfig, host: HostModel | None = None) -> Splits:
+    return training_corpus(cfg, host)[0]
+
+
+def _training_corpus_once(cfg: TrainConfig, host: HostModel, cache_dir: Path | None, progress: bool,
+                          parallel: Distributed) -> tuple[Splits, dict[str, Any]]:
+    """Under torchrun rank 0 samples the generated source (when the cache misses) and the others then read
+    the cache, instead of every rank sampling the same text."""
+    if parallel.world == 1 or not uses_generated(cfg.corpus.spec):
+        return training_corpus(cfg, host, cache_dir, progress)
+    if parallel.is_main:
+        result = training_corpus(cfg, host, cache_dir, progress)
+    parallel.barrier()
+    if not parallel.is_main:
+        result = training_corpus(cfg, host, cache_dir, progress=False)
+    return result
 
 
 def _shuffled(documents: list[Document], seed: int) -> list[Document]:
@@ -95,8 +128,8 @@ def store_is_current(directory: Path, cfg: TrainConfig, max_tokens: int | None =
 
 
 def ensure_activations(host: HostModel, documents: list[Document], cfg: TrainConfig, directory: Path,
-                       progress: bool, *, max_tokens: int | None = None,
-                       parallel: Distributed = LOCAL) -> ActivationManifest:
+                       progress: bool, *, max_tokens: int | None = None, parallel: Distributed = LOCAL,
+                       corpus: dict[str, Any] | None = None) -> ActivationManifest:
     """Reuse the store when it was collected with the same settings, else collect it (again). Under torchrun
     every rank calls this: rank 0 decides, and each rank collects its slice of the batches."""
     if parallel.main_value(store_is_current(directory, cfg, max_tokens)):
@@ -108,7 +141,7 @@ def ensure_activations(host: HostModel, documents: list[Document], cfg: TrainCon
     manifest = collect_activations(
         host, _shuffled(documents, cfg.corpus.split_seed), list(cfg.stack.hookpoints), out_dir=directory,
         context_length=a.context_length, batch_size=a.batch_size, max_tokens=max_tokens, dtype=a.dtype,
-        shard_tokens=a.shard_tokens, overwrite=True, progress=progress, parallel=parallel,
+        shard_tokens=a.shard_tokens, overwrite=True, progress=progress, parallel=parallel, corpus=corpus,
     )
     if parallel.is_main:
         (directory / FINGERPRINT_FILE).write_text(_store_fingerprint(cfg, max_tokens))
@@ -259,23 +292,23 @@ def _calibrate_thresholds(cfg: TrainConfig, manifest: ActivationManifest, runtim
             stage.sae.calibrate_threshold_(x)
 
 
-def fit_calibrated_maps(host: HostModel, splits: Splits, cfg: TrainConfig, out_dir: Path,
-                        progress: bool, parallel: Distributed = LOCAL) -> list[AffineMap]:
+def fit_calibrated_maps(host: HostModel, splits: Splits, cfg: TrainConfig, out_dir: Path, progress: bool,
+                        parallel: Distributed = LOCAL, corpus: dict[str, Any] | None = None) -> list[AffineMap]:
     """Collect the calibration split's activations (their own store) and fit the ReSAE affine maps."""
     store = Path(f"{cfg.activations.store}-calibration") if cfg.activations.store else out_dir / "calibration"
     calibration = ensure_activations(host, splits.calibration, cfg, store, progress,
-                                     max_tokens=cfg.stack.calibration_tokens, parallel=parallel)
+                                     max_tokens=cfg.stack.calibration_tokens, parallel=parallel, corpus=corpus)
     return fit_residual_maps(calibration, list(cfg.stack.hookpoints))
 
 
 def fit_held_out_predictors(host: HostModel, splits: Splits, cfg: TrainConfig, out_dir: Path, runtime: StackRuntime,
-                            progress: bool) -> list[ErrorPredictor]:
+                            progress: bool, corpus: dict[str, Any] | None = None) -> list[ErrorPredictor]:
     """Fit every stage's error probes on calibration-split activations (never training tokens); the ReSAE
     calibration store is reused when the token counts agree, else the probes get their own store."""
     tokens = cfg.stack.error_predictor_tokens or cfg.stack.calibration_tokens
     name = "calibration" if tokens == cfg.stack.calibration_tokens else "error-calibration"
     store = Path(f"{cfg.activations.store}-{name}") if cfg.activations.store else out_dir / name
-    held_out = ensure_activations(host, splits.calibration, cfg, store, progress, max_tokens=tokens)
+    held_out = ensure_activations(host, splits.calibration, cfg, store, progress, max_tokens=tokens, corpus=corpus)
     batches = iterate_batches(held_out, list(cfg.stack.hookpoints), 4096, seed=cfg.training.seed + 2,
                               device=host.device, normalize=False)
     predictors = fit_error_predictors(runtime, batches)
@@ -303,11 +336,11 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True
     progress = progress and parallel.is_main
     started = time.perf_counter()
     host = load_host(cfg, cache_dir)
-    splits = corpus_splits(cfg)
+    splits, corpus = _training_corpus_once(cfg, host, cache_dir, progress, parallel)
     store = Path(cfg.activations.store) if cfg.activations.store else out_dir / "activations"
     # Every rank collects its slice of the batches into the one store (the run directory is shared).
-    manifest = ensure_activations(host, splits.train, cfg, store, progress, parallel=parallel)
-    maps = fit_calibrated_maps(host, splits, cfg, out_dir, progress, parallel) if cfg.stack.residualize else []
+    manifest = ensure_activations(host, splits.train, cfg, store, progress, parallel=parallel, corpus=corpus)
+    maps = fit_calibrated_maps(host, splits, cfg, out_dir, progress, parallel, corpus) if cfg.stack.residualize else []
     states = _build_states(cfg, manifest, host.device)
     runtime = build_runtime(cfg, manifest, states, maps)
     histories: list[list[dict[str, Any]]] = [[] for _ in states]
@@ -338,8 +371,8 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True
                   meta_metrics=meta)
         for st, state, summary, m, meta in zip(runtime.stages, states, summaries, metrics, metas, strict=True)
     ]
-    predictors = fit_held_out_predictors(host, splits, cfg, out_dir, runtime, progress) if cfg.stack.error_predictors \
-        else [None] * len(specs)
+    predictors = fit_held_out_predictors(host, splits, cfg, out_dir, runtime, progress, corpus) \
+        if cfg.stack.error_predictors else [None] * len(specs)
     for spec, predictor in zip(specs, predictors, strict=True):
         spec.error_predictor = predictor
     stack_dir = write_stack(out_dir / "stack", cfg.stack.name, HostModelIdentity.from_model(host.model, host.name),

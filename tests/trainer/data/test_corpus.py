@@ -141,7 +141,7 @@ def test_directory_loading_is_recursive_sorted_and_filtered(tmp_path: Path) -> N
 
 
 def test_unknown_path_says_what_is_accepted(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="pass 'default', a text file, a .jsonl file"):
+    with pytest.raises(FileNotFoundError, match="use 'default', 'pydocs', 'generated', a text file, a .jsonl file"):
         load_corpus(str(tmp_path / "missing.jsonl"))
 
 
