@@ -99,6 +99,7 @@ def report(stack_dir: str, tokens: int, repeats: int, warmup: int, settings: Das
         "warmup": warmup, "median_seconds": {k: statistics.median(v) for k, v in times.items()},
         "tokens_per_s": {k: stats["tokens"] / statistics.median(v) for k, v in times.items()},
         "ratio": statistics.median(ratios), "target": 0.8, "finish_seconds": finish_seconds, "memory": memory,
+        "label_file_mib": stats.get("label_file_bytes", 0) / 2**20,
         "raw_seconds": times,
     }
 
@@ -117,6 +118,8 @@ def print_table(result: dict[str, Any]) -> None:
     for row in result["memory"]:
         print(f"after {row['tokens']:>8,} tokens: accumulator state {row['state_mib']:.1f} MiB, "
               f"peak RSS {row['peak_rss_mib']:.0f} MiB")
+    print(f"token labels' temporary firings file (deleted after the pass): {result['label_file_mib']:.1f} MiB "
+          f"for {result['memory'][-1]['tokens']:,} tokens")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,6 +66,7 @@ def test_dashboards_reports_the_ratio_and_memory(tmp_path):
     result = _run("dashboards.py", "--stack", str(stack), "--tokens", "200", "--repeats", "1", "--warmup", "0")
     assert result["ratio"] > 0 and result["tokens"] > 0
     assert [m["state_mib"] for m in result["memory"]][0] == result["memory"][1]["state_mib"]
+    assert result["label_file_mib"] > 0  # the token labels' firings, 12 bytes each, on disk during the pass
 
 
 def test_http_gateway_reports_the_ratio():

@@ -27,6 +27,7 @@ from core.stack.runtime import StackRuntime
 from core.stack.writer import attach_dashboards
 from trainer.dashboards.accumulator import BatchTokens, DashboardSettings
 from trainer.dashboards.directions import logit_lens, neighbours, stage_directions
+from trainer.dashboards.labels import RECORD_BYTES
 from trainer.dashboards.stage import StageAccumulator
 from trainer.data.activations import batch_windows, iter_windows, special_token_ids
 from trainer.data.corpus import Document
@@ -71,10 +72,11 @@ def accumulate(host: HostModel, runtime: StackRuntime, documents: Sequence[Docum
         seen += int(tokens.doc.numel())
         bar.update(int(tokens.doc.numel()))
     bar.close()
+    spilled = sum(a.spill.records for a in accumulators) * RECORD_BYTES
     for accumulator in accumulators:  # exact token labels from every rank's firings (trainer/dashboards/labels.py)
         accumulator.finish_labels(parallel)
     seconds = time.perf_counter() - started
-    stats = {"tokens": seen, "documents": len(mine), "seconds": seconds}
+    stats = {"tokens": seen, "documents": len(mine), "seconds": seconds, "label_file_bytes": spilled}
     if parallel.world > 1:
         accumulators, stats = _merge_ranks(accumulators, stats, parallel)
     return accumulators, stats
@@ -107,7 +109,8 @@ def _merge_ranks(accumulators: list[StageAccumulator], stats: dict[str, Any],
             accumulator.merge(other)
         merged.append(accumulator)
     total = {"tokens": sum(s["tokens"] for _, s in gathered), "documents": sum(s["documents"] for _, s in gathered),
-             "seconds": max(s["seconds"] for _, s in gathered)}
+             "seconds": max(s["seconds"] for _, s in gathered),
+             "label_file_bytes": max(s["label_file_bytes"] for _, s in gathered)}  # per rank, temporary
     return merged, total
 
 
