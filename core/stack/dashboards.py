@@ -180,25 +180,46 @@ class TokenLabel:
                 f"recall {self.recall:.2f})")
 
 
+LABEL_TENSORS = ("label_ids", "label_share", "label_firings", "label_occurrences", "label_size", "label_precision",
+                 "label_recall", "label_f1")
+
+
 def feature_labels(dashboard: Mapping[str, Any] | None, feature: int) -> list[TokenLabel]:
     """A feature's labels from a stage's loaded dashboard tensors, one per side it fired on (positive first); empty
     when the dashboard was written without labels or the feature never fired. Works on torch tensors or anything
-    indexable with `.tolist()` (this module imports no torch)."""
+    indexable whose rows have `.tolist()` (this module imports no torch)."""
     if dashboard is None or "label_ids" not in dashboard:
         return []
+    rows = {k: [dashboard[k][side][feature].tolist() for side in range(len(dashboard[k]))] for k in LABEL_TENSORS}
+    return _labels(rows, lambda side, k: rows[k][side])
+
+
+def stage_labels(dashboard: Mapping[str, Any] | None) -> dict[int, list[TokenLabel]]:
+    """Every labelled feature of a stage: {feature: its labels as `feature_labels` gives them}, converting each
+    tensor once (for a search over all labels); empty without labels."""
+    if dashboard is None or "label_ids" not in dashboard:
+        return {}
+    table = {k: dashboard[k].tolist() for k in LABEL_TENSORS}  # [side][feature][...]
+    out = {}
+    for feature in range(len(table["label_size"][0])):
+        labels = _labels(table, lambda side, k, f=feature: table[k][side][f])
+        if labels:
+            out[feature] = labels
+    return out
+
+
+def _labels(table: Mapping[str, list], row: Callable[[int, str], Any]) -> list[TokenLabel]:
     out = []
-    for side in range(len(dashboard["label_size"])):
-        size = int(dashboard["label_size"][side][feature])
+    for side in range(len(table["label_size"])):
+        size = int(row(side, "label_size"))
         if size == 0:
             continue
-        ids = [t for t in dashboard["label_ids"][side][feature].tolist() if t >= 0]
+        ids = [t for t in row(side, "label_ids") if t >= 0]
         n = len(ids)
         out.append(TokenLabel(
-            sign=1 if side == 0 else -1, token_ids=tuple(ids),
-            shares=tuple(dashboard["label_share"][side][feature].tolist()[:n]),
-            firings=tuple(dashboard["label_firings"][side][feature].tolist()[:n]),
-            occurrences=tuple(dashboard["label_occurrences"][side][feature].tolist()[:n]), size=size,
-            **{k: float(dashboard[f"label_{k}"][side][feature]) for k in ("precision", "recall", "f1")}))
+            sign=1 if side == 0 else -1, token_ids=tuple(ids), shares=tuple(row(side, "label_share")[:n]),
+            firings=tuple(row(side, "label_firings")[:n]), occurrences=tuple(row(side, "label_occurrences")[:n]),
+            size=size, **{k: float(row(side, f"label_{k}")) for k in ("precision", "recall", "f1")}))
     return out
 
 

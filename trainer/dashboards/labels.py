@@ -199,6 +199,7 @@ def compute_labels(spill: FiringSpill, tokens: TokenCounts, firings: Tensor, lab
         for counts, _ in gathered:
             merged.merge(_wrap(counts))
         tokens, firings = merged, torch.stack([f for _, f in gathered]).sum(0)
+    tokens.grow(1)  # a pass without tokens still has a (zero) histogram
     occurrences, firings = tokens.counts, firings.cpu()
     vocab = max(occurrences.numel(), 1)
     out = {k: [] for k in LABEL_KEYS}

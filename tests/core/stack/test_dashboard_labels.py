@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from core.sae import SAEConfig, build_sae
-from core.stack.dashboards import LABEL_LIMIT, DashboardShape, feature_labels
+from core.stack.dashboards import LABEL_LIMIT, DashboardShape, feature_labels, stage_labels
 from core.stack.identity import HostModelIdentity
 from core.stack.manifest import StackError
 from core.stack.reader import read_stack
@@ -42,6 +42,7 @@ def test_an_old_dashboard_without_labels_loads_as_before(tmp_path):
     stage = read_stack(stack).stages[0]
     assert stage.dashboard is not None and set(stage.dashboard) == set(tensors)
     assert feature_labels(stage.dashboard, 3) == [] and feature_labels(None, 3) == []
+    assert stage_labels(stage.dashboard) == {} and stage_labels(None) == {}
 
 
 def test_labels_round_trip_per_sign(tmp_path):
@@ -66,6 +67,7 @@ def test_labels_round_trip_per_sign(tmp_path):
     assert (negative.sign, negative.token_ids, negative.precision) == (-1, (9,), 0.5)
     assert positive.describe(lambda t: f"t{t}") == "+ 't7' 75% (token F1 0.86: precision 1.00, recall 0.75)"
     assert feature_labels(loaded.stages[0].dashboard, 4) == []  # never fired: no label on either side
+    assert stage_labels(loaded.stages[0].dashboard) == {5: [positive, negative]}
 
 
 def test_records_that_disagree_with_their_labels_are_refused(tmp_path):

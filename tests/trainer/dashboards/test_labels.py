@@ -123,3 +123,13 @@ def test_no_labels_when_switched_off():
     assert acc.spill.records == 0
     assert not any(k.startswith("label_") for k in acc.tensors())
     assert "labels" not in acc.shape.record()
+
+
+def test_slices_merge_before_their_labels_and_a_pass_without_tokens_has_empty_labels():
+    batches = batches_with_planted_features(True, seed=4)
+    left, right = accumulate(batches[:3], True), accumulate(batches[3:], True)
+    left.finish_labels()
+    with pytest.raises(RuntimeError, match="before their labels are computed"):
+        left.merge(right)
+    empty = StageAccumulator(H, True, SETTINGS, torch.device("cpu")).tensors()
+    assert empty["label_ids"].eq(-1).all() and empty["label_size"].eq(0).all() and empty["label_f1"].eq(0).all()
