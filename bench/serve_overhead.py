@@ -4,7 +4,7 @@
     python bench/serve_overhead.py --model tiny-random --stack random     # a random TopK stack, for smoke runs
 
 1. Decompose (every stage, top-k 32, error norms) vs a plain HF body forward of the same tokens, with the
-   FLOP floor of DESIGN.md §9 (each stage ≈ 4·d·H FLOPs per token against ≈ 2·non-embedding parameters).
+   FLOP floor of docs/methods.md §F (each stage ≈ 4·d·H FLOPs per token against ≈ 2·non-embedding parameters).
 2. Steered generation (a SET intervention, greedy, N new tokens) vs plain HF `generate`, as a tokens/s ratio.
 3. Decompose through a real gRPC server on loopback (generated stubs) vs the direct engine call it wraps.
 Variants run interleaved per repeat (order alternating) and ratios are medians of per-repeat ratios.

@@ -1,4 +1,4 @@
-"""The package layering of DESIGN.md §2, checked on the source with `ast` (no imports executed).
+"""The package layering (README.md, "Development"), checked on the source with `ast` (no imports executed).
 
 Three layers, every import pointing down: `core` (host model runtime, SAEs, stack format and runtime)
 imports neither `trainer` nor `service`; `trainer` and `service` build on `core` and never import each

@@ -1,4 +1,4 @@
-"""BatchTopK SAE (Bussmann, Leask, Nanda 2024; reference/methods.md §D.6).
+"""BatchTopK SAE (Bussmann, Leask, Nanda 2024; docs/methods.md §D.6).
 
 Training keeps the B·k largest ReLU pre-activations of the whole batch, so the mean L0 is exactly k
 but each token gets as many latents as it needs. That choice depends on the other tokens in the batch,

@@ -1,4 +1,4 @@
-"""Gated SAE (Rajamanoharan et al. 2024, arXiv 2404.16014; reference/methods.md §B.4).
+"""Gated SAE (Rajamanoharan et al. 2024, arXiv 2404.16014; docs/methods.md §B.4).
 
 Why gated: an L1 penalty on the codes themselves shrinks every active magnitude. Here a *gate* path decides
 which latents fire and carries the L1 penalty, while a *magnitude* path, sharing the gate's directions

@@ -1,4 +1,4 @@
-"""JumpReLU SAE (Rajamanoharan et al. 2024b; reference/methods.md §B.4, §E.3).
+"""JumpReLU SAE (Rajamanoharan et al. 2024b; docs/methods.md §B.4, §E.3).
 
 z = π·H(π − θ) with a learned threshold θ per latent; loss = ‖x − x̂‖² + λ Σ_i H(π_i − θ_i).
 The L0 term is trained through the rectangle-kernel straight-through estimators in core/sae/ste.py:

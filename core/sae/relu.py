@@ -1,4 +1,4 @@
-"""ReLU SAE: the classic L1-penalised baseline (reference/methods.md, DESIGN §4).
+"""ReLU SAE: the classic L1-penalised baseline (docs/methods.md §B.4).
 
 z = ReLU(W_encᵀ(x − b_dec) + b_enc); loss = ‖x − x̂‖² + λ Σ_i z_i‖d_i‖.
 The L1 term is weighted by each decoder row's norm so that the penalty cannot be dodged by shrinking

@@ -1,4 +1,4 @@
-"""SA-GSAE: sign-aware gated SAE with Bi-JumpReLU (Wieciech et al. 2026; reference/methods.md §B.2).
+"""SA-GSAE: sign-aware gated SAE with Bi-JumpReLU (Wieciech et al. 2026; docs/methods.md §B.2).
 
 Why: a concept that appears with either sign along one direction (x = ±a·d) costs a non-negative SAE two
 latents (d and −d). SA-GSAE gives each latent a two-sided gate and a signed magnitude, so one latent, one

@@ -1,6 +1,6 @@
 """Straight-through estimators for thresholded activations (JumpReLU family, rectangle kernel).
 
-Pseudo-derivatives (Rajamanoharan et al. 2024b; reference/methods.md §B.4), with K(u) = 1[|u| < 1/2]
+Pseudo-derivatives (Rajamanoharan et al. 2024b; docs/methods.md §B.4), with K(u) = 1[|u| < 1/2]
 and bandwidth ε:
     JumpReLU_θ(π) = π·H(π − θ):  ∂/∂π := H(π − θ),  ∂/∂θ := −(θ/ε)·K((π − θ)/ε)
     H(π − θ) (for the L0 penalty): ∂/∂π := 0,      ∂/∂θ := −(1/ε)·K((π − θ)/ε)

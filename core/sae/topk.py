@@ -6,7 +6,7 @@ and `keep_top_k` are module functions because BatchTopK (core/sae/batchtopk.py) 
 AuxK normalisation (a deliberate choice): the auxiliary term is ‖e − ê‖² summed over features and
 averaged over tokens, in the same units as the reconstruction term, where e = x − x̂ (detached) and
 ê = W_decᵀ z_aux uses the aux_k largest ReLU pre-activations among dead latents (no decoder bias).
-This is the BatchTopK/MetaSAE form (reference/methods.md §D.1). sparsify divides both terms by the
+This is the BatchTopK/MetaSAE form (docs/methods.md §D.1). sparsify divides both terms by the
 same input variance, so `aux_k_coefficient` means the same there (default 1/32). We do not divide by
 the residual's own power, as OpenAI's per-token normalised MSE does: that would give AuxK more weight
 as reconstruction improves. We also do not scale by the number of dead latents.

@@ -1,4 +1,4 @@
-"""The frozen error predictors of a stage (SAE dark matter, reference/methods.md §C), as the stack stores them.
+"""The frozen error predictors of a stage (SAE dark matter, docs/methods.md §C), as the stack stores them.
 
 Every probe reads x, the stage's SAE input (`StackRuntime.sae_input`: s·h, or s·(h − A h_prev − c) for a
 residual stage), and predicts in activation units, the units of the runtime's error norm ‖h − ĥ‖:

@@ -8,7 +8,8 @@ A store is a directory written once by `trainer.data.activations.collect_activat
   same token, so every stage of a stack can train from ONE activation pass.
 - `manifest.json`: what was collected (model, hookpoints, dtype, context length), each shard with its
   token count and sha256 (verified at load), and per-hookpoint statistics: E‖x‖² and the scale
-  s = sqrt(d / E‖x‖²) that makes E‖s·x‖² = d (DESIGN.md §4), which training applies and the stack stores.
+  s = sqrt(d / E‖x‖²) that makes E‖s·x‖² = d (docs/methods.md, notation), which training applies and the
+  stack stores.
 
 Files are written under a temporary name and renamed, and the manifest last, so an interrupted
 collection never leaves a directory that loads.

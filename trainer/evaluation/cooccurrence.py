@@ -1,4 +1,4 @@
-"""Latent co-occurrence: mean |φ| over all pairs of latents (reference/methods.md §D.4), the MetaSAEs
+"""Latent co-occurrence: mean |φ| over all pairs of latents (docs/methods.md §D.4), the MetaSAEs
 paper's measure of how often latents fire together (lower: more atomic latents).
 
     φ(i, j) = (N11·n − N1i·N1j) / sqrt(N1i(n − N1i) · N1j(n − N1j))

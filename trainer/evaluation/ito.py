@@ -1,5 +1,5 @@
 """Inference-time optimisation (ITO) of a stage's codes: gradient pursuit over the SAE's own decoder with a
-per-token budget equal to the encoder's L0 (reference/methods.md §C.3, Engels et al. `encoder_pursuit.py`).
+per-token budget equal to the encoder's L0 (docs/methods.md §C.3, Engels et al. `encoder_pursuit.py`).
 
 Why: it separates what the encoder gets wrong from what the dictionary cannot express. With the same
 atoms and the same sparsity, whatever error ITO removes was the encoder's; the paper finds it removes

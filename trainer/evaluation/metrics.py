@@ -1,4 +1,4 @@
-"""SAE evaluation metrics on tensors (definitions: reference/methods.md §E.1).
+"""SAE evaluation metrics on tensors (definitions: docs/methods.md §E.1).
 
 All reconstruction metrics are computed in the stage's input space (activations times the stage's
 input scale, so E‖x‖² = d). FVE is reported both pooled, 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖², and per token,

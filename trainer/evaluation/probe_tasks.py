@@ -1,4 +1,4 @@
-"""The offline sparse-probing tasks (reference/methods.md §A.4, §E.2), built from text that ships with Python.
+"""The offline sparse-probing tasks (docs/methods.md §A.4, §E.2), built from text that ships with Python.
 
 SAEBench's datasets need downloads, so the suite uses only text that ships with the running interpreter:
 stdlib `.py` sources, `pydoc_data.topics` (English prose), licence files (stdlib LICENSE.txt, site-packages)

@@ -1,4 +1,4 @@
-"""SAEBench-style sparse probing of stage codes (reference/methods.md §A.4, §E.2) on the tasks of probe_tasks.py.
+"""SAEBench-style sparse probing of stage codes (docs/methods.md §A.4, §E.2) on the tasks of probe_tasks.py.
 
 Protocol (SAEBench): codes are mean-pooled over a snippet's tokens by the caller; every task is binary (a
 multi-class task becomes one-vs-rest tasks with balanced negatives, averaged); the top-k latents by

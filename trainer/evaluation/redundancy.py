@@ -1,4 +1,4 @@
-"""Decoder redundancy between and within dictionaries (reference/methods.md §A.4, §E.1).
+"""Decoder redundancy between and within dictionaries (docs/methods.md §A.4, §E.1).
 
 ReSAE claims that training a later stage on the residual left by an affine predictor makes its dictionary
 *less redundant* with the previous stage's: a plain per-layer SAE re-learns the directions that the residual

@@ -2,7 +2,7 @@
 
 Why ONNX: applications that run their model elsewhere (vLLM, TGI, a custom runtime) send captured
 activations to `featurewire-serve serve --no-model`, which encodes them with ONNX Runtime and never loads
-torch or a host model (DESIGN.md §6).
+torch or a host model (docs/api.md, EncodeActivations).
 
 Each graph is traced from `StageGraph` (trainer/interop/stage_graph.py), whose forward is the stack runtime's
 own math (core.stack.runtime: input scale or ReSAE residual, the SAE's `encode`, `decode`, back to activation

@@ -196,7 +196,7 @@ def section(settings: ReportSettings, img_dir: Path, img_rel: str) -> str:
         f"activation store, identical batches); {settings.train_tokens:,} training tokens "
         f"({settings.train_tokens // 512} steps of 512), width H = {WIDTH} (Gated 2H = {2 * WIDTH}), seed "
         f"{settings.seed}, one seed per point; evaluation on {settings.eval_tokens:,} held-out tokens, CE/KL on "
-        f"{settings.ce_windows} windows. Published comparison (methods.md §B): half-width SA-GSAE matches or "
+        f"{settings.ce_windows} windows. Published comparison (docs/methods.md §B): half-width SA-GSAE matches or "
         "Pareto-dominates full-width Gated SAEs with 0.35–0.62 lower dead fraction (Pythia/SmolLM3), and ~98% "
         "dead latents without the auxiliary loss.",
         "",

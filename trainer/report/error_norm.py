@@ -1,6 +1,6 @@
 """Report section 3: SAE error ("dark matter") on Gemma 3 270M. Held-out R² of the error-norm and
 error-vector probes per stage and width, the nonlinear share, what ITO removes, and the gain from also
-reading the previous stage's reconstruction (methods.md §C).
+reading the previous stage's reconstruction (docs/methods.md §C).
 
 Widths: a TopK k = 32 series at the three mid-depth hookpoints of section 1 (same store, same batches).
 Previous-stage gain: the four-layer plain and ReSAE stacks of section 2. Every probe is fitted and scored
@@ -166,7 +166,7 @@ def section(settings: ReportSettings, img_dir: Path, img_rel: str) -> str:
         "chooses the ridge strength, 1/5 scores every number here). The nonlinear share is the part of the "
         "error's variance the vector probe leaves; ITO is gradient pursuit over each SAE's decoder with a "
         "per-token budget equal to the encoder's L0 (the better of ITO and encoder codes is kept per token); "
-        "ITO columns are fractions of the error removed. Published (methods.md §C, Gemma 2 2B/9B, Gemma Scope "
+        "ITO columns are fractions of the error removed. Published (docs/methods.md §C, Gemma 2 2B/9B, Gemma Scope "
         "widths 16k–1M at L0 ≈ 60): >90% of the error norm and ~50% of the error vector linearly predictable; "
         "ITO gives a very slight decrease in nonlinear error.",
         "",

@@ -1,5 +1,5 @@
 """Report section 4: meta-SAE regularised training against the solo SAE at the same width and L0
-(methods.md §D): mean |φ| pairwise co-occurrence, reconstruction, and how decomposable each decoder is
+(docs/methods.md §D): mean |φ| pairwise co-occurrence, reconstruction, and how decomposable each decoder is
 for a fresh meta-SAE fitted post hoc on both (the joint run's own critic was trained against its rows)."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ META = {"width": 96, "k": 4, "sigma2": 1.0, "primary_steps": 10, "meta_steps": 5
 LAMBDAS = (0.1, 0.3)
 """λ₂ on the paper's per-dimension scale (`[meta_sae] lambda_per_dim`): its best 0.3 and the grid's 0.1 below it."""
 PAPER_GRID = {0.1: (-0.038, 0.035), 0.3: (-0.075, 0.093)}
-"""The paper's (Δ mean |φ|, ΔL2) at σ² = 1 for each λ₂ (methods.md §D.5, GPT-2 large L20)."""
+"""The paper's (Δ mean |φ|, ΔL2) at σ² = 1 for each λ₂ (docs/methods.md §D.5, GPT-2 large L20)."""
 POST_HOC_STEPS = 300
 PHI_TOKENS = 16_384
 
@@ -136,9 +136,9 @@ def section(settings: ReportSettings, img_dir: Path, img_rel: str) -> str:
         "active magnitude (calibrated on separate held-out tokens; the paper calibrates an equal-error-rate "
         "threshold on 5M tokens). The noise floor is mean |φ| expected for independent latents at this token "
         f"count. Post-hoc meta FVE: a fresh meta-SAE ({POST_HOC_STEPS} steps) fitted to each final decoder. "
-        "Published (methods.md §D.5, GPT-2 large, 20,480 latents, 100M tokens, σ² = 1): mean |φ| −7.5% at λ₂ = 0.3 "
-        "and −3.8% at 0.1 (solo 2.27e-3, measured on 35M tokens), L2 +9.3% and +3.5%, CE overhead 3.1% vs 2.5% "
-        "at 0.3.",
+        "Published (docs/methods.md §D.5, GPT-2 large, 20,480 latents, 100M tokens, σ² = 1): mean |φ| −7.5% "
+        "at λ₂ = 0.3 and −3.8% at 0.1 (solo 2.27e-3, measured on 35M tokens), L2 +9.3% and +3.5%, CE overhead "
+        "3.1% vs 2.5% at 0.3.",
         "",
         table(rows).render(),
         "",

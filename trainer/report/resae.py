@@ -70,7 +70,7 @@ def section(settings: ReportSettings) -> str:
         f"training tokens from one shared store, seed {cfg['training']['seed']}; the stacks differ only in "
         f"`stack.residualize`. Affine maps fitted on {cfg['stack']['calibration_tokens']:,} calibration tokens "
         f"(held-out R²: {maps}). The plain stack's mapped redundancy uses the ReSAE's maps. Published "
-        "comparison (methods.md §A): ReSAE roughly halves multi-layer ΔCE, lowers cross-layer redundancy and "
+        "comparison (docs/methods.md §A): ReSAE roughly halves multi-layer ΔCE, lowers cross-layer redundancy and "
         "improves sparse probing.",
         "",
         "The teacher-forced multi-layer splice is degenerate for `resid_post` hookpoints (each write replaces "

@@ -1,4 +1,4 @@
-"""Closed-form ridge affine predictor between two hookpoints, for ReSAE stacks (reference/methods.md §A.2, §A.5).
+"""Closed-form ridge affine predictor between two hookpoints, for ReSAE stacks (docs/methods.md §A.2, §A.5).
 
 A ReSAE stage m+1 trains on the scaled residual r = s·(h_{m+1} − A h_m − c) and maps back with
 ĥ_{m+1} = A h_m + c + r̂ / s. The map (A, c) is fitted once, before SAE training, from streamed float64

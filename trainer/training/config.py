@@ -175,7 +175,7 @@ class DistributedSection:
 
 @dataclass(frozen=True)
 class MetaSAESection:
-    """Meta-SAE regularised training (reference/methods.md §D), for every stage; the section's presence
+    """Meta-SAE regularised training (docs/methods.md §D), for every stage; the section's presence
     switches it on. `lambda_per_dim` is the paper's λ₂, so its 0.3 means what it means there."""
 
     lambda_per_dim: float

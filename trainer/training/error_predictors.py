@@ -1,4 +1,4 @@
-"""Error-norm prediction (SAE dark matter, reference/methods.md §C): per-stage linear probes of the SAE's
+"""Error-norm prediction (SAE dark matter, docs/methods.md §C): per-stage linear probes of the SAE's
 error, fitted in closed form on held-out tokens, with their held-out R² and the linear/nonlinear split.
 
 Why: Engels et al. find most of an SAE's error *norm* and about half of its error *vector* linearly

@@ -1,4 +1,4 @@
-"""Meta-SAE regularised training (MetaSAEs, reference/methods.md §D).
+"""Meta-SAE regularised training (MetaSAEs, docs/methods.md §D).
 
 A small BatchTopK meta-SAE learns to reconstruct the primary SAE's unit decoder rows d_i, and the
 primary loss pays d·λ₂·mean_i p_i with p_i = exp(−‖d_i − Ŵ_i‖²/σ²), Ŵ_i = meta(d_i). A row that is an

@@ -1,5 +1,5 @@
 """ReSAE preparation: fit the affine predictors between adjacent selected hookpoints on the calibration
-split, before any SAE trains (reference/methods.md §A.2, §A.5).
+split, before any SAE trains (docs/methods.md §A.2, §A.5).
 
 The calibration activations are a separate store collected from the calibration documents (never the
 training or evaluation documents). Every fifth document of it is held out to choose the ridge strength
