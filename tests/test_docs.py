@@ -34,6 +34,7 @@ _PATH = re.compile(rf"(?<![\w./~<>{{}}$-])(?:{_NAMES})[\w./*-]*")
 _LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 _HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
 _PLACEHOLDER_TAIL = re.compile(r"[\w.-]*[<{$]")
+_BARE_MARKDOWN = re.compile(r"(?<![\w./-])[A-Za-z][\w-]*\.md\b")
 _LOCAL_FILE = re.compile(r"`([\w-][\w./-]*(?:\.(?:py|sh|md|toml|ya?ml|json|txt|env|proto)|/))`")
 
 
@@ -115,6 +116,14 @@ def test_subdirectory_readmes_name_their_own_files(doc: Path) -> None:
     assert missing == [], f"{doc.relative_to(ROOT)} names files not under {doc.parent.name}/: {missing}"
 
 
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_named_markdown_files_exist(doc: Path) -> None:
+    """A bare `name.md` (as in "see operations.md") is a doc of this repository, not a file kept elsewhere."""
+    names = set(_BARE_MARKDOWN.findall(doc.read_text(encoding="utf-8")))
+    missing = sorted(n for n in names if not any((d / n).exists() for d in (ROOT, ROOT / "docs", doc.parent)))
+    assert missing == [], f"{doc.relative_to(ROOT)} names Markdown files the repository does not have: {missing}"
+
+
 def test_the_top_level_names_exist() -> None:
     """The prefixes above are the repository's: a renamed top-level entry must be renamed here too."""
     assert [n for n in (*TOP_LEVEL_DIRS, *TOP_LEVEL_FILES) if not (ROOT / n).exists()] == []
@@ -124,6 +133,7 @@ def test_the_checks_catch_what_they_should() -> None:
     text = ("see `core/stack/nope.py` and trainer/gone/ or Makefile; not runs/demo/stack, `.venv/bin/python`, "
             "`/stacks/demo`, ~/.cache/featurewire, `k8s/<overlay>` or `blocks.{i}.hook_resid_post`.")
     assert repository_paths(text) == {"core/stack/nope.py", "trainer/gone/", "Makefile"}
+    assert _BARE_MARKDOWN.findall("see DESIGN.md §9, docs/api.md and methods.md.") == ["DESIGN.md", "methods.md"]
     assert _slug("2. ReSAE vs plain stack, four layers") == "2-resae-vs-plain-stack-four-layers"
     assert _slug("HTTP/JSON gateway") == "httpjson-gateway"
     assert _slug("`make test` (CPU)") == "make-test-cpu"
