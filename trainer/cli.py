@@ -17,6 +17,8 @@ from dataclasses import replace
 from core.config import add_model_arguments, model_config_from_args
 from trainer.dashboards.cli import add_dashboards, add_explanations
 from trainer.data import corpus as corpus_mod
+from trainer.interop.cli import add_import
+from trainer.steerability.cli import add_steerability
 
 PROG = "featurewire-train"
 # User errors: reported as one line on stderr with this exit code (argparse uses 2 for bad usage too).
@@ -157,30 +159,6 @@ def _run_eval(args: argparse.Namespace) -> int:
         print(table)
     if report["metrics"]:
         print(json.dumps(report["metrics"], indent=2))
-    return 0
-
-
-def _add_import(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "import", help="turn an SAE saved by SAELens or sparsify into a one-stage stack",
-        description="Import an SAE saved by SAELens (cfg.json + sae_weights.safetensors) or sparsify "
-        "(cfg.json + sae.safetensors) into a featurewire stack for MODEL.",
-    )
-    parser.add_argument("--from", dest="source", required=True, choices=("saelens", "sparsify"))
-    parser.add_argument("src", metavar="SRC", help="directory holding the saved SAE")
-    parser.add_argument("--model", required=True, help="host model the SAE was trained on")
-    parser.add_argument("--hookpoint", help="canonical hookpoint, e.g. blocks.6.hook_resid_post")
-    parser.add_argument("--input-scale", type=float, help="constant the SAE expects its input scaled by")
-    parser.add_argument("--out", required=True, metavar="DIR", help="stack directory to write")
-    parser.set_defaults(handler=_run_import)
-
-
-def _run_import(args: argparse.Namespace) -> int:
-    from trainer.interop.importers import import_into_stack
-
-    stack_dir = import_into_stack(args.source, args.src, model=args.model, hookpoint=args.hookpoint,
-                                  input_scale=args.input_scale, out_dir=args.out)
-    print(f"stack: {stack_dir}")
     return 0
 
 
@@ -363,8 +341,8 @@ def format_metrics(stages: list[dict], hookpoints: list[str]) -> str:
 
 
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_corpus, _add_train, _add_eval, _add_import, _add_export, _add_sweep, _add_export_onnx, _add_report,
-    add_dashboards, add_explanations,
+    _add_corpus, _add_train, _add_eval, add_import, _add_export, _add_sweep, _add_export_onnx, _add_report,
+    add_dashboards, add_explanations, add_steerability,
 )
 
 

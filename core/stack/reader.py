@@ -51,6 +51,7 @@ from core.stack.manifest import (
     load_manifest,
     verify_files,
 )
+from core.stack.steerability import check_steerability_entry, read_steerability
 from core.stack.tensors import expected_state, read_tensors
 
 
@@ -72,6 +73,7 @@ class LoadedStage:
     meta_sae: SparseAutoencoder | None = None  # meta-latents of its features (core/stack/meta_sae.py)
     dashboard: dict[str, Tensor] | None = None  # per-feature dashboards (core/stack/dashboards.py), on the CPU
     dashboard_record: dict[str, Any] = field(default_factory=dict)  # its manifest record (tokens, corpus, ...)
+    steerability: dict[str, Any] | None = None  # measured steerability (core/stack/steerability.py), if any
 
 
 @dataclass
@@ -126,6 +128,7 @@ def _stage_config(index: int, entry: Mapping[str, Any], files: Mapping[str, Any]
             raise StackError(f"stage {index}: file {file!r} is not listed in stack.json files")
     check_onnx_entry(index, entry, files)
     check_dashboard_entry(index, entry, files)
+    check_steerability_entry(index, entry, files)
     _meta_config(index, entry, files)
     return cfg
 
@@ -202,6 +205,7 @@ def _build_stage(root: Path, index: int, entries: list[dict], cfg: SAEConfig, fi
         training=dict(entry.get("training") or {}), metrics=dict(entry.get("metrics") or {}),
         residual_of=residual["from_stage"] if residual else None, affine=affine, error_predictor=error_predictor,
         meta_sae=meta_sae, dashboard=dashboard, dashboard_record=dict(entry.get("dashboard") or {}),
+        steerability=read_steerability(root, index, entry, files, cfg.d_sae),
     )
 
 
