@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +38,7 @@ from torch import Tensor
 
 from core.sae.base import SAEConfig, SparseAutoencoder
 from core.sae.registry import build_sae
-from core.stack.identity import HostModelIdentity
-from core.stack.writer import StageSpec, write_stack
+from core.stack.writer import StageSpec
 
 CANONICAL_HOOKPOINT = re.compile(r"^blocks\.\d+\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out)$")
 UNIFORM_NORM_TOLERANCE = 1e-5  # relative spread of decoder norms under which TopK ranking is unaffected
@@ -59,6 +57,7 @@ class ImportedSAE:
     source: str  # "saelens" or "sparsify"
     source_config: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    model_name: str | None = None  # the host model the source says it was trained on, when it says
 
     def stage_spec(self, hookpoint: str | None = None, *, name: str | None = None) -> StageSpec:
         """A stack stage for this SAE; `hookpoint` overrides the one found at import."""
@@ -156,6 +155,14 @@ def import_saelens(
 ) -> ImportedSAE:
     """Import an SAE saved by SAELens (`cfg.json` + `sae_weights.safetensors`, any 3.x–6.x layout)."""
     cfg, tensors = _read(Path(src_dir), "cfg.json", "sae_weights.safetensors")
+    return saelens_from_parts(cfg, tensors, hookpoint=hookpoint, input_scale=input_scale)
+
+
+def saelens_from_parts(
+    cfg: dict[str, Any], tensors: dict[str, Tensor], *, hookpoint: str | None = None, input_scale: float | None = None
+) -> ImportedSAE:
+    """Import an SAE from a SAELens-style config and its float64 tensors (also used for formats that SAELens
+    converts into its own, such as Gemma Scope's params.npz)."""
     meta = cfg.get("metadata") or cfg.get("meta") or {}
     hook_name = cfg.get("hook_name") or cfg.get("hook_point") or meta.get("hook_name")
     if cfg.get("reshape_activations", "none") not in (None, "none") or str(hook_name).endswith("hook_z") \
@@ -195,7 +202,9 @@ def import_saelens(
             tensors["W_dec"] = tensors["W_dec"] * tensors.pop(name)[:, None]
     sae, code_scale, notes = _assemble(kind, tensors, k=k, ranks_unit_decoder=rescaled,
                                        b_dec_in_encoder=bool(cfg.get("apply_b_dec_to_input", True)))
-    return ImportedSAE(sae, _hookpoint(hookpoint, hook_name), scale, code_scale, "saelens", cfg, notes)
+    model_name = cfg.get("model_name") or meta.get("model_name")
+    return ImportedSAE(sae, _hookpoint(hookpoint, hook_name), scale, code_scale, "saelens", cfg, notes,
+                       model_name=model_name if isinstance(model_name, str) else None)
 
 
 def import_sparsify(src_dir: str | Path, *, hookpoint: str | None = None, input_scale: float = 1.0) -> ImportedSAE:
@@ -224,33 +233,15 @@ def import_sparsify(src_dir: str | Path, *, hookpoint: str | None = None, input_
     sae, code_scale, notes = _assemble("topk", params, k=k, b_dec_in_encoder=True, ranks_unit_decoder=False)
     layer = re.fullmatch(r"(?:.*\.)?layers\.(\d+)", src.resolve().name)
     default = f"blocks.{layer.group(1)}.hook_resid_post" if layer else None
-    return ImportedSAE(sae, _hookpoint(hookpoint, default), float(input_scale), code_scale, "sparsify", cfg, notes)
+    return ImportedSAE(sae, _hookpoint(hookpoint, default), float(input_scale), code_scale, "sparsify", cfg, notes,
+                       model_name=_sparsify_run_model(src))
 
 
-def import_into_stack(
-    source: str, src_dir: str | Path, *, model: str, out_dir: str | Path, hookpoint: str | None = None,
-    input_scale: float | None = None, name: str | None = None, overwrite: bool = False,
-) -> Path:
-    """`featurewire-train import`: import one SAE, check it against the host model's hookpoint, and
-    write a one-stage stack for that model."""
-    from core.config import ModelConfig  # the host runtime is heavy: only the CLI path needs it
-    from core.errors import ServiceError
-    from core.host.loading import load_host_model
-
-    if source not in ("saelens", "sparsify"):
-        raise SAEImportError(f"unknown source {source!r}; use saelens or sparsify")
-    if source == "saelens":
-        imported = import_saelens(src_dir, hookpoint=hookpoint, input_scale=input_scale)
-    else:
-        imported = import_sparsify(src_dir, hookpoint=hookpoint, input_scale=input_scale or 1.0)
-    spec = imported.stage_spec()
-    host = load_host_model(ModelConfig.from_env(os.environ, name=model, device="cpu"))
+def _sparsify_run_model(src: Path) -> str | None:
+    """sparsify writes its run config (with the model's name) as config.json next to the layer folders."""
     try:
-        width = host.hookpoints.get(spec.hookpoint).dim
-    except ServiceError as exc:
-        raise SAEImportError(str(exc)) from None
-    if width != imported.sae.d_in:
-        raise SAEImportError(f"the SAE reads {imported.sae.d_in}-dim vectors but {spec.hookpoint} of {host.name} "
-                             f"is {width}-dim: wrong model or hookpoint")
-    identity = HostModelIdentity.from_model(host.model, host.name)
-    return write_stack(out_dir, name or f"{source}-{spec.hookpoint}", identity, [spec], overwrite=overwrite)
+        model = json.loads((src.resolve().parent / "config.json").read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model if isinstance(model, str) else None
+

@@ -15,7 +15,8 @@ from torch import Tensor
 from core.stack.identity import HostModelIdentity
 from core.stack.reader import read_stack
 from core.stack.writer import write_stack
-from trainer.interop.importers import ImportedSAE, SAEImportError, import_into_stack, import_saelens, import_sparsify
+from trainer.interop.compose import import_into_stack
+from trainer.interop.importers import ImportedSAE, SAEImportError, import_saelens, import_sparsify
 
 D_IN, D_SAE, K = 12, 40, 5
 
