@@ -67,7 +67,8 @@ $(K8S_STAMP):
 lint-k8s: $(K8S_STAMP) k8s-tools
 	K8S_VENV=$(K8S_VENV) sh k8s/lint.sh
 
-# The demo stack is built once (about 15 minutes on 2 CPU cores) and reused; delete runs/demo to rebuild it.
+# The demo stack is built once (build time: docs/benchmarks.md, "End-to-end demo stack") and reused; delete
+# runs/demo to rebuild it.
 DEMO_STACK := runs/demo/stack/stack.json
 
 $(DEMO_STACK): | $(STAMP)
