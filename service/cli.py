@@ -95,6 +95,8 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         help="activation-only mode: load no host model (nor torch) and serve EncodeActivations, GetServerInfo and "
         "ListStacks through the stacks' ONNX graphs (featurewire-train export-onnx); --device picks CPU or CUDA")
     add("--log-level", help="DEBUG | INFO | WARNING | ERROR (env FEATUREWIRE_LOG_LEVEL; default INFO)")
+    add("--chat-template", metavar="FILE", help="Jinja chat template for the OpenAI-compatible API's chat completions "
+        "on --http-port (the model's own when it has one; a base model has none) (env FEATUREWIRE_CHAT_TEMPLATE)")
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
@@ -104,7 +106,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         auth_token_file=args.auth_token_file, max_new_tokens=args.max_new_tokens, queue_size=args.queue_size,
         max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
         drain_grace_s=args.drain_grace_s, self_check=False if args.no_self_check else None,
-        log_level=args.log_level,
+        log_level=args.log_level, chat_template=args.chat_template,
     )
 
 

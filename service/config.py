@@ -76,11 +76,13 @@ class ServerConfig:
     """Check each stack's FVE and L0 on calibration text at load and refuse a mismatching stack."""
     log_level: str = "INFO"
     """DEBUG, INFO, WARNING, ERROR or CRITICAL."""
+    chat_template: Path | None = None
+    """Jinja chat template file for the OpenAI-compatible API's chat completions (else the tokenizer's own)."""
 
     def __post_init__(self) -> None:
         # Normalise types that flags and callers commonly pass as str/list; no I/O here.
         object.__setattr__(self, "stacks", tuple(Path(p) for p in self.stacks))
-        for name in ("tls_cert", "tls_key"):
+        for name in ("tls_cert", "tls_key", "chat_template"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
@@ -206,7 +208,7 @@ def _parse(variable: str, raw: str, name: str) -> object:
         raise ValueError(f"{variable} must be true/false (1/0, yes/no, on/off), got {raw!r}")
     if name == "stacks":
         return tuple(Path(p).expanduser() for p in re.split(r"[:,]", text) if p.strip())
-    if name in ("tls_cert", "tls_key"):
+    if name in ("tls_cert", "tls_key", "chat_template"):
         return Path(text).expanduser() if text else None
     return text
 

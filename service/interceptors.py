@@ -24,7 +24,7 @@ import grpc
 
 from core.errors import InvalidRequest, ServiceError
 from service.config import ServerConfig
-from service.metrics import GRPC, HTTP, Metrics
+from service.metrics import GRPC, TRANSPORTS, Metrics
 from service.status import to_status
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 REQUEST_ID_KEY = "x-request-id"
 AUTHORIZATION_KEY = "authorization"
 TRANSPORT_KEY = "x-featurewire-transport"
-"""Set to `http` by the HTTP/JSON gateway on the calls it makes; only the metrics' `transport` label reads it."""
+"""Set to `http` by the HTTP/JSON gateway and to `openai` by the OpenAI-compatible API on the calls they make;
+only the metrics' `transport` label reads it."""
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -159,7 +160,8 @@ def outcome_code(context: grpc.aio.ServicerContext, error: BaseException | None)
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts every RPC by method, final code and transport, observes its latency and tracks in-flight calls.
 
-    The transport is `http` when the call carries `x-featurewire-transport: http` (the gateway's calls), else grpc.
+    The transport is the call's `x-featurewire-transport` (`http` from the gateway, `openai` from the OpenAI-compatible
+    API) when it is one of TRANSPORTS, else grpc.
     """
 
     def __init__(self, metrics: Metrics) -> None:
@@ -168,7 +170,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         method = details.method
         metrics = self.metrics
-        transport = HTTP if _metadata(details, TRANSPORT_KEY) == HTTP else GRPC
+        given = _metadata(details, TRANSPORT_KEY)
+        transport = given if given in TRANSPORTS else GRPC
 
         def enter(_: Any, context: grpc.aio.ServicerContext) -> float:
             metrics.track_in_flight(method, 1)

@@ -81,6 +81,11 @@ class ServerBase(abc.ABC):
     def _attach(self) -> str:
         """Hand the loaded state to the servicer; returns a line for the ready log message."""
 
+    def loaded_tokenizer(self) -> Any:
+        """The host model's tokenizer once loaded (the OpenAI API's chat templates and log-probability tokens), else
+        None; a server without a host model has none."""
+        return None
+
     @abc.abstractmethod
     async def _shutdown_backend(self) -> None:
         """Release what `_load` started (worker threads), after the gRPC server has stopped."""
@@ -150,7 +155,7 @@ class ServerBase(abc.ABC):
             return
         from service.http.gateway import HttpGateway  # starlette and uvicorn are imported only when it is on
 
-        self._gateway = HttpGateway(self.config, target)
+        self._gateway = HttpGateway(self.config, target, self.loaded_tokenizer)
         self.http_port = await self._gateway.start()
         scheme = "https" if self.config.tls_enabled else "http"
         log.info("HTTP/JSON gateway on %s://%s:%d (calls %s)", scheme, self.config.host, self.http_port, target)

@@ -36,8 +36,8 @@ METHOD_LABELS = frozenset(
     + ("Health.Check", "Health.Watch", "Health.List", "Reflection.ServerReflectionInfo", "other")
 )
 CODES = frozenset(code.name for code in grpc.StatusCode)
-GRPC, HTTP = "grpc", "http"
-TRANSPORTS = (GRPC, HTTP)  # the `transport` label: a gRPC client, or the HTTP/JSON gateway (service/http/)
+GRPC, HTTP, OPENAI = "grpc", "http", "openai"
+TRANSPORTS = (GRPC, HTTP, OPENAI)  # the `transport` label: a gRPC client, the HTTP/JSON gateway or the OpenAI API
 INTERVENTION_OPS = frozenset({"add", "set", "scale", "clamp", "ablate", "vector", "other"})
 OTHER = "other"
 PREFILL, DECODE = "prefill", "decode"
@@ -133,8 +133,8 @@ class Metrics:
         self.registry = registry
         r = registry
         self.rpcs = Counter("featurewire_rpcs", "Finished RPCs by method, gRPC status code and transport (grpc, "
-                            "or http for calls made by the HTTP/JSON gateway).", ("method", "code", "transport"),
-                            registry=r)
+                            "http for calls made by the HTTP/JSON gateway, openai for the OpenAI-compatible API).",
+                            ("method", "code", "transport"), registry=r)
         self.rpc_duration = Histogram("featurewire_rpc_duration_seconds", "RPC wall time until the status is sent, "
                                       "by method and transport.", ("method", "transport"), buckets=LATENCY_BUCKETS,
                                       registry=r)

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -93,6 +94,9 @@ class Server(ServerBase):
             await engine.call(lambda s=stack, sp=spec: list(decompose_events(host, s, sp)), deadline=deadline,
                               method="warmup")
         log.info("warmed up in %.2fs", time.perf_counter() - started)
+
+    def loaded_tokenizer(self) -> Any:
+        return self.host.tokenizer if self.host is not None else None
 
     def _attach(self) -> str:
         assert self.host is not None and self.engine is not None

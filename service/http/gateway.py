@@ -21,6 +21,8 @@ exactly the gRPC server's (its interceptors run on every call); the gateway only
 - A client that disconnects cancels its call (service/http/sse.py), streams or not.
 - `GET /healthz` and `/readyz` are grpc.health.v1 checks of `liveness` and `readiness` over the same channel.
 - `GET /` is the explorer, a static page (service/http/pages.py) that calls the routes above.
+- `/openai/v1/...` is the OpenAI-compatible API (service/http/openai/), mounted here; it calls Generate and
+  GetServerInfo through the same channel, with `x-featurewire-transport: openai`.
 
 uvicorn runs as a task on the server's event loop, on a socket bound here, without its signal handlers
 (service/lifecycle.py owns SIGTERM: draining makes the gRPC calls, and so the HTTP requests, answer
@@ -34,8 +36,7 @@ import contextlib
 import json
 import logging
 import socket
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,10 +65,12 @@ from service.http.codes import (
     http_status,
     parse_timeout,
 )
+from service.http.incoming import call_metadata, caller_request_id, read_body
 from service.http.jsonmap import to_json
+from service.http.openai.face import BASE_PATH, OpenAIFace
 from service.http.pages import ExplorerFiles, explorer_page
 from service.http.sse import GONE, EventStream, request_id_in, unless_gone
-from service.interceptors import AUTHORIZATION_KEY, REQUEST_ID_KEY, TRANSPORT_KEY, is_safe_request_id
+from service.interceptors import REQUEST_ID_KEY
 from service.metrics import HTTP
 
 log = logging.getLogger(__name__)
@@ -151,7 +154,7 @@ class _Uvicorn(uvicorn.Server):
 class HttpGateway:
     """The Starlette app, its uvicorn server and the loopback channel; start and stop on the server's loop."""
 
-    def __init__(self, config: ServerConfig, target: str) -> None:
+    def __init__(self, config: ServerConfig, target: str, tokenizer: Callable[[], Any] | None = None) -> None:
         self.config = config
         self.target = target
         self.rpcs = service_rpcs()
@@ -162,7 +165,9 @@ class HttpGateway:
         self._check: Any = None
         self._server: _Uvicorn | None = None
         self._task: asyncio.Future[None] | None = None
+        self.openai = OpenAIFace(config, tokenizer)  # the OpenAI-compatible API under BASE_PATH
         self.app = Starlette(routes=[
+            Mount(BASE_PATH, app=self.openai.app, name="openai"),
             Route("/v1/{method}", self._rpc, methods=["POST"]),
             Route("/healthz", self._liveness, methods=["GET"]),
             Route("/readyz", self._readiness, methods=["GET"]),
@@ -185,6 +190,7 @@ class HttpGateway:
         self._check = self._channel.unary_unary(
             HEALTH_CHECK, request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
             response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        self.openai.bind(self._channel)
         cert, key = self.config.tls_cert, self.config.tls_key  # HTTPS with the gRPC listener's certificate
         config = uvicorn.Config(
             self.app, http="h11", ws="none", lifespan="off", log_config=None, log_level="warning", access_log=False,
@@ -253,16 +259,7 @@ class HttpGateway:
 
     async def _body(self, request: Request) -> bytes:
         """The body, refused past `max_body_bytes` (a 413 with the usual JSON error body)."""
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise HTTPException(413, f"the request body is larger than {self.max_body_bytes} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise HTTPException(413, f"the request body is larger than {self.max_body_bytes} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_body(request, self.max_body_bytes)
 
     async def _liveness(self, request: Request) -> Response:
         return await self._health(request, LIVENESS)
@@ -291,8 +288,8 @@ class HttpGateway:
         code = code_for_http_status(exc.status_code)
         message = exc.detail
         if exc.status_code == 404:
-            message = (f"no route {request.url.path!r}: POST /v1/<Method>, GET /healthz, GET /readyz "
-                       "or GET / (the explorer)")
+            message = (f"no route {request.url.path!r}: POST /v1/<Method>, GET /healthz, GET /readyz, "
+                       f"GET / (the explorer) or the OpenAI-compatible API under {BASE_PATH}/")
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path!r}"
         return error_response(code, message, _caller_request_id(request), exc.status_code, dict(exc.headers or {}))
@@ -305,17 +302,11 @@ class HttpGateway:
 
 
 def _caller_request_id(request: Request) -> str:
-    """The caller's `x-request-id` when the server would keep it (RequestIdInterceptor), else a new one like its."""
-    given = request.headers.get(REQUEST_ID_KEY)
-    return given if given is not None and is_safe_request_id(given) else uuid.uuid4().hex
+    return caller_request_id(request)
 
 
 def _metadata(request: Request, request_id: str) -> tuple[tuple[str, str], ...]:
-    items = [(TRANSPORT_KEY, HTTP), (REQUEST_ID_KEY, request_id)]
-    authorization = request.headers.get(AUTHORIZATION_KEY)
-    if authorization and authorization.isascii() and authorization.isprintable():  # else: as if none was sent
-        items.append((AUTHORIZATION_KEY, authorization))
-    return tuple(items)
+    return call_metadata(request, request_id, HTTP)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
