@@ -124,6 +124,23 @@ def test_named_markdown_files_exist(doc: Path) -> None:
     assert missing == [], f"{doc.relative_to(ROOT)} names Markdown files the repository does not have: {missing}"
 
 
+def test_cited_docs_and_method_sections_exist() -> None:
+    """Code and docs cite `docs/methods.md §B.4`: the doc and the section (a `## B.` or `### B.4` heading) exist."""
+    sections = set(re.findall(r"^#{2,3} ([A-Z](?:\.\d+)?)\.? ", (ROOT / "docs" / "methods.md").read_text("utf-8"),
+                              re.MULTILINE))
+    sources = [p for d in TOP_LEVEL_DIRS for p in (ROOT / d).rglob("*")
+               if p.suffix in (".py", ".toml", ".md", ".sh") and ".venv" not in p.parts and p != Path(__file__)]
+    problems = []
+    for source in [*sources, *DOCS]:
+        text = source.read_text(encoding="utf-8", errors="replace")
+        problems += [f"{source.relative_to(ROOT)}: {doc}" for doc in set(re.findall(r"\bdocs/[\w-]+\.md", text))
+                     if not (ROOT / doc).exists()]
+        for cited in re.findall(r"methods\.md\)?((?:[ ,]*§[A-Z](?:\.\d+)?)+)", text):
+            problems += [f"{source.relative_to(ROOT)}: methods.md §{x}"
+                         for x in re.findall(r"§([A-Z](?:\.\d+)?)", cited) if x not in sections]
+    assert len(sections) > 10 and problems == []
+
+
 def test_the_top_level_names_exist() -> None:
     """The prefixes above are the repository's: a renamed top-level entry must be renamed here too."""
     assert [n for n in (*TOP_LEVEL_DIRS, *TOP_LEVEL_FILES) if not (ROOT / n).exists()] == []
