@@ -202,11 +202,7 @@ def _write_atomic(directory: Path, documents: list[Document], provenance: dict[s
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
-        with (staging / DOCUMENTS_FILE).open("w", encoding="utf-8") as handle:
-            for doc in documents:
-                handle.write(json.dumps({"id": doc.doc_id, "source": doc.source, "text": doc.text},
-                                        ensure_ascii=False) + "\n")
-        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+        _write_files(staging, documents, provenance)
         staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         try:
             staging.rename(directory)
@@ -215,6 +211,14 @@ def _write_atomic(directory: Path, documents: list[Document], provenance: dict[s
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_files(staging: Path, documents: list[Document], provenance: dict[str, Any]) -> None:
+    with (staging / DOCUMENTS_FILE).open("w", encoding="utf-8") as handle:
+        for doc in documents:
+            handle.write(json.dumps({"id": doc.doc_id, "source": doc.source, "text": doc.text}, ensure_ascii=False)
+                         + "\n")
+    (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
 
 
 def _read_documents(directory: Path) -> list[Document]:

@@ -5,8 +5,9 @@ text file, a .jsonl file or a directory, as `load_corpus` reads them). Weights a
 mixed corpus's characters (a proxy for tokens that needs no tokenizer); they default to 1. A single source
 keeps all of its documents, exactly as before mixing existed. With several, the mix is as large as the
 scarcest source allows at its share: each source contributes weight × budget characters, taking its
-documents in a seeded order that depends only on (seed, document id), so a document's inclusion is stable
-and its split (by the same id hash, `split_documents`) is untouched by mixing.
+documents in a seeded order of (seed, document id) hashes, so documents added to a source can displace
+others but never bring back one that was left out, and a document's split (`split_documents`, by its id)
+is untouched by mixing.
 """
 
 from __future__ import annotations
