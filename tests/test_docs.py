@@ -141,6 +141,25 @@ def test_cited_docs_and_method_sections_exist() -> None:
     assert len(sections) > 10 and problems == []
 
 
+def test_every_serve_setting_is_in_the_settings_table() -> None:
+    """docs/operations.md "Settings" lists every `serve` flag and every ServerConfig field's FEATUREWIRE_ variable."""
+    import argparse
+    from dataclasses import fields
+
+    from core.config import ENV_PREFIX
+    from service.cli import build_parser
+    from service.config import ServerConfig
+
+    text = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    table = text[text.index("\n## Settings\n"):].split("\n## ", 2)[1]
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    flags = [o for a in commands.choices["serve"]._actions for o in a.option_strings if o not in ("-h", "--help")]
+    variables = [f"{ENV_PREFIX}{f.name.upper()}" for f in fields(ServerConfig)]
+    variables += [f"{ENV_PREFIX}{name}" for name in ("MODEL", "DEVICE", "DTYPE", "CACHE", "AUTH_TOKEN_FILE")]
+    missing = [name for name in (*flags, *variables) if f"`{name}" not in table]
+    assert missing == [], f"docs/operations.md, Settings, does not list {missing}"
+
+
 def test_the_top_level_names_exist() -> None:
     """The prefixes above are the repository's: a renamed top-level entry must be renamed here too."""
     assert [n for n in (*TOP_LEVEL_DIRS, *TOP_LEVEL_FILES) if not (ROOT / n).exists()] == []
