@@ -45,6 +45,7 @@ class FeatureSort(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FEATURE_SORT_UNSPECIFIED: _ClassVar[FeatureSort]
     FEATURE_SORT_DENSITY: _ClassVar[FeatureSort]
     FEATURE_SORT_MAX: _ClassVar[FeatureSort]
+    FEATURE_SORT_LABEL_F1: _ClassVar[FeatureSort]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -74,6 +75,7 @@ TOKEN_DIRECTION_SUPPRESSES: TokenDirection
 FEATURE_SORT_UNSPECIFIED: FeatureSort
 FEATURE_SORT_DENSITY: FeatureSort
 FEATURE_SORT_MAX: FeatureSort
+FEATURE_SORT_LABEL_F1: FeatureSort
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP_STRING: FinishReason
@@ -353,7 +355,7 @@ class FeatureDashboard(_message.Message):
     def __init__(self, tokens: _Optional[int] = ..., documents: _Optional[int] = ..., corpus: _Optional[str] = ..., context: _Optional[int] = ..., sides: _Optional[_Iterable[_Union[DashboardSide, _Mapping]]] = ..., neighbours: _Optional[_Iterable[_Union[FeatureNeighbour, _Mapping]]] = ..., cross_stage_neighbours: _Optional[_Iterable[_Union[FeatureNeighbour, _Mapping]]] = ..., cooccurring: _Optional[_Iterable[_Union[CoOccurringFeature, _Mapping]]] = ...) -> None: ...
 
 class DashboardSide(_message.Message):
-    __slots__ = ("sign", "count", "density", "mean", "max", "histogram", "top_examples", "quantiles")
+    __slots__ = ("sign", "count", "density", "mean", "max", "histogram", "top_examples", "quantiles", "label")
     SIGN_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     DENSITY_FIELD_NUMBER: _ClassVar[int]
@@ -362,6 +364,7 @@ class DashboardSide(_message.Message):
     HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
     TOP_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     QUANTILES_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
     sign: Sign
     count: int
     density: float
@@ -370,7 +373,36 @@ class DashboardSide(_message.Message):
     histogram: Histogram
     top_examples: _containers.RepeatedCompositeFieldContainer[DashboardExample]
     quantiles: _containers.RepeatedCompositeFieldContainer[QuantileGroup]
-    def __init__(self, sign: _Optional[_Union[Sign, str]] = ..., count: _Optional[int] = ..., density: _Optional[float] = ..., mean: _Optional[float] = ..., max: _Optional[float] = ..., histogram: _Optional[_Union[Histogram, _Mapping]] = ..., top_examples: _Optional[_Iterable[_Union[DashboardExample, _Mapping]]] = ..., quantiles: _Optional[_Iterable[_Union[QuantileGroup, _Mapping]]] = ...) -> None: ...
+    label: TokenLabel
+    def __init__(self, sign: _Optional[_Union[Sign, str]] = ..., count: _Optional[int] = ..., density: _Optional[float] = ..., mean: _Optional[float] = ..., max: _Optional[float] = ..., histogram: _Optional[_Union[Histogram, _Mapping]] = ..., top_examples: _Optional[_Iterable[_Union[DashboardExample, _Mapping]]] = ..., quantiles: _Optional[_Iterable[_Union[QuantileGroup, _Mapping]]] = ..., label: _Optional[_Union[TokenLabel, _Mapping]] = ...) -> None: ...
+
+class TokenLabel(_message.Message):
+    __slots__ = ("tokens", "rule_size", "precision", "recall", "f1")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RULE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    RECALL_FIELD_NUMBER: _ClassVar[int]
+    F1_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[LabelToken]
+    rule_size: int
+    precision: float
+    recall: float
+    f1: float
+    def __init__(self, tokens: _Optional[_Iterable[_Union[LabelToken, _Mapping]]] = ..., rule_size: _Optional[int] = ..., precision: _Optional[float] = ..., recall: _Optional[float] = ..., f1: _Optional[float] = ...) -> None: ...
+
+class LabelToken(_message.Message):
+    __slots__ = ("id", "text", "share", "firings", "occurrences")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    FIRINGS_FIELD_NUMBER: _ClassVar[int]
+    OCCURRENCES_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    text: str
+    share: float
+    firings: int
+    occurrences: int
+    def __init__(self, id: _Optional[int] = ..., text: _Optional[str] = ..., share: _Optional[float] = ..., firings: _Optional[int] = ..., occurrences: _Optional[int] = ...) -> None: ...
 
 class Histogram(_message.Message):
     __slots__ = ("edges", "counts")
@@ -495,7 +527,7 @@ class SearchFeaturesRequest(_message.Message):
     def __init__(self, stack: _Optional[str] = ..., text: _Optional[_Union[TextQuery, _Mapping]] = ..., token: _Optional[_Union[TokenQuery, _Mapping]] = ..., explanation: _Optional[str] = ..., stages: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class FeatureMatch(_message.Message):
-    __slots__ = ("stage", "stage_index", "feature", "score", "sign", "position", "density", "explanation")
+    __slots__ = ("stage", "stage_index", "feature", "score", "sign", "position", "density", "explanation", "label_f1", "label")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     FEATURE_FIELD_NUMBER: _ClassVar[int]
@@ -504,6 +536,8 @@ class FeatureMatch(_message.Message):
     POSITION_FIELD_NUMBER: _ClassVar[int]
     DENSITY_FIELD_NUMBER: _ClassVar[int]
     EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    LABEL_F1_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
     stage: str
     stage_index: int
     feature: int
@@ -512,7 +546,9 @@ class FeatureMatch(_message.Message):
     position: int
     density: float
     explanation: str
-    def __init__(self, stage: _Optional[str] = ..., stage_index: _Optional[int] = ..., feature: _Optional[int] = ..., score: _Optional[float] = ..., sign: _Optional[_Union[Sign, str]] = ..., position: _Optional[int] = ..., density: _Optional[float] = ..., explanation: _Optional[str] = ...) -> None: ...
+    label_f1: float
+    label: str
+    def __init__(self, stage: _Optional[str] = ..., stage_index: _Optional[int] = ..., feature: _Optional[int] = ..., score: _Optional[float] = ..., sign: _Optional[_Union[Sign, str]] = ..., position: _Optional[int] = ..., density: _Optional[float] = ..., explanation: _Optional[str] = ..., label_f1: _Optional[float] = ..., label: _Optional[str] = ...) -> None: ...
 
 class SearchFeaturesResponse(_message.Message):
     __slots__ = ("stack", "features", "next_page_token", "total", "tokens")
@@ -549,18 +585,20 @@ class ListFeaturesRequest(_message.Message):
     def __init__(self, stack: _Optional[str] = ..., stage: _Optional[str] = ..., min_density: _Optional[float] = ..., max_density: _Optional[float] = ..., sort: _Optional[_Union[FeatureSort, str]] = ..., descending: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class FeatureSummary(_message.Message):
-    __slots__ = ("feature", "density", "max", "mean", "explanation")
+    __slots__ = ("feature", "density", "max", "mean", "explanation", "label_f1")
     FEATURE_FIELD_NUMBER: _ClassVar[int]
     DENSITY_FIELD_NUMBER: _ClassVar[int]
     MAX_FIELD_NUMBER: _ClassVar[int]
     MEAN_FIELD_NUMBER: _ClassVar[int]
     EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    LABEL_F1_FIELD_NUMBER: _ClassVar[int]
     feature: int
     density: float
     max: float
     mean: float
     explanation: str
-    def __init__(self, feature: _Optional[int] = ..., density: _Optional[float] = ..., max: _Optional[float] = ..., mean: _Optional[float] = ..., explanation: _Optional[str] = ...) -> None: ...
+    label_f1: float
+    def __init__(self, feature: _Optional[int] = ..., density: _Optional[float] = ..., max: _Optional[float] = ..., mean: _Optional[float] = ..., explanation: _Optional[str] = ..., label_f1: _Optional[float] = ...) -> None: ...
 
 class ListFeaturesResponse(_message.Message):
     __slots__ = ("stack", "stage", "stage_index", "features", "next_page_token", "total", "tokens")
