@@ -59,7 +59,7 @@ def test_text_field_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 @pytest.mark.parametrize(
     ("argv", "message"),
-    [(["--corpus", "{missing}"], "not found: pass 'default'"),
+    [(["--corpus", "{missing}"], "not found: use 'default'"),
      (["--corpus", "{bad}"], "bad.jsonl:2: invalid JSON"),
      (["--corpus", "{bad}", "--eval-fraction", "0.99"], "must be < 1")],
 )
