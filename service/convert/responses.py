@@ -14,7 +14,14 @@ from featurewire.v1 import featurewire_pb2 as pb
 from featurewire.v1 import types_pb2 as t
 
 from service.convert.enums import ACTION_NUMBERS, BRANCHES, FINISH_REASONS, SIGNS
-from service.engine.contract.feature_specs import Example, FeatureDashboard, ListPage, Neighbour, SearchPage
+from service.engine.contract.feature_specs import (
+    Example,
+    FeatureDashboard,
+    ListPage,
+    Neighbour,
+    SearchPage,
+    SideLabel,
+)
 from service.engine.contract.specs import (
     ConditionEvent,
     DecomposeChunk,
@@ -130,13 +137,22 @@ def _neighbours(items: Sequence[Neighbour], stack: ServedStack) -> list[pb.Featu
             for n in items if 0 <= n.stage < len(names)]
 
 
+def _label(label: SideLabel | None) -> pb.TokenLabel | None:
+    if label is None:
+        return None
+    tokens = [pb.LabelToken(id=t.id, text=t.text, share=t.share, firings=t.firings, occurrences=t.occurrences)
+              for t in label.tokens]
+    return pb.TokenLabel(tokens=tokens, rule_size=label.rule_size, precision=label.precision, recall=label.recall,
+                         f1=label.f1)
+
+
 def dashboard(d: FeatureDashboard, stack: ServedStack) -> pb.FeatureDashboard:
     sides = [pb.DashboardSide(sign=SIGNS[side.sign], count=side.count, density=side.density, mean=side.mean,
                               max=side.max, histogram=pb.Histogram(edges=side.edges, counts=side.counts),
                               top_examples=[_example(x) for x in side.top_examples],
                               quantiles=[pb.QuantileGroup(low=q.low, high=q.high, share=q.share,
                                                           examples=[_example(x) for x in q.examples])
-                                         for q in side.quantiles])
+                                         for q in side.quantiles], label=_label(side.label))
              for side in d.sides]
     return pb.FeatureDashboard(
         tokens=d.tokens, documents=d.documents, corpus=d.corpus, context=d.context, sides=sides,
@@ -151,9 +167,11 @@ def search_response(result: SearchPage, stack: ServedStack, next_page_token: str
     for m in result.matches:
         match = pb.FeatureMatch(stage=names[m.stage], stage_index=m.stage, feature=m.feature, score=m.score,
                                 sign=SIGNS[m.sign] if m.sign is not None else pb.SIGN_UNSPECIFIED,
-                                position=m.position, explanation=m.explanation)
+                                position=m.position, explanation=m.explanation, label=m.label)
         if m.density is not None:
             match.density = m.density
+        if m.label_f1 is not None:
+            match.label_f1 = m.label_f1
         matches.append(match)
     tokens = [t.Token(position=p, id=i, text=s) for p, (i, s) in enumerate(result.tokens)]
     return pb.SearchFeaturesResponse(stack=result.stack, features=matches, next_page_token=next_page_token,
@@ -162,7 +180,7 @@ def search_response(result: SearchPage, stack: ServedStack, next_page_token: str
 
 def list_response(result: ListPage, stack: ServedStack, next_page_token: str) -> pb.ListFeaturesResponse:
     features = [pb.FeatureSummary(feature=f.feature, density=f.density, max=f.max, mean=f.mean,
-                                  explanation=f.explanation) for f in result.features]
+                                  explanation=f.explanation, label_f1=f.label_f1) for f in result.features]
     return pb.ListFeaturesResponse(stack=result.stack, stage=stack.stage_names[result.stage],
                                    stage_index=result.stage, features=features,
                                    next_page_token=next_page_token, total=result.total, tokens=result.tokens)

@@ -62,6 +62,12 @@ def test_feature_returns_the_dashboard_explanation_and_meta_latents(client: fw.C
         x = side.top_examples[0]
         assert x.marked().count("[[") == 1 and x.marked().replace("[[", "").replace("]]", "") == x.text
         assert f"[[{x.tokens[x.index].text}]]" in x.marked() and (x.value < 0) == (side.sign == "NEGATIVE")
+        label, raw_label = side.label, raw_side.label
+        assert label is not None and raw_side.HasField("label") and 1 <= label.rule_size <= len(label.tokens)
+        assert [(t.id, t.text, t.firings) for t in label.tokens] == [(t.id, t.text, t.firings)
+                                                                     for t in raw_label.tokens]
+        assert (label.f1, label.precision, label.recall) == (raw_label.f1, raw_label.precision, raw_label.recall)
+        assert label.rule == label.tokens[: label.rule_size] and f"token F1 {label.f1:.2f}" in label.describe()
     assert [n.feature for n in d.neighbours] == [n.feature for n in raw.dashboard.neighbours]
     assert feature.density == pytest.approx(raw.density) and feature.meta_latents is None
     noted = client.feature("", "resid1", 3)
@@ -111,7 +117,10 @@ def test_list_features_pages_and_filters(client: fw.Client):
     assert [f.max for f in pieces] == sorted((f.max for f in pieces), reverse=True)
     dense = client.list_features("mlp2", min_density=0.05, max_density=1.0)
     assert all(0.05 <= f.density <= 1 for f in dense.features) and dense.tokens == whole.tokens
-    with pytest.raises(ValueError, match="sort must be one of density, max"):
+    by_f1 = client.list_features("mlp2", sort="label_f1", descending=True, page_size=200)
+    f1s = [f.label_f1 for f in by_f1.features]
+    assert None not in f1s and f1s == sorted(f1s, reverse=True) and f1s[0] > 0
+    with pytest.raises(ValueError, match="sort must be one of density, max, label_f1"):
         client.list_features("mlp2", sort="mean")
     with pytest.raises(fw.InvalidArgument, match="min_density"):
         client.list_features("mlp2", min_density=-1)
@@ -148,6 +157,7 @@ def test_feature_command_prints_the_dashboard(cli, dash_server: Running):
     assert code == 0 and out.startswith(f"feature {number} of stage signed (index 1) in stack tiny")
     assert "dashboard:" in out and "  POSITIVE: density" in out and "  NEGATIVE: density" in out
     assert "[[" in out and "]]" in out and "promotes:" in out and "neighbours:" in out and "co-occurs with:" in out
+    assert out.count("    label: ") == 2 and "(token F1 " in out
     code, out, _ = cli("feature", "tiny", "resid1", "3")
     assert code == 0 and f"explanation: {EXPLANATIONS['resid1'][3]}" in out and "meta-latents (of 32):" in out
     code, out, _ = cli("feature", "-", "resid1", "3", "--json")
@@ -185,6 +195,11 @@ def test_features_command(cli, client: fw.Client):
     assert code == 0 and "features of stage mlp2 in stack tiny" in lines[0] and lines[1].split()[0] == "feature"
     expected = client.list_features("mlp2", max_density=0.01, sort="max", descending=True)
     assert [int(line.split()[0]) for line in lines[2:]] == [f.feature for f in expected.features]
+    code, out, _ = cli("features", "mlp2", "--sort", "label_f1", "--descending", "--page-size", "5")
+    lines = out.splitlines()
+    assert code == 0 and "label F1" in lines[1]
+    expected = client.list_features("mlp2", sort="label_f1", descending=True, page_size=5)
+    assert [line.split()[4] for line in lines[2:]] == [f"{f.label_f1:.2f}" for f in expected.features]
     code, out, _ = cli("features", "resid1", "--json", "--all", "--page-size", "100")
     pages = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and len(pages) == 3 and [p["next_page_token"] == "" for p in pages] == [False, False, True]

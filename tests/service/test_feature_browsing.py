@@ -16,6 +16,7 @@ import pytest
 import torch
 from featurewire.v1 import featurewire_pb2 as pb
 
+from core.stack.dashboards import feature_labels, stage_labels
 from core.stack.meta_sae import meta_latents
 from core.stack.reader import LoadedStack, read_stack
 from core.stack.runtime import StackRuntime
@@ -135,6 +136,21 @@ def test_get_feature_returns_the_stored_dashboard(browsing: Running, loaded: Loa
             assert (group.low, group.high, group.share) == pytest.approx(
                 (float(d["quantile_low"][n, feature, q]), float(d["quantile_high"][n, feature, q]), float(shares[q])))
             _examples(group.examples, d, "quantile", (n, feature, q), sign, tiny_gemma.tokenizer)
+    labels = {0 if x.sign > 0 else 1: x for x in feature_labels(d, feature)}
+    assert labels, "the busiest feature has a token label"
+    for n, side in enumerate(dash.sides):
+        label = labels.get(n)
+        assert side.HasField("label") == (label is not None)
+        if label is None:
+            continue
+        got = side.label
+        assert [t.id for t in got.tokens] == list(label.token_ids) and got.rule_size == label.size >= 1
+        assert [t.text for t in got.tokens] == token_texts(tiny_gemma.tokenizer, list(label.token_ids))
+        assert [t.share for t in got.tokens] == pytest.approx(list(label.shares))
+        assert [(t.firings, t.occurrences) for t in got.tokens] == list(zip(label.firings, label.occurrences,
+                                                                            strict=True))
+        assert (got.precision, got.recall, got.f1) == pytest.approx((label.precision, label.recall, label.f1))
+        assert 0 < got.f1 <= 1 and got.f1 == pytest.approx(float(d["label_f1"][n, feature]))
     near = [(names[stage], stage, i, c) for i, c in zip(d["neighbour_ids"][feature].tolist(),
                                                          d["neighbour_cos"][feature].tolist(), strict=True) if i >= 0]
     assert [(x.stage, x.stage_index, x.feature) for x in dash.neighbours] == [r[:3] for r in near]
@@ -174,7 +190,7 @@ def test_a_stack_without_dashboards_still_serves(browsing: Running):
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "featurewire-train dashboards" in message
     no_notes = pb.SearchFeaturesRequest(stack="bare", explanation="cat")
     code, message = refused(lambda: browsing.stub.SearchFeatures(no_notes, timeout=10))
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and "no explanations" in message
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "neither explanations nor token labels" in message
     found = browsing.stub.SearchFeatures(pb.SearchFeaturesRequest(stack="bare", text=pb.TextQuery(text=TEXT)),
                                          timeout=30)
     assert found.total > 0 and not any(m.HasField("density") for m in found.features)
@@ -253,19 +269,55 @@ def test_search_by_token_equals_the_brute_force_logit_lens(browsing: Running, lo
     assert [(m.stage_index, m.feature) for m in lowest.features] == [(s, f) for _, s, f in sorted(scores)[:10]]
 
 
-def test_search_by_explanation_counts_matching_words(browsing: Running):
-    found = browsing.stub.SearchFeatures(pb.SearchFeaturesRequest(explanation="CAT food, Dates!"), timeout=30)
-    words = {"cat", "food", "dates"}
-    expected = []
-    for index, name in enumerate(("resid1", "signed", "mlp2", "resid3")):
-        for f, text in sorted(EXPLANATIONS.get(name, {}).items()):
-            if n := len(words & set(re.findall(r"\w+", text.lower()))):
-                expected.append((-n, index, f))
-    assert [(m.stage_index, m.feature, m.score) for m in found.features] == [(s, f, -n) for n, s, f in
-                                                                             sorted(expected)]
-    assert found.features[0].explanation == EXPLANATIONS["mlp2"][1] and found.total == len(expected) == 3
+def word_table(loaded: LoadedStack, tokenizer) -> dict[tuple[int, int], tuple[set[str], float]]:
+    """(stage, feature) -> (words of its explanation and its labels' rule tokens, best label F1), brute force."""
+    out = {}
+    for index, stage in enumerate(loaded.stages):
+        f1 = stage.dashboard["label_f1"].max(0).values
+        labelled = stage_labels(stage.dashboard)
+        for f in range(stage.sae.d_sae):
+            text = EXPLANATIONS.get(stage.name, {}).get(f, "") + " " + " ".join(
+                token_texts(tokenizer, [t])[0] for label in labelled.get(f, []) for t in label.rule_ids)
+            out[index, f] = (set(re.findall(r"\w+", text.lower())), float(f1[f]))
+    return out
+
+
+def expected_matches(table, words: set[str]) -> list[tuple[int, int, int]]:
+    """(stage, feature, words matched) by words matched, then best label F1, then stage and feature."""
+    hits = [(-len(words & found), -f1, s, f) for (s, f), (found, f1) in table.items() if words & found]
+    return [(s, f, -n) for n, _, s, f in sorted(hits)]
+
+
+def test_search_by_explanation_counts_matching_words(browsing: Running, loaded: LoadedStack, tiny_gemma):
+    table = word_table(loaded, tiny_gemma.tokenizer)
+    found = pages(browsing.stub.SearchFeatures, pb.SearchFeaturesRequest(explanation="CAT food, Dates!"), 50)
+    assert [(m.stage_index, m.feature, m.score) for m in found] == expected_matches(table, {"cat", "food", "dates"})
+    assert found[0].explanation == EXPLANATIONS["mlp2"][1]
     only = browsing.stub.SearchFeatures(pb.SearchFeaturesRequest(explanation="cat", stages=["resid1"]), timeout=30)
-    assert [(m.stage, m.feature) for m in only.features] == [("resid1", 5)]
+    assert [(m.stage, m.feature, m.score) for m in only.features] == [
+        (loaded.stages[s].name, f, n) for s, f, n in expected_matches(table, {"cat"}) if s == 0]
+
+
+def test_search_by_explanation_matches_token_labels(browsing: Running, loaded: LoadedStack, tiny_gemma):
+    """A word of a label's rule tokens that no explanation holds finds the labelled features, best label F1 first,
+    with each match's label and F1; so explanation search works on a stack without explanations."""
+    table = word_table(loaded, tiny_gemma.tokenizer)
+    explained = {w for table_ in EXPLANATIONS.values() for text in table_.values()
+                 for w in re.findall(r"\w+", text.lower())}
+    counts: dict[str, int] = {}
+    for found, _ in table.values():
+        for word in found - explained:
+            counts[word] = counts.get(word, 0) + 1
+    word = max(sorted(counts), key=lambda w: counts[w])  # the label word shared by the most features
+    assert counts[word] >= 2
+    found = pages(browsing.stub.SearchFeatures, pb.SearchFeaturesRequest(explanation=word), 7)
+    expected = expected_matches(table, {word})
+    assert [(m.stage_index, m.feature, m.score) for m in found] == expected and len(expected) == counts[word]
+    f1s = [m.label_f1 for m in found]
+    assert f1s == sorted(f1s, reverse=True) and all(0 < x <= 1 for x in f1s)
+    for m in found:
+        assert m.HasField("label_f1") and m.label_f1 == pytest.approx(table[m.stage_index, m.feature][1])
+        assert word in m.label.lower() and "token F1" in m.label and word not in m.explanation.lower()
 
 
 # ---------------------------------------------------------------------------------------- ListFeatures
@@ -273,7 +325,8 @@ def test_search_by_explanation_counts_matching_words(browsing: Running):
 
 @pytest.mark.parametrize(("stage", "sort", "descending", "low", "high"), [
     (1, pb.FEATURE_SORT_DENSITY, False, 0.001, 0.5), (0, pb.FEATURE_SORT_MAX, True, None, None),
-    (3, pb.FEATURE_SORT_UNSPECIFIED, True, 0.0, 0.02)])
+    (3, pb.FEATURE_SORT_UNSPECIFIED, True, 0.0, 0.02), (1, pb.FEATURE_SORT_LABEL_F1, True, None, None),
+    (2, pb.FEATURE_SORT_LABEL_F1, False, 0.001, 1.0)])
 def test_list_features_filters_sorts_and_pages(browsing: Running, loaded: LoadedStack, stage, sort, descending, low,
                                                high):
     s = loaded.stages[stage]
@@ -282,7 +335,8 @@ def test_list_features_filters_sorts_and_pages(browsing: Running, loaded: Loaded
     density = count.double() / s.dashboard_record["tokens"]
     peak = d["max"].max(0).values
     keep = [f for f in range(count.shape[0]) if (low or 0.0) <= float(density[f]) <= (1.0 if high is None else high)]
-    key = density if sort != pb.FEATURE_SORT_MAX else peak.double()
+    f1 = d["label_f1"].max(0).values
+    key = {pb.FEATURE_SORT_MAX: peak.double(), pb.FEATURE_SORT_LABEL_F1: f1.double()}.get(sort, density)
     expected = sorted(keep, key=lambda f: -float(key[f]) if descending else float(key[f]))  # ties by feature id
     request = pb.ListFeaturesRequest(stage=s.name, sort=sort, descending=descending)
     if low is not None:
@@ -296,6 +350,7 @@ def test_list_features_filters_sorts_and_pages(browsing: Running, loaded: Loaded
         fired = int(count[x.feature])
         assert x.mean == pytest.approx(float(d["sum"][:, x.feature].sum()) / fired if fired else 0.0, rel=1e-5)
         assert x.explanation == EXPLANATIONS.get(s.name, {}).get(x.feature, "")
+        assert x.HasField("label_f1") and x.label_f1 == pytest.approx(float(f1[x.feature]))
 
 
 def test_dead_features_and_the_response_header(browsing: Running, loaded: LoadedStack):
@@ -405,6 +460,8 @@ BAD_LISTS = [
     (pb.ListFeaturesRequest(stage="resid1", min_density=0.5, max_density=0.1), grpc.StatusCode.INVALID_ARGUMENT,
      "min_density 0.5 is above max_density 0.1"),
     (pb.ListFeaturesRequest(stage="resid1", sort=5), grpc.StatusCode.INVALID_ARGUMENT, "sort has unknown value 5"),
+    (pb.ListFeaturesRequest(stack="bare", stage="resid1", sort=pb.FEATURE_SORT_LABEL_F1),
+     grpc.StatusCode.FAILED_PRECONDITION, "has no feature dashboards"),
     (pb.ListFeaturesRequest(stage="resid1", page_size=1000), grpc.StatusCode.INVALID_ARGUMENT,
      "page_size 1000 is out of range"),
 ]

@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stage")
     p.add_argument("--min-density", type=float, metavar="D", help="keep density >= D (default 0)")
     p.add_argument("--max-density", type=float, metavar="D", help="keep density <= D (default 1; 0: dead features)")
-    p.add_argument("--sort", choices=("density", "max"), default="density", help="order (default density)")
+    p.add_argument("--sort", choices=("density", "max", "label_f1"), default="density",
+                   help="order (default density; label_f1: the best token-label F1)")
     p.add_argument("--descending", action="store_true", help="largest first")
     _paging(p)
     p = add("score", cmd_score, "teacher-forced CE of a text, clean and edited or spliced, and their KL")

@@ -60,6 +60,36 @@ class QuantileGroup:
 
 
 @dataclass(frozen=True)
+class LabelToken:
+    id: int
+    text: str
+    share: float  # of the side's firing mass
+    firings: int
+    occurrences: int  # of the token among the dashboard pass's tokens
+
+
+@dataclass(frozen=True)
+class TokenLabel:
+    """A side's LLM-free label: tokens by firing mass, and the exact precision/recall/F1 of the rule "fires
+    exactly where the token is one of the first `rule_size` tokens" over the dashboard pass."""
+
+    tokens: tuple[LabelToken, ...]
+    rule_size: int
+    precision: float
+    recall: float
+    f1: float
+
+    @property
+    def rule(self) -> tuple[LabelToken, ...]:
+        return self.tokens[: self.rule_size]
+
+    def describe(self) -> str:
+        """e.g. `' the' 62%, ' a' 21% (token F1 0.71: precision 0.80, recall 0.64)`."""
+        tokens = ", ".join(f"{t.text!r} {t.share:.0%}" for t in self.rule)
+        return f"{tokens} (token F1 {self.f1:.2f}: precision {self.precision:.2f}, recall {self.recall:.2f})"
+
+
+@dataclass(frozen=True)
 class DashboardSide:
     """One sign of a feature: POSITIVE, or NEGATIVE on a signed stage (magnitudes |z|)."""
 
@@ -72,6 +102,7 @@ class DashboardSide:
     histogram_counts: tuple[int, ...]
     top_examples: tuple[DashboardExample, ...]
     quantiles: tuple[QuantileGroup, ...]
+    label: TokenLabel | None = None  # None: no labels in the dashboard, or it never fired on this side
 
 
 @dataclass(frozen=True)
@@ -125,6 +156,8 @@ class FeatureMatch:
     position: int  # text search: the token where |z| peaked
     density: float | None
     explanation: str
+    label_f1: float | None = None  # best over sides; None without labels
+    label: str = ""  # the label's rule tokens per side, in one line
 
 
 @dataclass(frozen=True)
@@ -145,6 +178,7 @@ class FeatureSummary:
     max: float
     mean: float
     explanation: str
+    label_f1: float | None = None
 
 
 @dataclass(frozen=True)
@@ -172,13 +206,21 @@ def _neighbours(items: Any) -> tuple[FeatureNeighbour, ...]:
     return tuple(FeatureNeighbour(n.stage, n.stage_index, n.feature, n.cosine) for n in items)
 
 
+def _label(m: pb.DashboardSide) -> TokenLabel | None:
+    if not m.HasField("label"):
+        return None
+    label = m.label
+    return TokenLabel(tuple(LabelToken(t.id, t.text, t.share, t.firings, t.occurrences) for t in label.tokens),
+                      label.rule_size, label.precision, label.recall, label.f1)
+
+
 def dashboard(m: pb.FeatureDashboard) -> FeatureDashboard:
     sides = tuple(DashboardSide(
         sign=_sign(s.sign) or "POSITIVE", count=s.count, density=s.density, mean=s.mean, max=s.max,
         histogram_edges=tuple(s.histogram.edges), histogram_counts=tuple(s.histogram.counts),
         top_examples=tuple(_example(x) for x in s.top_examples),
         quantiles=tuple(QuantileGroup(q.low, q.high, q.share, tuple(_example(x) for x in q.examples))
-                        for q in s.quantiles)) for s in m.sides)
+                        for q in s.quantiles), label=_label(s)) for s in m.sides)
     return FeatureDashboard(tokens=m.tokens, documents=m.documents, corpus=m.corpus, context=m.context, sides=sides,
                             neighbours=_neighbours(m.neighbours),
                             cross_stage_neighbours=_neighbours(m.cross_stage_neighbours),
@@ -192,7 +234,8 @@ def meta_latents(m: pb.MetaLatents) -> MetaLatents:
 def search_result(m: pb.SearchFeaturesResponse) -> SearchResult:
     features = tuple(FeatureMatch(stage=f.stage, stage_index=f.stage_index, feature=f.feature, score=f.score,
                                   sign=_sign(f.sign), position=f.position,
-                                  density=f.density if f.HasField("density") else None, explanation=f.explanation)
+                                  density=f.density if f.HasField("density") else None, explanation=f.explanation,
+                                  label_f1=f.label_f1 if f.HasField("label_f1") else None, label=f.label)
                      for f in m.features)
     return SearchResult(stack=m.stack, features=features, next_page_token=m.next_page_token, total=m.total,
                         tokens=tuple(TextToken(t.position, t.id, t.text) for t in m.tokens))
@@ -200,6 +243,7 @@ def search_result(m: pb.SearchFeaturesResponse) -> SearchResult:
 
 def feature_list(m: pb.ListFeaturesResponse) -> FeatureList:
     return FeatureList(stack=m.stack, stage=m.stage, stage_index=m.stage_index,
-                       features=tuple(FeatureSummary(f.feature, f.density, f.max, f.mean, f.explanation)
+                       features=tuple(FeatureSummary(f.feature, f.density, f.max, f.mean, f.explanation,
+                                                     f.label_f1 if f.HasField("label_f1") else None)
                                       for f in m.features),
                        next_page_token=m.next_page_token, total=m.total, tokens=m.tokens)

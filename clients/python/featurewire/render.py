@@ -157,6 +157,8 @@ def dashboard_lines(d: FeatureDashboard) -> list[str]:
     for side in d.sides:
         lines.append(f"  {side.sign}: density {side.density:.4g} ({side.count:,} tokens), mean {side.mean:.3g}, "
                      f"max {side.max:.3g}")
+        if side.label is not None:
+            lines.append(f"    label: {side.label.describe()}")
         lines += [f"    {example_line(x)}" for x in side.top_examples[:EXAMPLES_SHOWN]]
         for q in side.quantiles:
             sample = f": {q.examples[0].marked()!r}" if q.examples else ""
@@ -176,6 +178,10 @@ def _density(value: float | None) -> str:
     return "—" if value is None else f"{value:.4g}"
 
 
+def _f1(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
 def search_lines(r: SearchResult) -> list[str]:
     texts = {t.position: t.text for t in r.tokens}
     lines = [f"{r.total} matches in stack {r.stack}" + (f" (more: --page-token {r.next_page_token})"
@@ -184,17 +190,18 @@ def search_lines(r: SearchResult) -> list[str]:
         where = f" at {m.position} {token_text(texts.get(m.position, ''))}" if r.tokens else ""
         sign = f" {m.sign.lower()}" if m.sign else ""
         ref = f"{m.stage}:{m.feature}"
-        lines.append(f"{ref:<20} score {m.score:+.4g}{sign}{where}  density {_density(m.density)}"
-                     + (f"  {m.explanation}" if m.explanation else ""))
+        f1 = "" if m.label_f1 is None else f"  label F1 {m.label_f1:.2f}"
+        lines.append(f"{ref:<20} score {m.score:+.4g}{sign}{where}  density {_density(m.density)}{f1}"
+                     + (f"  {m.explanation}" if m.explanation else "") + (f"  [{m.label}]" if m.label else ""))
     return lines
 
 
 def feature_list_lines(r: FeatureList) -> list[str]:
     lines = [f"{r.total} features of stage {r.stage} in stack {r.stack} ({r.tokens:,} tokens)"
              + (f" (more: --page-token {r.next_page_token})" if r.next_page_token else ""),
-             f"{'feature':>7}  {'density':>9}  {'max':>8}  {'mean':>8}  explanation"]
-    lines += [f"{f.feature:>7}  {f.density:>9.4g}  {f.max:>8.3g}  {f.mean:>8.3g}  {f.explanation}".rstrip()
-              for f in r.features]
+             f"{'feature':>7}  {'density':>9}  {'max':>8}  {'mean':>8}  {'label F1':>8}  explanation"]
+    lines += [f"{f.feature:>7}  {f.density:>9.4g}  {f.max:>8.3g}  {f.mean:>8.3g}  {_f1(f.label_f1):>8}  "
+              f"{f.explanation}".rstrip() for f in r.features]
     return lines
 
 

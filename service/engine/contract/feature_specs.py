@@ -30,6 +30,7 @@ class TokenDirection(StrEnum):
 class FeatureSort(StrEnum):
     DENSITY = "density"
     MAX = "max"
+    LABEL_F1 = "label_f1"
 
 
 # ------------------------------------------------------------------------------------------------ specs
@@ -109,6 +110,26 @@ class QuantileGroup:
 
 
 @dataclass(frozen=True)
+class LabelToken:
+    id: int
+    text: str
+    share: float  # of the side's firing mass
+    firings: int
+    occurrences: int
+
+
+@dataclass(frozen=True)
+class SideLabel:
+    """A side's LLM-free token label (core.stack.dashboards.TokenLabel with its tokens decoded)."""
+
+    tokens: tuple[LabelToken, ...]
+    rule_size: int  # the first rule_size tokens form the scored rule
+    precision: float
+    recall: float
+    f1: float
+
+
+@dataclass(frozen=True)
 class DashboardSide:
     sign: Sign
     count: int
@@ -119,6 +140,7 @@ class DashboardSide:
     counts: tuple[int, ...]
     top_examples: tuple[Example, ...]
     quantiles: tuple[QuantileGroup, ...]
+    label: SideLabel | None = None  # None: no labels in the dashboard, or it never fired on this side
 
 
 @dataclass(frozen=True)
@@ -162,6 +184,8 @@ class FeatureMatch:
     position: int = 0
     density: float | None = None
     explanation: str = ""
+    label_f1: float | None = None  # best over sides; None without labels
+    label: str = ""  # the rule's tokens per side in one line
 
 
 @dataclass(frozen=True)
@@ -180,6 +204,7 @@ class FeatureSummary:
     max: float
     mean: float
     explanation: str = ""
+    label_f1: float | None = None
 
 
 @dataclass(frozen=True)

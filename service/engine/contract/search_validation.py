@@ -29,6 +29,7 @@ from service.engine.contract.paging import PageSigner, canonical
 
 if TYPE_CHECKING:
     from core.host.host_model import HostModel
+    from core.stack.reader import LoadedStage
     from service.engine.contract.inputs import Limits
     from service.engine.stacks.served import ServedStack
 
@@ -155,9 +156,11 @@ class FeatureQueryValidation:
         words = query_words(text)
         if not words:
             raise InvalidRequest(f"explanation {text[:40]!r} has no words to match; send at least one word")
-        if not served.loaded.explanations:
-            raise FailedPrecondition(f"stack {served.name!r} has no explanations to search; attach them with "
-                                     "`featurewire-train explanations --stack DIR --from FILE.jsonl`")
+        if not served.loaded.explanations and not any(has_labels(stage) for stage in served.loaded.stages):
+            raise FailedPrecondition(f"stack {served.name!r} has neither explanations nor token labels to search; "
+                                     "compute labelled dashboards with `featurewire-train dashboards --stack DIR` "
+                                     "or attach explanations with `featurewire-train explanations --stack DIR "
+                                     "--from FILE.jsonl`, and restart the server")
         return ExplanationSearch(words), ("explanation", list(words))
 
     # -------------------------------------------------------------------------------------- ListFeatures
@@ -174,10 +177,19 @@ class FeatureQueryValidation:
         if low > high:
             raise InvalidRequest(f"min_density {low} is above max_density {high}; the range must have min <= max")
         sort = item.sort or FeatureSort.DENSITY
+        if sort is FeatureSort.LABEL_F1 and not has_labels(served.loaded.stages[index]):
+            raise FailedPrecondition(f"sort LABEL_F1: the dashboard of stage {item.stage!r} of stack {served.name!r} "
+                                     "was written without token labels; sort by DENSITY or MAX, or recompute it: "
+                                     + DASHBOARD_HINT)
         fields = canonical("ListFeatures", served.name, served.digest, index, low, high, str(sort),
                            bool(item.descending))
         return ListSpec(served.name, index, low, high, sort, bool(item.descending),
                         self.page(item.page_size, item.page_token, fields))
+
+
+def has_labels(stage: LoadedStage) -> bool:
+    """Whether the stage's dashboard carries token labels (dashboards written before labels do not)."""
+    return stage.dashboard is not None and "label_f1" in stage.dashboard
 
 
 def _density(value: float | None, default: float, field: str) -> float:

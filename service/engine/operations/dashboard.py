@@ -1,5 +1,5 @@
 """One feature's dashboard as GetFeature returns it, read from the stage's stored dashboard tensors
-(core/stack/dashboards.py describes them), plus its explanation and meta-latents.
+(core/stack/dashboards.py describes them) with each side's token label, plus its explanation and meta-latents.
 
 The tensors are on the CPU and indexed per feature here, so a GetFeature costs a few hundred small reads and one
 batched decode of the examples' tokens, whatever the stage's width. Empty slots (document -1, ids -1) are
@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from core.host.host_model import HostModel
+from core.stack.dashboards import TokenLabel, feature_labels
 from core.stack.meta_sae import meta_latents
 from core.stack.reader import LoadedStack, LoadedStage
 from service.engine.contract.feature_specs import (
@@ -22,9 +23,11 @@ from service.engine.contract.feature_specs import (
     Example,
     ExampleToken,
     FeatureDashboard,
+    LabelToken,
     MetaLatents,
     Neighbour,
     QuantileGroup,
+    SideLabel,
     Sign,
 )
 from service.engine.operations.decompose import token_texts
@@ -93,6 +96,16 @@ def _neighbours(stages: Tensor | None, ids: Tensor, cos: Tensor, own: int) -> tu
                                                                        strict=True) if i >= 0 and s >= 0)
 
 
+def side_labels(tokenizer, labels: Sequence[TokenLabel]) -> dict[int, SideLabel]:
+    """{side index (0 positive, 1 negative): its label with the tokens decoded}, one decode for every side."""
+    distinct = sorted({t for label in labels for t in label.token_ids})
+    texts = dict(zip(distinct, token_texts(tokenizer, distinct), strict=True)) if distinct else {}
+    return {0 if label.sign > 0 else 1: SideLabel(
+        tuple(LabelToken(t, texts[t], float(share), int(n), int(seen)) for t, share, n, seen in
+              zip(label.token_ids, label.shares, label.firings, label.occurrences, strict=True)),
+        label.size, label.precision, label.recall, label.f1) for label in labels}
+
+
 def feature_dashboard(host: HostModel, stage: LoadedStage, feature: int) -> FeatureDashboard | None:
     """The stored dashboard of one feature, or None when the stage has none."""
     d = stage.dashboard
@@ -109,6 +122,7 @@ def feature_dashboard(host: HostModel, stage: LoadedStage, feature: int) -> Feat
                   for q in range(d["quantile_share"].shape[-1]) if float(d["quantile_share"][s, feature, q]) > 0]
         sides.append((s, top, groups))
     built = examples.build(host.tokenizer)
+    labels = side_labels(host.tokenizer, feature_labels(d, feature))
     out = []
     for s, top, groups in sides:
         count, total = int(d["count"][s, feature]), float(d["sum"][s, feature])
@@ -117,7 +131,8 @@ def feature_dashboard(host: HostModel, stage: LoadedStage, feature: int) -> Feat
         quantiles = tuple(QuantileGroup(float(low[q]), float(high[q]), float(share[q]),
                                         tuple(built[n] for n in numbers)) for q, numbers in groups)
         out.append(DashboardSide(SIDES[s], count, count / tokens if tokens else 0.0, total / count if count else 0.0,
-                                 float(d["max"][s, feature]), edges, counts, tuple(built[n] for n in top), quantiles))
+                                 float(d["max"][s, feature]), edges, counts, tuple(built[n] for n in top), quantiles,
+                                 labels.get(s)))
     cooccur = tuple(CoOccurrence(int(i), float(j)) for i, j in zip(d["cooccur_ids"][feature].tolist(),
                                                                    d["cooccur_jaccard"][feature].tolist(), strict=True)
                     if i >= 0)

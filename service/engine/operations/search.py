@@ -4,8 +4,10 @@
   sources'), the stack runtime's teacher-forced decomposition (ReSAE stages from what flowed, as Decompose does),
   and per feature the max or mean |z| over the ranked tokens. Features that never fired there are left out.
 - Token: the logit lens read backwards, score_f = W_U[token] · W_dec[f] / s, one matrix-vector product per stage.
-- Explanation: how many of the query's words each explanation of the chosen stages contains.
-- ListFeatures: the stage's dashboard counts, filtered by density and sorted.
+- Explanation: how many of the query's words each feature's explanation or token label (the words of its label's
+  rule tokens, core/stack/dashboards.py) contains; equal counts rank by the best label F1 over the sides, so the
+  search works on every stack with labelled dashboards, explained or not.
+- ListFeatures: the stage's dashboard counts, filtered by density and sorted (by density, max |z| or label F1).
 
 Rankings are deterministic (ties broken by stage, then feature, ascending), so re-ranking for each page gives
 the same order and a signed offset is all a page token needs to carry.
@@ -19,6 +21,7 @@ import torch
 from torch import Tensor
 
 from core.host.host_model import HostModel
+from core.stack.dashboards import feature_labels, stage_labels
 from core.stack.reader import LoadedStage
 from service.engine.contract.feature_specs import (
     ExplanationSearch,
@@ -41,8 +44,9 @@ from service.engine.operations.dashboard import dashboard_tokens, densities
 from service.engine.operations.decompose import needed_hookpoints, token_texts
 from service.engine.stacks.served import ServedStack
 
-_WORD_SETS: dict[tuple[str, str], dict[str, list[tuple[int, frozenset[str]]]]] = {}
-"""(stack name, digest) -> stage name -> [(feature, words of its explanation)], built on first search."""
+_WORD_SETS: dict[tuple[str, str], dict[str, dict[int, frozenset[str]]]] = {}
+"""(stack name, digest) -> stage name -> {feature: words of its explanation and its label's rule tokens}, built on
+first search."""
 
 
 def _window(page: Page, total: int) -> tuple[int, int, int | None]:
@@ -66,40 +70,57 @@ class _Candidates:
         self.feature: list[Tensor] = []
         self.position: list[Tensor] = []
         self.sign: list[Tensor] = []  # +1 / -1, or 0 for no sign
+        self.keys: list[Tensor] = []  # what ranks them when it is not the score (explanation search)
 
     def add(self, stage: int, features: Tensor, scores: Tensor, position: Tensor | None = None,
-            sign: Tensor | None = None) -> None:
+            sign: Tensor | None = None, key: Tensor | None = None) -> None:
         n = features.shape[0]
         self.scores.append(scores.float().cpu())
+        self.keys.append(self.scores[-1].double() if key is None else key.double().cpu())
         self.stage.append(torch.full((n,), stage, dtype=torch.long))
         self.feature.append(features.long().cpu())
         self.position.append(torch.zeros(n, dtype=torch.long) if position is None else position.long().cpu())
         self.sign.append(torch.zeros(n, dtype=torch.long) if sign is None else sign.long().cpu())
 
-    def page(self, stack: ServedStack, page: Page, descending: bool) -> tuple[tuple[FeatureMatch, ...], int,
-                                                                             int | None]:
+    def page(self, host: HostModel, stack: ServedStack, page: Page,
+             descending: bool) -> tuple[tuple[FeatureMatch, ...], int, int | None]:
         if not self.scores:
             return (), 0, None
         scores = torch.cat(self.scores)  # (N,)
-        order = _ranked(scores, descending)
+        order = _ranked(torch.cat(self.keys), descending)
         start, stop, following = _window(page, scores.shape[0])
         chosen = order[start:stop]
         stage, feature = torch.cat(self.stage)[chosen].tolist(), torch.cat(self.feature)[chosen].tolist()
         position, sign = torch.cat(self.position)[chosen].tolist(), torch.cat(self.sign)[chosen].tolist()
         tables = {i: densities(stack.loaded.stages[i]) for i in set(stage)
                   if stack.loaded.stages[i].dashboard is not None}
-        matches = tuple(_match(stack, tables.get(s), s, f, float(v), p, g) for s, f, v, p, g in
+        matches = tuple(_match(host, stack, tables.get(s), s, f, float(v), p, g) for s, f, v, p, g in
                         zip(stage, feature, scores[chosen].tolist(), position, sign, strict=True))
         return matches, scores.shape[0], following
 
 
-def _match(stack: ServedStack, density: Tensor | None, stage: int, feature: int, score: float, position: int,
-           sign: int) -> FeatureMatch:
+def best_label_f1(stage: LoadedStage) -> Tensor | None:
+    """Every feature's best token-label F1 over its sides, (H,) float32; None without labels."""
+    d = stage.dashboard
+    return None if d is None or "label_f1" not in d else d["label_f1"].max(0).values
+
+
+def label_line(host: HostModel, stage: LoadedStage, feature: int) -> str:
+    """The feature's labels in one line, one `TokenLabel.describe` per side it fired on ("" without labels)."""
+    labels = feature_labels(stage.dashboard, feature)
+    return "; ".join(label.describe(lambda t: token_texts(host.tokenizer, [t])[0]) for label in labels)
+
+
+def _match(host: HostModel, stack: ServedStack, density: Tensor | None, stage: int, feature: int, score: float,
+           position: int, sign: int) -> FeatureMatch:
     """density: the stage's (H,) densities, or None without a dashboard."""
+    loaded = stack.loaded.stages[stage]
+    f1 = best_label_f1(loaded)
     return FeatureMatch(stage=stage, feature=feature, score=score,
                         sign=None if sign == 0 else (Sign.POSITIVE if sign > 0 else Sign.NEGATIVE),
                         position=position, density=None if density is None else float(density[feature]),
-                        explanation=stack.loaded.explanations.get(stack.loaded.stages[stage].name, {}).get(feature, ""))
+                        explanation=stack.loaded.explanations.get(loaded.name, {}).get(feature, ""),
+                        label_f1=None if f1 is None else float(f1[feature]), label=label_line(host, loaded, feature))
 
 
 @torch.inference_mode()
@@ -138,22 +159,41 @@ def _token_candidates(host: HostModel, stack: ServedStack, stages: Sequence[int]
     return out
 
 
-def _word_sets(stack: ServedStack) -> dict[str, list[tuple[int, frozenset[str]]]]:
+def _words(text: str) -> frozenset[str]:
+    return frozenset(WORD.findall(text.lower()))
+
+
+def _stage_words(host: HostModel, stack: ServedStack, stage: LoadedStage) -> dict[int, frozenset[str]]:
+    """{feature: words of its explanation and of its labels' rule tokens} for one stage."""
+    labels = stage_labels(stage.dashboard)
+    distinct = sorted({t for table in labels.values() for label in table for t in label.rule_ids})
+    texts = dict(zip(distinct, token_texts(host.tokenizer, distinct), strict=True)) if distinct else {}
+    out = {f: _words(" ".join(texts[t] for label in table for t in label.rule_ids)) for f, table in labels.items()}
+    for f, text in stack.loaded.explanations.get(stage.name, {}).items():
+        out[f] = out.get(f, frozenset()) | _words(text)
+    return {f: words for f, words in sorted(out.items()) if words}
+
+
+def _word_sets(host: HostModel, stack: ServedStack) -> dict[str, dict[int, frozenset[str]]]:
     key = (stack.name, stack.digest)
     if key not in _WORD_SETS:
-        _WORD_SETS[key] = {stage: [(f, frozenset(WORD.findall(text.lower()))) for f, text in sorted(table.items())]
-                           for stage, table in stack.loaded.explanations.items()}
+        _WORD_SETS[key] = {stage.name: _stage_words(host, stack, stage) for stage in stack.loaded.stages}
     return _WORD_SETS[key]
 
 
-def _explanation_candidates(stack: ServedStack, stages: Sequence[int], query: ExplanationSearch) -> _Candidates:
-    tables, words = _word_sets(stack), set(query.words)
+def _explanation_candidates(host: HostModel, stack: ServedStack, stages: Sequence[int],
+                            query: ExplanationSearch) -> _Candidates:
+    tables, words = _word_sets(host, stack), set(query.words)
     out = _Candidates()
     for i in stages:
-        hits = [(f, len(words & found)) for f, found in tables.get(stack.loaded.stages[i].name, ())]
+        hits = [(f, len(words & found)) for f, found in tables.get(stack.loaded.stages[i].name, {}).items()]
         hits = [(f, n) for f, n in hits if n]
         if hits:
-            out.add(i, torch.tensor([f for f, _ in hits]), torch.tensor([float(n) for _, n in hits]))
+            features = torch.tensor([f for f, _ in hits])  # (M,)
+            counts = torch.tensor([float(n) for _, n in hits], dtype=torch.float64)  # (M,)
+            f1 = best_label_f1(stack.loaded.stages[i])
+            quality = torch.zeros_like(counts) if f1 is None else f1[features].double()  # (M,) in [0, 1]
+            out.add(i, features, counts, key=2 * counts + quality)  # by words matched, then by label F1
     return out
 
 
@@ -169,9 +209,9 @@ def search_features(host: HostModel, stack: ServedStack, spec: SearchSpec) -> Se
         candidates = _token_candidates(host, stack, spec.stages, query)
         descending = query.direction is TokenDirection.PROMOTES
     else:
-        candidates = _explanation_candidates(stack, spec.stages, query)
+        candidates = _explanation_candidates(host, stack, spec.stages, query)
         descending = True
-    matches, total, following = candidates.page(stack, spec.page, descending)
+    matches, total, following = candidates.page(host, stack, spec.page, descending)
     return SearchPage(stack.name, matches, total, following, tokens)
 
 
@@ -189,11 +229,16 @@ def list_features(stack: ServedStack, spec: ListSpec) -> ListPage:
     stage = stack.loaded.stages[spec.stage]
     density, peak, mean = feature_table(stage)
     kept = ((density >= spec.min_density) & (density <= spec.max_density)).nonzero().flatten()  # (F,)
-    key = density[kept] if spec.sort is FeatureSort.DENSITY else peak[kept].double()
+    if spec.sort is FeatureSort.LABEL_F1:
+        f1 = best_label_f1(stage)
+        assert f1 is not None  # the validator requires labels for this sort
+        key = f1[kept].double()
+    else:
+        key = density[kept] if spec.sort is FeatureSort.DENSITY else peak[kept].double()
     ordered = kept[_ranked(key, spec.descending)]
     start, stop, following = _window(spec.page, ordered.shape[0])
     chosen = ordered[start:stop].tolist()
-    notes = stack.loaded.explanations.get(stage.name, {})
-    features = tuple(FeatureSummary(f, float(density[f]), float(peak[f]), float(mean[f]), notes.get(f, ""))
-                     for f in chosen)
+    notes, f1 = stack.loaded.explanations.get(stage.name, {}), best_label_f1(stage)
+    features = tuple(FeatureSummary(f, float(density[f]), float(peak[f]), float(mean[f]), notes.get(f, ""),
+                                    None if f1 is None else float(f1[f])) for f in chosen)
     return ListPage(stack.name, spec.stage, features, ordered.shape[0], following, dashboard_tokens(stage))
