@@ -180,6 +180,13 @@ def test_the_feature_view_shows_the_dashboard_and_searches(page: Page, explorer:
     lens = tab.eval_on_selector_all("#top-tokens li", "els => els.map(e => e.firstChild.textContent)")
     assert lens == [shown(x.text) for x in truth.top_tokens] and len(lens) == 12
     assert tab.text_content("#feature-explanation") == (truth.explanation or "(no explanation stored)")
+    label = side.label  # the token label: the rule's tokens and its F1, as GetFeature returns them
+    assert side.HasField("label") and label.rule_size >= 1
+    chips = tab.eval_on_selector_all("#label-positive li", "els => els.map(e => e.firstChild.textContent)")
+    assert chips == [shown(x.text) for x in label.tokens[: label.rule_size]]
+    scores = tab.text_content("#label-positive .label-scores")
+    assert scores.startswith(f"token F1 {float(f'{label.f1:.3g}'):g} (precision ") and "recall" in scores
+    assert tab.locator(".side-negative .token-label").count() == 0  # resid1 is unsigned: one side, one label
 
     tab.select_option("#search-mode", "explanation")
     tab.fill("#search-query", "cat")
@@ -188,6 +195,8 @@ def test_the_feature_view_shows_the_dashboard_and_searches(page: Page, explorer:
     found = explorer.stub.SearchFeatures(pb.SearchFeaturesRequest(explanation="cat", page_size=20))
     rows = tab.eval_on_selector_all("#search-results tr.result", "els => els.map(e => +e.dataset.feature)")
     assert rows == [m.feature for m in found.features]
+    f1s = tab.eval_on_selector_all("#search-results tr.result", "els => els.map(e => e.children[4].textContent)")
+    assert f1s == [f"{float(f'{m.label_f1:.3g}'):g}" if m.label_f1 else "0" for m in found.features]
     tab.click("#search-results tr.result >> nth=0 >> button")
     tab.wait_for_selector(f".dashboard[data-feature='{found.features[0].feature}']")
     assert tab.text_content("#feature-explanation") == found.features[0].explanation

@@ -68,7 +68,8 @@ export class FeatureView {
         el("td", {}, f.stage), el("td", {}, el("button", { class: "link",
           onclick: () => this.app.openFeature(f.stage, f.feature ?? 0) }, `#${f.feature ?? 0}`)),
         el("td", { class: "num" }, fmt(f.score ?? f.max ?? 0)), el("td", { class: "num" }, percent(f.density)),
-        el("td", {}, f.explanation || "")));
+        el("td", { class: "num" }, f.labelF1 === undefined ? "—" : fmt(f.labelF1)),
+        el("td", {}, f.explanation || f.label || "")));
       const more = response.nextPageToken
         ? el("button", { id: "search-more", onclick: (e) => { e.target.remove(); this.search(response.nextPageToken); } },
           "More")
@@ -80,7 +81,8 @@ export class FeatureView {
       }
       fill(this.results, el("p", { class: "muted" }, `${response.total ?? 0} matches`),
         el("table", { class: "results" }, el("thead", {}, el("tr", {}, ["stage", "feature",
-          mode === "list" ? "max" : "score", "density", "explanation"].map((h) => el("th", {}, h)))),
+          mode === "list" ? "max" : "score", "density", "label F1", "explanation or label"].map((h) =>
+            el("th", {}, h)))),
         el("tbody", {}, rendered)), more);
     } catch (error) {
       fill(this.results, errorBox(error));
@@ -136,6 +138,7 @@ export class FeatureView {
     return el("section", { class: `side side-${name}` },
       el("h3", {}, `${name} side: fired on ${side.count ?? 0} tokens (${percent(side.density)}), ` +
         `mean ${fmt(side.mean)}, max ${fmt(side.max)}`),
+      side.label ? this.label(side.label, name) : null,
       side.histogram?.counts?.length
         ? histogram("Histogram of |value| when firing", side.histogram.edges, side.histogram.counts) : null,
       el("h4", {}, "Top examples"),
@@ -144,6 +147,18 @@ export class FeatureView {
       (side.quantiles || []).map((q) => el("details", { class: "quantile" },
         el("summary", {}, `|value| ${fmt(q.low)} – ${fmt(q.high)} (${percent(q.share)} of firings)`),
         el("ol", { class: "examples" }, (q.examples || []).map((x) => this.example(x, side.max))))));
+  }
+
+  label(label, name) {
+    // The LLM-free token label: the rule's tokens with their share of the firing mass, and its exact scores.
+    const rule = (label.tokens || []).slice(0, label.ruleSize ?? 0);
+    return el("div", { class: "token-label", id: `label-${name}`, "data-f1": label.f1 ?? 0 },
+      el("h4", {}, "Token label"),
+      el("ul", { class: "chips" }, rule.map((t) => el("li", { title: `id ${t.id ?? 0}: ${t.firings ?? 0} firings ` +
+        `of ${t.occurrences ?? 0} occurrences` }, showToken(t.text ?? ""), el("span", { class: "num" },
+        percent(t.share))))),
+      el("p", { class: "stats label-scores" }, `token F1 ${fmt(label.f1 ?? 0)} (precision ` +
+        `${fmt(label.precision ?? 0)}, recall ${fmt(label.recall ?? 0)}): fires exactly on these tokens`));
   }
 
   example(x, max) {
