@@ -96,6 +96,10 @@ def select(stack: LoadedStack, stages: Sequence[int], *, features: str | None, s
             raise ValueError(f"stage {stage.name!r} has no dashboard, so features cannot be sampled by density; run "
                              "`featurewire-train dashboards` first, or name them with --stage and --features")
         pool = ((found >= density[0]) & (found <= density[1])).nonzero(as_tuple=True)[0].tolist()
+        if not pool:
+            raise ValueError(f"stage {stage.name!r} has no feature with density in [{density[0]:g}, {density[1]:g}] "
+                             f"(its densities run from {float(found.min()):.3g} to {float(found.max()):.3g}); "
+                             "widen --density or name features with --features")
         chosen = sorted(random.Random(f"{seed}:{stage.name}").sample(pool, min(sample or 0, len(pool))))
         out.append(Selection(index, tuple(chosen)))
     return out

@@ -176,9 +176,9 @@ def reread(host: HostModel, runtime: StackRuntime, stage: RuntimeStage, prompts:
         with installed_hooks(host.hookpoints, reads) as captures:
             out = host.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                              logits_to_keep=n + 1)
-        logp = torch.log_softmax(out.logits[:, :n].float(), dim=-1)  # (r, N, V): position j predicts token j
-        target = part.to(logp.device)
-        ces.append(-logp.gather(2, target[..., None])[..., 0].cpu())  # (r, N)
+        logits = out.logits[:, :n].float()  # (r, N, V): position j predicts generated token j
+        picked = logits.gather(2, part.to(logits.device)[..., None])[..., 0]  # (r, N)
+        ces.append((torch.logsumexp(logits, dim=-1) - picked).cpu())  # (r, N) nats, without a second (r, N, V)
         h = captures[stage.hookpoint][:, -n:]  # (r, N, d)
         prev = None if source is None else captures[source][:, -n:]
         z = runtime.encode(stage, h, prev).reshape(h.shape[0], n, -1)  # (r, N, H)

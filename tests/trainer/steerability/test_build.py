@@ -119,6 +119,7 @@ def test_cli_measures_and_reports(measured, capsys):
     (["--stage", "embed", "--features", "1", "--strengths", "mul:max:1"], "allowed: add, set"),
     (["--stage", "embed", "--features", "1", "--strengths", "add:max:-1"], "allowed: 0 to 64"),
     (["--sample", "2", "--density", "0.5:0.1"], "--density must be LO:HI with 0 <= LO <= HI <= 1"),
+    (["--stage", "embed", "--sample", "2", "--density", "1:1"], "has no feature with density in [1, 1]"),
 ])
 def test_bad_input_names_what_is_allowed(measured, capsys, extra, message):
     stack, _, _, _ = measured
