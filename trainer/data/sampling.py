@@ -2,9 +2,9 @@
 
 HF `generate` applies top-p by sorting every row's logits over the whole vocabulary at every step; with
 Gemma 3's 262,144 tokens that sort cost as much as the unembedding itself on a 2-core CPU. Here the nucleus
-is found among the row's CANDIDATES most likely tokens (one `topk`, linear in the vocabulary): when their
+is found among the row's 1,024 most likely tokens (one `topk`, linear in the vocabulary): when their
 probability mass reaches top_p the nucleus lies inside them, which is exact; a row whose candidates fall
-short (a very flat distribution) falls back to the full sort. The prompt pass computes logits for the last
+short (a flat distribution) tries 16,384, then the full sort. The prompt pass computes logits for the last
 position only. Rows are left-padded; position ids follow the attention mask, as HF `generate` does.
 """
 
@@ -14,7 +14,9 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
-CANDIDATES = 1024
+CANDIDATE_TIERS = (1024, 16384)
+"""Sizes of the candidate sets tried in turn before the full sort (a flat distribution, e.g. right after BOS,
+needs more than 1,024 tokens to reach top_p)."""
 
 
 def nucleus_sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator) -> Tensor:
@@ -23,18 +25,18 @@ def nucleus_sample(logits: Tensor, temperature: float, top_p: float, generator: 
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
     if top_p >= 1.0:
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    k = min(CANDIDATES, probs.shape[-1])
-    top, index = torch.topk(probs, k, dim=-1)  # (B, k), sorted descending
-    short = top.sum(-1) < top_p  # (B,) rows whose nucleus may reach past the candidates
-    if bool(short.any()):
-        full, full_index = torch.sort(probs[short], dim=-1, descending=True)
-        choice = torch.empty(probs.shape[0], dtype=torch.int64)
-        choice[short] = _sample_sorted(full, full_index, top_p, generator)
-        keep = ~short
-        if bool(keep.any()):
-            choice[keep] = _sample_sorted(top[keep], index[keep], top_p, generator)
-        return choice
-    return _sample_sorted(top, index, top_p, generator)
+    choice = torch.empty(probs.shape[0], dtype=torch.int64)
+    pending = torch.arange(probs.shape[0])
+    for k in (*CANDIDATE_TIERS, probs.shape[-1]):  # the last tier is the full sort: always enough mass
+        k = min(k, probs.shape[-1])
+        top, index = torch.topk(probs[pending], k, dim=-1)  # (b, k), sorted descending
+        enough = (top.sum(-1) >= top_p) | (k == probs.shape[-1])  # (b,)
+        if bool(enough.any()):
+            choice[pending[enough]] = _sample_sorted(top[enough], index[enough], top_p, generator)
+        pending = pending[~enough]
+        if not len(pending):
+            break
+    return choice
 
 
 def _sample_sorted(probs: Tensor, index: Tensor, top_p: float, generator: torch.Generator) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from trainer.data import sample_filters
 from trainer.data.generation_settings import GenerationSettings, load_openings
-from trainer.data.sampling import CANDIDATES, nucleus_sample
+from trainer.data.sampling import CANDIDATE_TIERS, nucleus_sample
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
@@ -104,9 +104,13 @@ def test_nucleus_sampling_is_exact_top_p() -> None:
     full = _frequencies(probs.log()[None], 1.0, 20_000)
     assert torch.allclose(full, probs, atol=0.02)
     # A flat distribution over more tokens than the candidate set: the full-sort fallback keeps them all.
-    flat = torch.zeros(1, 3 * CANDIDATES)
+    flat = torch.zeros(1, 3 * CANDIDATE_TIERS[0])
     wide = _frequencies(flat, 0.9, 4_000)
-    assert (wide > 0).sum() > 1.2 * CANDIDATES
+    assert (wide > 0).sum() > 1.2 * CANDIDATE_TIERS[0]
+    peaked = torch.cat([torch.full((1, 1), 12.0), torch.zeros(1, 3 * CANDIDATE_TIERS[0])], dim=1)  # tier 1 suffices
+    rows = torch.cat([torch.zeros_like(peaked), peaked]).repeat(500, 1)  # flat and peaked rows in one batch
+    mixed = nucleus_sample(rows, 1.0, 0.9, torch.Generator().manual_seed(1))
+    assert (mixed[1::2] == 0).all() and len(set(mixed[0::2].tolist())) > 300
 
 
 def test_nucleus_sampling_follows_temperature_and_seed() -> None:
