@@ -17,6 +17,9 @@ from dataclasses import replace
 from core.config import add_model_arguments, model_config_from_args
 from trainer.dashboards.cli import add_dashboards, add_explanations
 from trainer.data import corpus as corpus_mod
+from trainer.data import mixing
+from trainer.data.generation_settings import GenerationSettings
+from trainer.data.mixing import SPEC_HELP
 from trainer.interop.cli import add_import
 from trainer.steerability.cli import add_steerability
 
@@ -29,8 +32,7 @@ def _add_corpus_options(parser: argparse.ArgumentParser) -> None:
     """Corpus and split options, shared by every subcommand that reads a corpus."""
     parser.add_argument(
         "--corpus", default=corpus_mod.DEFAULT_SPEC, metavar="SPEC",
-        help="'default' (text shipped with Python), a text file, a .jsonl file, "
-        "or a directory of .txt/.md/.jsonl files (default: %(default)s)",
+        help=f"one source or a weighted mix: {SPEC_HELP} (default: %(default)s)",
     )
     parser.add_argument("--text-field", default="text", metavar="F",
                         help="JSON field holding the text in .jsonl files (default: %(default)s)")
@@ -44,34 +46,96 @@ def _add_corpus_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_corpus(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "corpus", help="load a corpus and print its split sizes",
-        description="Load a corpus, split it by document, and print document and character counts.",
+        "corpus", help="load (or generate) a corpus and print its sources and split sizes",
+        description="Load a corpus, split it by document, and print document and character counts per source and "
+        "split. A spec with the 'generated' source loads the host model and samples the text once into the cache "
+        "(CACHE/corpus/generated-<key>; later runs and `train` with the same model and [corpus.generation] "
+        "settings read it), reporting the samples dropped as degenerate.",
+        epilog="examples: featurewire-train corpus --corpus generated:0.7,pydocs:0.3 --model default; "
+        "featurewire-train corpus --corpus notes/:1,pydocs:1 --json",
     )
     _add_corpus_options(parser)
+    generation = parser.add_argument_group(
+        "generated source", "how 'generated' is sampled: the [corpus.generation] keys of a training config "
+        "(ancestral sampling with temperature and top-p; no top-k)")
+    defaults = GenerationSettings()
+    for flag, key, kind, text in (
+        ("--gen-tokens", "tokens", int, "generated tokens to keep after filtering"),
+        ("--temperature", "temperature", float, "sampling temperature, in (0, 2]"),
+        ("--top-p", "top_p", float, "nucleus mass, in (0, 1]"),
+        ("--max-new-tokens", "max_new_tokens", int, "tokens sampled per document after its opening"),
+        ("--min-new-tokens", "min_new_tokens", int, "samples shorter than this are dropped"),
+        ("--gen-batch-size", "batch_size", int, "sequences sampled together"),
+        ("--bos-share", "bos_share", float, "share of samples started from BOS alone, in [0, 1]"),
+        ("--gen-seed", "seed", int, "sampling seed"),
+        ("--openings", "openings", str, "JSON openings file {\"openings\": {category: [text, ...]}} "
+         "('' : the shipped list)"),
+    ):
+        generation.add_argument(flag, dest=f"gen_{key}", type=kind, default=getattr(defaults, key),
+                                metavar=kind.__name__.upper(), help=f"{text} (default: %(default)r)")
+    add_model_arguments(generation, default_model="default; only loaded for 'generated'")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(handler=_run_corpus)
 
 
+def _generation_settings(args: argparse.Namespace) -> GenerationSettings:
+    return GenerationSettings(**{key: getattr(args, f"gen_{key}") for key in GenerationSettings().to_dict()
+                                 if hasattr(args, f"gen_{key}")})
+
+
+def _generated_source(args: argparse.Namespace):
+    """The generated source on the host model the flags name (fp32 by default, as `train` collects)."""
+    import os
+
+    from core.host.loading import load_host_model
+    from trainer.data.generated import GeneratedSource
+    from trainer.training.config import ModelSection
+
+    model = model_config_from_args(args, os.environ, defaults=ModelSection().to_model_config())
+    return GeneratedSource(load_host_model(model), _generation_settings(args), model.cache_dir,
+                           progress=not args.json)
+
+
 def _corpus_report(args: argparse.Namespace) -> dict:
-    """Load and split the corpus named by the shared options; counts per split and in total."""
-    docs = corpus_mod.load_corpus(args.corpus, text_field=args.text_field)
+    """Load (and mix) the corpus named by the shared options and split it; counts per source, split and in
+    total, and the generation statistics when the spec samples from the host model."""
+    settings = _generation_settings(args)  # out-of-range flags fail before any model loads
+    source = _generated_source(args) if mixing.uses_generated(args.corpus) else None
+    docs, sources = corpus_mod.load_corpus_mix(args.corpus, text_field=args.text_field, generated=source,
+                                               mix_seed=args.split_seed)
     splits = corpus_mod.split_documents(
         docs, calibration_fraction=args.calibration_fraction,
         eval_fraction=args.eval_fraction, seed=args.split_seed,
     )
-    return {
+    report = {
         "corpus": args.corpus,
         "split_seed": args.split_seed,
+        "sources": sources,
         "splits": {name: corpus_mod.corpus_stats(split) for name, split in splits.items()},
         "total": corpus_mod.corpus_stats(docs),
     }
+    if source is not None and source.result is not None:
+        report["generated"] = {"cache": str(source.result.directory), "cache_hit": source.result.cache_hit,
+                               "settings": settings.to_dict(), "stats": source.result.provenance["stats"]}
+    return report
 
 
 def _format_table(report: dict) -> str:
     rows = [*report["splits"].items(), ("total", report["total"])]
-    lines = [f"corpus: {report['corpus']}  (split seed {report['split_seed']})",
-             f"{'split':<12}{'documents':>11}{'characters':>14}"]
+    lines = [f"corpus: {report['corpus']}  (split seed {report['split_seed']})"]
+    if len(report["sources"]) > 1:
+        lines.append(f"{'source':<24}{'weight':>8}{'share':>8}{'documents':>11}{'characters':>14}")
+        lines += [f"{name[-24:]:<24}{s['weight']:>8g}{s['share_actual']:>8.1%}{s['documents']:>11,}"
+                  f"{s['characters']:>14,}" for name, s in report["sources"].items()]
+    lines.append(f"{'split':<12}{'documents':>11}{'characters':>14}")
     lines += [f"{name:<12}{s['documents']:>11,}{s['characters']:>14,}" for name, s in rows]
+    if generated := report.get("generated"):
+        st = generated["stats"]
+        reasons = ", ".join(f"{k} {v}" for k, v in st["dropped_by_reason"].items())
+        lines.append(f"generated: {st['samples']:,} samples, {st['kept_tokens']:,} tokens kept, "
+                     f"{st['dropped_share']:.1%} dropped ({reasons}), "
+                     f"{st['seconds']:.0f} s at {st['tokens_per_second']:.1f} tokens/s"
+                     f"{' (read from the cache)' if generated['cache_hit'] else ''}: {generated['cache']}")
     return "\n".join(lines)
 
 
@@ -84,7 +148,12 @@ def _run_corpus(args: argparse.Namespace) -> int:
 def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train", help="collect activations, train a stack, evaluate it and write it",
-        description="Train an SAE stack from a TOML config into OUT/stack (resumes from OUT/checkpoint).",
+        description="Train an SAE stack from a TOML config into OUT/stack (resumes from OUT/checkpoint). The config's "
+        f"[corpus] spec is one source or a weighted mix: {SPEC_HELP}. The 'generated' source is sampled from the "
+        "host model once into the cache, as its [corpus.generation] table says (tokens, temperature, top_p, "
+        "max_new_tokens, min_new_tokens, batch_size, bos_share, seed, openings, max_repeat_share, "
+        "min_distinct_share; see `featurewire-train corpus --help`); the activation manifests record where the "
+        "text came from.",
     )
     parser.add_argument("--config", required=True, metavar="FILE.toml",
                         help="training config (see trainer/configs/)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,37 @@ def test_trainer_cli_starts_without_heavy_imports() -> None:
     result = _run_module("-c", code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
+
+
+def test_corpus_generates_into_the_cache_and_reports_drops(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: a second thread only adds overhead
+    try:
+        args = ["corpus", "--corpus", f"generated:1,{tmp_path / 'n.txt'}:1", "--model", "tiny-random", "--device",
+                "cpu", "--gen-tokens", "48", "--max-new-tokens", "12", "--min-new-tokens", "2", "--gen-batch-size",
+                "4", "--cache-dir", str(tmp_path / "cache"), "--json"]
+        (tmp_path / "n.txt").write_text("A note about gardens and rain. " * 10)
+        assert main(args) == 0
+        first = json.loads(capsys.readouterr().out)
+        assert main(args) == 0
+        second = json.loads(capsys.readouterr().out)
+    finally:
+        torch.set_num_threads(threads)
+    assert not first["generated"]["cache_hit"] and second["generated"]["cache_hit"]
+    stats = first["generated"]["stats"]
+    assert stats["kept_tokens"] >= 48 and 0 <= stats["dropped_share"] < 1
+    assert set(first["sources"]) == {"generated", str(tmp_path / "n.txt")}
+    assert first["total"] == second["total"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--corpus", "generated:-1,pydocs:1"], "weight must be a finite number >= 0"),
+    (["--corpus", "generated:0,pydocs:0"], "all weights are zero"),
+    (["--corpus", "generated", "--top-p", "0"], r"generation.top_p must be a number in \(0, 1\]"),
+    (["--corpus", "generated", "--max-new-tokens", "0"], r"generation.max_new_tokens must be an integer in \[8, "),
+    (["--corpus", "wiki:1"], "corpus source 'wiki' not found: use 'default', 'pydocs', 'generated'"),
+])
+def test_corpus_bad_mix_or_generation_flags(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["corpus", *args]) == 2  # before any model loads
+    assert re.search(message, capsys.readouterr().err)

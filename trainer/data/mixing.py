@@ -126,14 +126,15 @@ def mix_documents(parts: Sequence[MixPart], documents: Mapping[str, Sequence[Doc
 
 
 def _take(docs: Sequence[Doc], characters: float, seed: int) -> list[Doc]:
-    """Documents in seeded id-hash order until `characters` are reached, returned in their original order."""
+    """Documents in seeded id-hash order, each taken when at least half of it fits in what is left of
+    `characters` (so one long document cannot blow a small share), returned in their original order."""
     keep: set[int] = set()
     taken = 0
     for index in sorted(range(len(docs)), key=lambda i: _rank(seed, docs[i].doc_id)):
-        if taken >= characters:
-            break
-        keep.add(index)
-        taken += len(docs[index].text)
+        size = len(docs[index].text)
+        if taken + size / 2 <= characters:
+            keep.add(index)
+            taken += size
     return [d for i, d in enumerate(docs) if i in keep]
 
 
