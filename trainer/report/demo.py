@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.evaluation.compare import stack_summary
+from trainer.report import corpus_sources
 from trainer.report.markdown import Table, fmt
 from trainer.report.runs import ReportSettings, missing_note, train_or_reuse
 from trainer.training.config import load_config
@@ -38,7 +39,8 @@ def section(settings: ReportSettings) -> str:
     cfg = load_config(CONFIG)
     report = train_or_reuse(cfg, RUN, settings)
     if report is None:
-        return "## 5. The demo stack (`make demo`)\n\n" + "\n".join(missing_note([str(RUN)]))
+        return "## 5. The demo stack (`make demo`)\n\n" + "\n".join(missing_note([str(RUN)])) + "\n\n" + \
+            corpus_sources.section()
     stack_dir = Path(report["stack"])
     summary = stack_summary(stack_dir)
     metrics = summary["metrics"]
@@ -61,4 +63,5 @@ def section(settings: ReportSettings) -> str:
         f"{fmt(metrics.get('multi_online_kl'))}, CE recovered {fmt(metrics.get('multi_online_ce_loss_recovered'))} "
         f"(clean CE {fmt(metrics.get('ce_clean'))}).",
         "",
+        corpus_sources.section(),
     ])

@@ -1,0 +1,61 @@
+"""Report subsection "Corpus sources" (under section 5): every generated corpus in the cache, from its own
+provenance.json (settings, samples, dropped share by reason, wall time, tokens/s) and a few excerpts of its
+text, so the report shows what the demo's text source costs and what it reads like."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from core.config import default_cache_dir
+from trainer.data.generated import DOCUMENTS_FILE, PROVENANCE_FILE, SOURCE
+from trainer.report.markdown import Table, fmt
+
+EXCERPT_CHARS = 160
+EXCERPTS = 4
+
+
+def _cached(cache_dir: Path, model: str) -> list[tuple[Path, dict[str, Any]]]:
+    root = cache_dir / "corpus"
+    found = sorted(root.glob(f"{SOURCE}-*/{PROVENANCE_FILE}")) if root.is_dir() else []
+    records = [(p.parent, json.loads(p.read_text(encoding="utf-8"))) for p in found]
+    return [(d, p) for d, p in records if p["model"]["name"] == model]
+
+
+def _excerpts(directory: Path) -> list[str]:
+    """The first document of each of a few categories (BOS first), cut to EXCERPT_CHARS, on one line."""
+    by_source: dict[str, str] = {}
+    with (directory / DOCUMENTS_FILE).open(encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            by_source.setdefault(record["source"], record["text"])
+    chosen = sorted(by_source.items(), key=lambda kv: (kv[0] != f"{SOURCE}/bos", kv[0]))[:EXCERPTS]
+    return [f"- `{source}`: {' '.join(text.split())[:EXCERPT_CHARS]!r}" for source, text in chosen]
+
+
+def section(cache_dir: Path | None = None, model: str = "default") -> str:
+    """Markdown for every generated corpus of `model` in the cache, or a line saying how to make one."""
+    cache_dir = cache_dir or default_cache_dir(os.environ)
+    lines = ["### Corpus sources", "",
+             "```sh",
+             "featurewire-train corpus --corpus generated --model default --gen-tokens 150000   # samples once, cached",
+             "```", ""]
+    cached = _cached(cache_dir, model)
+    if not cached:
+        return "\n".join([*lines, "No generated corpus is cached yet.", ""])
+    table = Table(["model", "tokens kept", "samples", "dropped", "too short / repetitive / low variety",
+                   "batch", "temperature", "top-p", "seconds", "tokens/s"])
+    for _, p in cached:
+        st, se = p["stats"], p["settings"]
+        reasons = " / ".join(str(st["dropped_by_reason"].get(r, 0)) for r in ("too_short", "repetitive", "low_variety"))
+        table.add([p["model"]["name"], f"{st['kept_tokens']:,}", f"{st['samples']:,}", f"{st['dropped_share']:.1%}",
+                   reasons, str(se["batch_size"]), fmt(se["temperature"], 2), fmt(se["top_p"], 2),
+                   f"{st['seconds']:,.0f}", fmt(st["tokens_per_second"], 1)])
+    lines += ["Generated corpora in the cache (each sampled once, on this machine, with the torch thread count "
+              "of the run; seconds include the filters):", "", table.render(), ""]
+    for directory, p in cached:
+        lines += [f"Excerpts of `{directory.name}` ({p['model']['name']}, seed {p['settings']['seed']}):", "",
+                  *_excerpts(directory), ""]
+    return "\n".join(lines)
