@@ -20,6 +20,7 @@ from trainer.data import corpus as corpus_mod
 from trainer.data import mixing
 from trainer.data.generation_settings import GenerationSettings
 from trainer.data.mixing import SPEC_HELP
+from trainer.explain.cli import add_explain
 from trainer.interop.cli import add_import
 from trainer.steerability.cli import add_steerability
 
@@ -411,7 +412,7 @@ def format_metrics(stages: list[dict], hookpoints: list[str]) -> str:
 
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_corpus, _add_train, _add_eval, add_import, _add_export, _add_sweep, _add_export_onnx, _add_report,
-    add_dashboards, add_explanations, add_steerability,
+    add_dashboards, add_explanations, add_explain, add_steerability,
 )
 
 

@@ -225,7 +225,8 @@ def _labels(table: Mapping[str, list], row: Callable[[int, str], Any]) -> list[T
 
 def parse_explanations(data: bytes, stages: Mapping[str, int]) -> dict[str, dict[int, str]]:
     """{stage name: {feature: one-line description}} from an explanations file, every entry checked against the
-    stack's stages and widths (`stages`: name -> d_sae)."""
+    stack's stages and widths (`stages`: name -> d_sae). An entry is the text itself (imported files) or an object
+    with its `text` and where it came from (core/stack/explanations.py: LLM explanations with their scores)."""
     if len(data) > MAX_EXPLANATIONS_BYTES:
         raise StackError(f"{EXPLANATIONS} is larger than {MAX_EXPLANATIONS_BYTES >> 20} MiB")
     try:
@@ -239,9 +240,10 @@ def parse_explanations(data: bytes, stages: Mapping[str, int]) -> dict[str, dict
         if stage not in stages or not isinstance(table, dict):
             raise StackError(f"{EXPLANATIONS}: {stage!r} is not a stage of this stack (stages: {sorted(stages)})")
         out[stage] = {}
-        for key, text in table.items():
+        for key, entry in table.items():
             if not (isinstance(key, str) and key.isdigit() and int(key) < stages[stage]):
                 raise StackError(f"{EXPLANATIONS}: stage {stage!r} has no feature {key!r} (0..{stages[stage] - 1})")
+            text = entry.get("text") if isinstance(entry, dict) else entry  # a scored record (explanations.py)
             if not isinstance(text, str) or not 0 < len(text) <= MAX_EXPLANATION_CHARS:
                 raise StackError(f"{EXPLANATIONS}: stage {stage!r} feature {key}: the explanation must be a string "
                                  f"of 1..{MAX_EXPLANATION_CHARS} characters")
