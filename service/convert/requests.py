@@ -170,7 +170,7 @@ def list_spec(req: pb.ListFeaturesRequest, v: RequestValidator) -> ListSpec:
         stack=req.stack, stage=req.stage, min_density=req.min_density if req.HasField("min_density") else None,
         max_density=req.max_density if req.HasField("max_density") else None,
         sort=_enum(req.sort, FEATURE_SORTS, pb.FeatureSort, "sort"), descending=req.descending,
-        page_size=req.page_size, page_token=req.page_token))
+        page_size=req.page_size, page_token=req.page_token, steerable_only=req.steerable_only))
 
 
 def _matrix(msg: t.Matrix, present: bool, field: str) -> MatrixIn | None:

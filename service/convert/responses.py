@@ -123,6 +123,33 @@ def feature_response(info: FeatureInfo, stack: ServedStack) -> pb.GetFeatureResp
     if info.meta_latents is not None:
         msg.meta_latents.CopyFrom(pb.MetaLatents(ids=info.meta_latents.ids, values=info.meta_latents.values,
                                                  width=info.meta_latents.width))
+    if info.steerability is not None:
+        msg.steerability.CopyFrom(steerability(info.steerability))
+    return msg
+
+
+def _steering_point(p: dict) -> pb.SteeringPoint:
+    return pb.SteeringPoint(op=p["op"], unit=p["unit"], value=p["value"], amount=p.get("amount", 0.0),
+                            expression=p["expression"], lift=p.get("lift", 0.0),
+                            concept_share=p.get("concept_share", 0.0), fluency_cost=p["fluency_cost"],
+                            repetition=p.get("repetition", 0.0), examples=list(p.get("examples", ())))
+
+
+def steerability(record: dict) -> pb.Steerability:
+    """A stored steerability record (core/stack/steerability.py) as the API's message."""
+    verdict, default = record["verdict"], record.get("default") or {}
+    msg = pb.Steerability(steers=verdict["steers"], curve=[_steering_point(p) for p in record["curve"]],
+                          output_score=record.get("output_score") or 0.0,
+                          default_expression=default.get("expression", 0.0),
+                          default_examples=list(default.get("examples", ())),
+                          expression_threshold=record.get("expression_threshold", 0.0),
+                          fluency_threshold=record.get("fluency_threshold", 0.0))
+    best = verdict.get("best")
+    if best is not None:
+        point = next((p for p in record["curve"] if (p["op"], p["unit"], p["value"]) ==
+                      (best["op"], best["unit"], best["value"])), best)
+        msg.best.CopyFrom(_steering_point({**point, "fluency_cost": best["fluency_cost"],
+                                           "expression": best["expression"]}))
     return msg
 
 
@@ -180,7 +207,9 @@ def search_response(result: SearchPage, stack: ServedStack, next_page_token: str
 
 def list_response(result: ListPage, stack: ServedStack, next_page_token: str) -> pb.ListFeaturesResponse:
     features = [pb.FeatureSummary(feature=f.feature, density=f.density, max=f.max, mean=f.mean,
-                                  explanation=f.explanation, label_f1=f.label_f1) for f in result.features]
+                                  explanation=f.explanation, label_f1=f.label_f1, steers=f.steers,
+                                  output_score=f.output_score, best_strength=f.best_strength)
+                for f in result.features]
     return pb.ListFeaturesResponse(stack=result.stack, stage=stack.stage_names[result.stage],
                                    stage_index=result.stage, features=features,
                                    next_page_token=next_page_token, total=result.total, tokens=result.tokens)

@@ -459,7 +459,7 @@ BAD_LISTS = [
      "max_density nan is out of range"),
     (pb.ListFeaturesRequest(stage="resid1", min_density=0.5, max_density=0.1), grpc.StatusCode.INVALID_ARGUMENT,
      "min_density 0.5 is above max_density 0.1"),
-    (pb.ListFeaturesRequest(stage="resid1", sort=5), grpc.StatusCode.INVALID_ARGUMENT, "sort has unknown value 5"),
+    (pb.ListFeaturesRequest(stage="resid1", sort=9), grpc.StatusCode.INVALID_ARGUMENT, "sort has unknown value 9"),
     (pb.ListFeaturesRequest(stack="bare", stage="resid1", sort=pb.FEATURE_SORT_LABEL_F1),
      grpc.StatusCode.FAILED_PRECONDITION, "has no feature dashboards"),
     (pb.ListFeaturesRequest(stage="resid1", page_size=1000), grpc.StatusCode.INVALID_ARGUMENT,

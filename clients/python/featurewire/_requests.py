@@ -110,7 +110,8 @@ def _choice(value: str, table: dict[str, int], name: str) -> int:
 
 REDUCTIONS = {"max": pb.REDUCTION_MAX, "mean": pb.REDUCTION_MEAN}
 DIRECTIONS = {"promotes": pb.TOKEN_DIRECTION_PROMOTES, "suppresses": pb.TOKEN_DIRECTION_SUPPRESSES}
-SORTS = {"density": pb.FEATURE_SORT_DENSITY, "max": pb.FEATURE_SORT_MAX, "label_f1": pb.FEATURE_SORT_LABEL_F1}
+SORTS = {"density": pb.FEATURE_SORT_DENSITY, "max": pb.FEATURE_SORT_MAX, "label_f1": pb.FEATURE_SORT_LABEL_F1,
+         "steering": pb.FEATURE_SORT_STEERING, "output_score": pb.FEATURE_SORT_OUTPUT_SCORE}
 
 
 def search_features(*, text: str | None, span: tuple[int, int] | None, token: str | int | None,
@@ -146,9 +147,10 @@ def search_features(*, text: str | None, span: tuple[int, int] | None, token: st
 
 
 def list_features(stage: str, *, min_density: float | None, max_density: float | None, sort: str,
-                  descending: bool, stack: str, page_size: int, page_token: str) -> Call:
+                  descending: bool, stack: str, page_size: int, page_token: str, steerable_only: bool = False) -> Call:
     request = pb.ListFeaturesRequest(stack=stack, stage=stage, sort=_choice(sort, SORTS, "sort"),
-                                     descending=descending, page_size=page_size, page_token=page_token)
+                                     descending=descending, page_size=page_size, page_token=page_token,
+                                     steerable_only=steerable_only)
     if min_density is not None:
         request.min_density = float(min_density)
     if max_density is not None:

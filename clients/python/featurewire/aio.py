@@ -187,10 +187,11 @@ class AsyncClient(ClientBase):
 
     async def list_features(self, stage: str, *, min_density: float | None = None, max_density: float | None = None,
                             sort: str = "density", descending: bool = False, stack: str = "", page_size: int = 0,
-                            page_token: str = "", timeout: Any = DEFAULT) -> fr.FeatureList:
+                            page_token: str = "", steerable_only: bool = False,
+                            timeout: Any = DEFAULT) -> fr.FeatureList:
         return await self._unary(rq.list_features(stage, min_density=min_density, max_density=max_density, sort=sort,
                                                   descending=descending, stack=stack, page_size=page_size,
-                                                  page_token=page_token), timeout)
+                                                  page_token=page_token, steerable_only=steerable_only), timeout)
 
     async def tokenize(self, text: str, *, add_special_tokens: bool | None = None,
                        timeout: Any = DEFAULT) -> rs.Tokens:

@@ -197,7 +197,7 @@ def cmd_search(client: Client, args: argparse.Namespace) -> None:
 def cmd_features(client: Client, args: argparse.Namespace) -> None:
     for page in _pages(lambda page_token: client.list_features(
             args.stage, min_density=args.min_density, max_density=args.max_density, sort=args.sort,
-            descending=args.descending, stack=args.stack, page_size=args.page_size,
+            descending=args.descending, stack=args.stack, page_size=args.page_size, steerable_only=args.steerable,
             page_token=page_token or args.page_token, timeout=args.timeout), args.all):
         for line in [render.to_json(page)] if args.json else render.feature_list_lines(page):
             _print(line)
@@ -306,8 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stage")
     p.add_argument("--min-density", type=float, metavar="D", help="keep density >= D (default 0)")
     p.add_argument("--max-density", type=float, metavar="D", help="keep density <= D (default 1; 0: dead features)")
-    p.add_argument("--sort", choices=("density", "max", "label_f1"), default="density",
-                   help="order (default density; label_f1: the best token-label F1)")
+    p.add_argument("--sort", choices=("density", "max", "label_f1", "steering", "output_score"), default="density",
+                   help="order (default density; label_f1: the best token-label F1; steering: the largest measured "
+                   "expression lift within the fluency bound; output_score: the measured output score; the last two "
+                   "list measured features only)")
+    p.add_argument("--steerable", action="store_true", help="only features whose measured verdict says they steer")
     p.add_argument("--descending", action="store_true", help="largest first")
     _paging(p)
     p = add("score", cmd_score, "teacher-forced CE of a text, clean and edited or spliced, and their KL")

@@ -180,12 +180,13 @@ class Client(ClientBase):
 
     def list_features(self, stage: str, *, min_density: float | None = None, max_density: float | None = None,
                       sort: str = "density", descending: bool = False, stack: str = "", page_size: int = 0,
-                      page_token: str = "", timeout: Any = DEFAULT) -> fr.FeatureList:
-        """A stage's features from its dashboard with density in [min_density, max_density], sorted by "density"
-        or "max" (e.g. descending=False and max_density=0 for the dead ones). One page, as search_features."""
+                      page_token: str = "", steerable_only: bool = False, timeout: Any = DEFAULT) -> fr.FeatureList:
+        """A stage's features from its dashboard with density in [min_density, max_density], sorted by "density",
+        "max", "label_f1", "steering" or "output_score" (the last two list measured features only; steerable_only
+        keeps those whose steerability verdict says they steer). One page, as search_features."""
         return self._unary(rq.list_features(stage, min_density=min_density, max_density=max_density, sort=sort,
                                             descending=descending, stack=stack, page_size=page_size,
-                                            page_token=page_token), timeout)
+                                            page_token=page_token, steerable_only=steerable_only), timeout)
 
     def tokenize(self, text: str, *, add_special_tokens: bool | None = None, timeout: Any = DEFAULT) -> rs.Tokens:
         return self._unary(rq.tokenize(text, add_special_tokens), timeout)

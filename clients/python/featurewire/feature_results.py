@@ -179,6 +179,37 @@ class FeatureSummary:
     mean: float
     explanation: str
     label_f1: float | None = None
+    steers: bool | None = None  # the measured verdict; None when not measured
+    output_score: float | None = None
+    best_strength: str = ""  # "op:unit:value"; empty when it does not steer or was not measured
+
+
+@dataclass(frozen=True)
+class SteeringPoint:
+    op: str  # "add" or "set"
+    unit: str  # "max" (times the held-out max) or "norm" (times the hookpoint's mean residual norm)
+    value: float
+    amount: float  # the signed code value applied
+    expression: float  # share of generated tokens on which the feature fires when re-read unedited
+    lift: float  # expression minus the default branch's
+    concept_share: float
+    fluency_cost: float  # nats/token beyond the default continuation's, under the unsteered model
+    repetition: float
+    examples: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Steerability:
+    """GetFeature's measured steerability (featurewire-train steerability)."""
+
+    steers: bool
+    best: SteeringPoint | None
+    curve: tuple[SteeringPoint, ...]
+    output_score: float
+    default_expression: float
+    default_examples: tuple[str, ...]
+    expression_threshold: float
+    fluency_threshold: float
 
 
 @dataclass(frozen=True)
@@ -227,6 +258,17 @@ def dashboard(m: pb.FeatureDashboard) -> FeatureDashboard:
                             cooccurring=tuple(CoOccurringFeature(c.feature, c.jaccard) for c in m.cooccurring))
 
 
+def _point(p: pb.SteeringPoint) -> SteeringPoint:
+    return SteeringPoint(p.op, p.unit, p.value, p.amount, p.expression, p.lift, p.concept_share, p.fluency_cost,
+                         p.repetition, tuple(p.examples))
+
+
+def steerability(m: pb.Steerability) -> Steerability:
+    return Steerability(m.steers, _point(m.best) if m.HasField("best") else None, tuple(_point(p) for p in m.curve),
+                        m.output_score, m.default_expression, tuple(m.default_examples), m.expression_threshold,
+                        m.fluency_threshold)
+
+
 def meta_latents(m: pb.MetaLatents) -> MetaLatents:
     return MetaLatents(tuple(m.ids), tuple(m.values), m.width)
 
@@ -244,6 +286,9 @@ def search_result(m: pb.SearchFeaturesResponse) -> SearchResult:
 def feature_list(m: pb.ListFeaturesResponse) -> FeatureList:
     return FeatureList(stack=m.stack, stage=m.stage, stage_index=m.stage_index,
                        features=tuple(FeatureSummary(f.feature, f.density, f.max, f.mean, f.explanation,
-                                                     f.label_f1 if f.HasField("label_f1") else None)
+                                                     f.label_f1 if f.HasField("label_f1") else None,
+                                                     f.steers if f.HasField("steers") else None,
+                                                     f.output_score if f.HasField("output_score") else None,
+                                                     f.best_strength)
                                       for f in m.features),
                        next_page_token=m.next_page_token, total=m.total, tokens=m.tokens)

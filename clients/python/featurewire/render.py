@@ -15,7 +15,14 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from featurewire.events import DecomposeHeader, Finished, StageCodes, TokenFeatures
-from featurewire.feature_results import DashboardExample, FeatureDashboard, FeatureList, SearchResult
+from featurewire.feature_results import (
+    DashboardExample,
+    FeatureDashboard,
+    FeatureList,
+    FeatureSummary,
+    SearchResult,
+    Steerability,
+)
 from featurewire.results import Feature, ScoreResult, ServerInfo, StackInfo, Tokens
 
 EXAMPLES_SHOWN = 5  # top examples per side in `featurewire feature`
@@ -141,6 +148,8 @@ def feature_lines(f: Feature) -> list[str]:
     if f.meta_latents is not None:
         latents = ", ".join(f"{i}:{v:+.3g}" for i, v in zip(f.meta_latents.ids, f.meta_latents.values, strict=True))
         lines.append(f"meta-latents (of {f.meta_latents.width}): {latents or '—'}")
+    if f.steerability is not None:
+        lines += steerability_lines(f.steerability)
     if f.dashboard is not None:
         return lines + dashboard_lines(f.dashboard)
     lines += [f"example ({x.value:+.3g} at token {x.position}): {x.text!r}" for x in f.top_examples]
@@ -196,11 +205,35 @@ def search_lines(r: SearchResult) -> list[str]:
     return lines
 
 
+def steerability_lines(s: Steerability) -> list[str]:
+    """The measured steering curve: one line per strength, then the verdict."""
+    best = s.best
+    verdict = (f"steers at {best.op}:{best.unit}:{best.value:g} (expression {best.expression:.0%}, fluency cost "
+               f"{best.fluency_cost:+.2f} nats/token)" if s.steers and best is not None else "does not steer")
+    lines = [f"steerability: {verdict}; output score {s.output_score:+.3f}; default expression "
+             f"{s.default_expression:.0%} (thresholds: lift >= {s.expression_threshold:.0%}, fluency cost <= "
+             f"{s.fluency_threshold:g})",
+             f"  {'strength':<14} {'expression':>10} {'lift':>7} {'concept':>8} {'fluency':>8} {'repeat':>7}  example"]
+    for p in s.curve:
+        example = p.examples[0] if p.examples else ""
+        lines.append(f"  {p.op + ':' + p.unit + ':' + format(p.value, 'g'):<14} {p.expression:>10.0%} {p.lift:>+7.0%} "
+                     f"{p.concept_share:>8.0%} {p.fluency_cost:>+8.2f} {p.repetition:>7.0%}  {example!r}")
+    return lines
+
+
+def _steers(f: FeatureSummary) -> str:
+    if f.steers is None:
+        return "—"
+    return f.best_strength if f.steers else "no"
+
+
 def feature_list_lines(r: FeatureList) -> list[str]:
     lines = [f"{r.total} features of stage {r.stage} in stack {r.stack} ({r.tokens:,} tokens)"
              + (f" (more: --page-token {r.next_page_token})" if r.next_page_token else ""),
-             f"{'feature':>7}  {'density':>9}  {'max':>8}  {'mean':>8}  {'label F1':>8}  explanation"]
+             f"{'feature':>7}  {'density':>9}  {'max':>8}  {'mean':>8}  {'label F1':>8}  {'steers':>12}  "
+             f"{'output':>7}  explanation"]
     lines += [f"{f.feature:>7}  {f.density:>9.4g}  {f.max:>8.3g}  {f.mean:>8.3g}  {_f1(f.label_f1):>8}  "
+              f"{_steers(f):>12}  {'—' if f.output_score is None else format(f.output_score, '+.3f'):>7}  "
               f"{f.explanation}".rstrip() for f in r.features]
     return lines
 

@@ -165,6 +165,7 @@ class Feature:
     dashboard: FeatureDashboard | None = None
     explanation: str = ""
     meta_latents: MetaLatents | None = None
+    steerability: fr.Steerability | None = None  # None when the feature was not measured
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,8 @@ def feature(m: pb.GetFeatureResponse) -> Feature:
                    top_examples=tuple(FeatureExample(x.text, x.position, x.value) for x in m.top_examples),
                    dashboard=fr.dashboard(m.dashboard) if m.HasField("dashboard") else None,
                    explanation=m.explanation,
-                   meta_latents=fr.meta_latents(m.meta_latents) if m.HasField("meta_latents") else None)
+                   meta_latents=fr.meta_latents(m.meta_latents) if m.HasField("meta_latents") else None,
+                   steerability=fr.steerability(m.steerability) if m.HasField("steerability") else None)
 
 
 def tokens(m: pb.TokenizeResponse) -> Tokens:

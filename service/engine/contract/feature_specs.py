@@ -31,6 +31,8 @@ class FeatureSort(StrEnum):
     DENSITY = "density"
     MAX = "max"
     LABEL_F1 = "label_f1"
+    STEERING = "steering"
+    OUTPUT_SCORE = "output_score"
 
 
 # ------------------------------------------------------------------------------------------------ specs
@@ -80,6 +82,7 @@ class ListSpec:
     sort: FeatureSort
     descending: bool
     page: Page
+    steerable_only: bool = False
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -205,6 +208,9 @@ class FeatureSummary:
     mean: float
     explanation: str = ""
     label_f1: float | None = None
+    steers: bool | None = None  # None: not measured
+    output_score: float | None = None
+    best_strength: str = ""  # "op:unit:value"; empty when it does not steer or was not measured
 
 
 @dataclass(frozen=True)

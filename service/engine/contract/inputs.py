@@ -178,3 +178,4 @@ class ListFeaturesIn:
     descending: bool = False
     page_size: int = 0
     page_token: str = ""
+    steerable_only: bool = False

@@ -181,10 +181,17 @@ class FeatureQueryValidation:
             raise FailedPrecondition(f"sort LABEL_F1: the dashboard of stage {item.stage!r} of stack {served.name!r} "
                                      "was written without token labels; sort by DENSITY or MAX, or recompute it: "
                                      + DASHBOARD_HINT)
+        steering = sort in (FeatureSort.STEERING, FeatureSort.OUTPUT_SCORE) or item.steerable_only
+        if steering and not served.loaded.stages[index].steerability:
+            why = f"sort {sort.name}" if sort in (FeatureSort.STEERING, FeatureSort.OUTPUT_SCORE) else "steerable_only"
+            raise FailedPrecondition(f"{why}: stage {item.stage!r} of stack {served.name!r} has no steerability "
+                                     "records; "
+                                     "measure them with `featurewire-train steerability --stack DIR --stage NAME "
+                                     "--sample N` and restart the server, or sort by DENSITY or MAX")
         fields = canonical("ListFeatures", served.name, served.digest, index, low, high, str(sort),
-                           bool(item.descending))
+                           bool(item.descending), bool(item.steerable_only))
         return ListSpec(served.name, index, low, high, sort, bool(item.descending),
-                        self.page(item.page_size, item.page_token, fields))
+                        self.page(item.page_size, item.page_token, fields), bool(item.steerable_only))
 
 
 def has_labels(stage: LoadedStage) -> bool:

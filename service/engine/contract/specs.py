@@ -268,3 +268,4 @@ class FeatureInfo:
     dashboard: FeatureDashboard | None = None
     explanation: str = ""
     meta_latents: MetaLatents | None = None
+    steerability: dict | None = None  # the stored record (core/stack/steerability.py) and the verdict's thresholds

@@ -114,4 +114,14 @@ def feature_info(host: HostModel, stack: ServedStack, stage: int, feature: int, 
     return FeatureInfo(stack=stack.name, stage=stage, feature=feature, decoder_norm=float(direction.norm()),
                        top_tokens=top, bottom_tokens=bottom, density=density, top_examples=examples,
                        dashboard=dashboard, explanation=explanation(stack.loaded, loaded, feature),
-                       meta_latents=feature_meta_latents(loaded, feature))
+                       meta_latents=feature_meta_latents(loaded, feature), steerability=steerability(loaded, feature))
+
+
+def steerability(stage: LoadedStage, feature: int) -> dict | None:
+    """The feature's stored steerability record with the verdict's thresholds, or None when it was not measured."""
+    record = (stage.steerability or {}).get("features", {}).get(feature)
+    if record is None:
+        return None
+    settings = stage.steerability.get("settings", {})  # type: ignore[union-attr]
+    return {**record, "expression_threshold": settings.get("expression_threshold", 0.0),
+            "fluency_threshold": settings.get("fluency_threshold", 0.0)}

@@ -224,12 +224,36 @@ def feature_table(stage: LoadedStage) -> tuple[Tensor, Tensor, Tensor]:
     return densities(stage), d["max"].max(0).values, mean
 
 
+def steering_key(record: dict, sort: FeatureSort, bound: float) -> float:
+    """OUTPUT_SCORE: the output score; STEERING: the largest lift among points within the fluency-cost bound."""
+    if sort is FeatureSort.OUTPUT_SCORE:
+        return float(record.get("output_score") or 0.0)
+    return max((p.get("lift", 0.0) for p in record["curve"] if p["fluency_cost"] <= bound), default=0.0)
+
+
+def steering_summary(record: dict | None) -> tuple[bool | None, float | None, str]:
+    """(steers, output score, best strength "op:unit:value") of a stored record; (None, None, "") without one."""
+    if record is None:
+        return None, None, ""
+    best = record["verdict"].get("best")
+    strength = "" if best is None else f"{best['op']}:{best['unit']}:{best['value']:g}"
+    return bool(record["verdict"]["steers"]), record.get("output_score"), strength
+
+
 def list_features(stack: ServedStack, spec: ListSpec) -> ListPage:
     """One page of the stage's features whose density lies in [min, max], in the requested order."""
     stage = stack.loaded.stages[spec.stage]
     density, peak, mean = feature_table(stage)
     kept = ((density >= spec.min_density) & (density <= spec.max_density)).nonzero().flatten()  # (F,)
-    if spec.sort is FeatureSort.LABEL_F1:
+    records = (stage.steerability or {}).get("features", {})
+    bound = float((stage.steerability or {}).get("settings", {}).get("fluency_threshold", 1.0))
+    if spec.steerable_only or spec.sort in (FeatureSort.STEERING, FeatureSort.OUTPUT_SCORE):
+        measured = [f for f in kept.tolist() if f in records and (not spec.steerable_only
+                                                                  or records[f]["verdict"]["steers"])]
+        kept = torch.tensor(measured, dtype=torch.long)  # (F',)
+    if spec.sort in (FeatureSort.STEERING, FeatureSort.OUTPUT_SCORE):
+        key = torch.tensor([steering_key(records[f], spec.sort, bound) for f in kept.tolist()], dtype=torch.float64)
+    elif spec.sort is FeatureSort.LABEL_F1:
         f1 = best_label_f1(stage)
         assert f1 is not None  # the validator requires labels for this sort
         key = f1[kept].double()
@@ -240,5 +264,6 @@ def list_features(stack: ServedStack, spec: ListSpec) -> ListPage:
     chosen = ordered[start:stop].tolist()
     notes, f1 = stack.loaded.explanations.get(stage.name, {}), best_label_f1(stage)
     features = tuple(FeatureSummary(f, float(density[f]), float(peak[f]), float(mean[f]), notes.get(f, ""),
-                                    None if f1 is None else float(f1[f])) for f in chosen)
+                                    None if f1 is None else float(f1[f]), *steering_summary(records.get(f)))
+                     for f in chosen)
     return ListPage(stack.name, spec.stage, features, ordered.shape[0], following, dashboard_tokens(stage))

@@ -27,7 +27,7 @@ PLANTED, TEXT = 0, " feature"
 STRENGTHS = ("add:max:0,4,16", "set:max:16", "add:norm:2")
 
 
-def _stack(host, path: Path, dashboards: bool) -> tuple[Path, int]:
+def planted_stack(host, path: Path, dashboards: bool) -> tuple[Path, int]:
     torch.manual_seed(0)
     d = host.summary().d_model
     token = host.tokenizer(TEXT, add_special_tokens=False).input_ids[0]
@@ -55,7 +55,7 @@ def _stack(host, path: Path, dashboards: bool) -> tuple[Path, int]:
 
 @pytest.fixture(scope="module")
 def measured(tiny_gemma, tmp_path_factory):
-    stack, token = _stack(tiny_gemma, tmp_path_factory.mktemp("steer") / "stack", dashboards=True)
+    stack, token = planted_stack(tiny_gemma, tmp_path_factory.mktemp("steer") / "stack", dashboards=True)
     settings = SteerSettings(tuple(parse_strengths(list(STRENGTHS))), max_new_tokens=8, samples=1)
     summary = run_steerability(stack, tiny_gemma, [Selection(0, (PLANTED, 5))], settings, read_openings()[:6],
                                progress=False)
@@ -128,7 +128,7 @@ def test_bad_input_names_what_is_allowed(measured, capsys, extra, message):
 
 
 def test_bad_prompt_files_and_missing_dashboards(tiny_gemma, tmp_path, capsys):
-    stack, _ = _stack(tiny_gemma, tmp_path / "plain", dashboards=False)
+    stack, _ = planted_stack(tiny_gemma, tmp_path / "plain", dashboards=False)
     empty = tmp_path / "empty.txt"
     empty.write_text("# only a comment\n\n")
     binary = tmp_path / "binary.txt"

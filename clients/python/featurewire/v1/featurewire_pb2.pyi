@@ -46,6 +46,8 @@ class FeatureSort(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FEATURE_SORT_DENSITY: _ClassVar[FeatureSort]
     FEATURE_SORT_MAX: _ClassVar[FeatureSort]
     FEATURE_SORT_LABEL_F1: _ClassVar[FeatureSort]
+    FEATURE_SORT_STEERING: _ClassVar[FeatureSort]
+    FEATURE_SORT_OUTPUT_SCORE: _ClassVar[FeatureSort]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -76,6 +78,8 @@ FEATURE_SORT_UNSPECIFIED: FeatureSort
 FEATURE_SORT_DENSITY: FeatureSort
 FEATURE_SORT_MAX: FeatureSort
 FEATURE_SORT_LABEL_F1: FeatureSort
+FEATURE_SORT_STEERING: FeatureSort
+FEATURE_SORT_OUTPUT_SCORE: FeatureSort
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP_STRING: FinishReason
@@ -307,7 +311,7 @@ class FeatureExample(_message.Message):
     def __init__(self, text: _Optional[str] = ..., position: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
 
 class GetFeatureResponse(_message.Message):
-    __slots__ = ("stack", "stage", "stage_index", "feature", "decoder_norm", "top_tokens", "bottom_tokens", "density", "top_examples", "dashboard", "explanation", "meta_latents")
+    __slots__ = ("stack", "stage", "stage_index", "feature", "decoder_norm", "top_tokens", "bottom_tokens", "density", "top_examples", "dashboard", "explanation", "meta_latents", "steerability")
     STACK_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -320,6 +324,7 @@ class GetFeatureResponse(_message.Message):
     DASHBOARD_FIELD_NUMBER: _ClassVar[int]
     EXPLANATION_FIELD_NUMBER: _ClassVar[int]
     META_LATENTS_FIELD_NUMBER: _ClassVar[int]
+    STEERABILITY_FIELD_NUMBER: _ClassVar[int]
     stack: str
     stage: str
     stage_index: int
@@ -332,7 +337,52 @@ class GetFeatureResponse(_message.Message):
     dashboard: FeatureDashboard
     explanation: str
     meta_latents: MetaLatents
-    def __init__(self, stack: _Optional[str] = ..., stage: _Optional[str] = ..., stage_index: _Optional[int] = ..., feature: _Optional[int] = ..., decoder_norm: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., bottom_tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., density: _Optional[float] = ..., top_examples: _Optional[_Iterable[_Union[FeatureExample, _Mapping]]] = ..., dashboard: _Optional[_Union[FeatureDashboard, _Mapping]] = ..., explanation: _Optional[str] = ..., meta_latents: _Optional[_Union[MetaLatents, _Mapping]] = ...) -> None: ...
+    steerability: Steerability
+    def __init__(self, stack: _Optional[str] = ..., stage: _Optional[str] = ..., stage_index: _Optional[int] = ..., feature: _Optional[int] = ..., decoder_norm: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., bottom_tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., density: _Optional[float] = ..., top_examples: _Optional[_Iterable[_Union[FeatureExample, _Mapping]]] = ..., dashboard: _Optional[_Union[FeatureDashboard, _Mapping]] = ..., explanation: _Optional[str] = ..., meta_latents: _Optional[_Union[MetaLatents, _Mapping]] = ..., steerability: _Optional[_Union[Steerability, _Mapping]] = ...) -> None: ...
+
+class SteeringPoint(_message.Message):
+    __slots__ = ("op", "unit", "value", "amount", "expression", "lift", "concept_share", "fluency_cost", "repetition", "examples")
+    OP_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    EXPRESSION_FIELD_NUMBER: _ClassVar[int]
+    LIFT_FIELD_NUMBER: _ClassVar[int]
+    CONCEPT_SHARE_FIELD_NUMBER: _ClassVar[int]
+    FLUENCY_COST_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    op: str
+    unit: str
+    value: float
+    amount: float
+    expression: float
+    lift: float
+    concept_share: float
+    fluency_cost: float
+    repetition: float
+    examples: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, op: _Optional[str] = ..., unit: _Optional[str] = ..., value: _Optional[float] = ..., amount: _Optional[float] = ..., expression: _Optional[float] = ..., lift: _Optional[float] = ..., concept_share: _Optional[float] = ..., fluency_cost: _Optional[float] = ..., repetition: _Optional[float] = ..., examples: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Steerability(_message.Message):
+    __slots__ = ("steers", "best", "curve", "output_score", "default_expression", "default_examples", "expression_threshold", "fluency_threshold")
+    STEERS_FIELD_NUMBER: _ClassVar[int]
+    BEST_FIELD_NUMBER: _ClassVar[int]
+    CURVE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SCORE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_EXPRESSION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    EXPRESSION_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    FLUENCY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    steers: bool
+    best: SteeringPoint
+    curve: _containers.RepeatedCompositeFieldContainer[SteeringPoint]
+    output_score: float
+    default_expression: float
+    default_examples: _containers.RepeatedScalarFieldContainer[str]
+    expression_threshold: float
+    fluency_threshold: float
+    def __init__(self, steers: _Optional[bool] = ..., best: _Optional[_Union[SteeringPoint, _Mapping]] = ..., curve: _Optional[_Iterable[_Union[SteeringPoint, _Mapping]]] = ..., output_score: _Optional[float] = ..., default_expression: _Optional[float] = ..., default_examples: _Optional[_Iterable[str]] = ..., expression_threshold: _Optional[float] = ..., fluency_threshold: _Optional[float] = ...) -> None: ...
 
 class FeatureDashboard(_message.Message):
     __slots__ = ("tokens", "documents", "corpus", "context", "sides", "neighbours", "cross_stage_neighbours", "cooccurring")
@@ -565,7 +615,7 @@ class SearchFeaturesResponse(_message.Message):
     def __init__(self, stack: _Optional[str] = ..., features: _Optional[_Iterable[_Union[FeatureMatch, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[_types_pb2.Token, _Mapping]]] = ...) -> None: ...
 
 class ListFeaturesRequest(_message.Message):
-    __slots__ = ("stack", "stage", "min_density", "max_density", "sort", "descending", "page_size", "page_token")
+    __slots__ = ("stack", "stage", "min_density", "max_density", "sort", "descending", "page_size", "page_token", "steerable_only")
     STACK_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     MIN_DENSITY_FIELD_NUMBER: _ClassVar[int]
@@ -574,6 +624,7 @@ class ListFeaturesRequest(_message.Message):
     DESCENDING_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STEERABLE_ONLY_FIELD_NUMBER: _ClassVar[int]
     stack: str
     stage: str
     min_density: float
@@ -582,23 +633,30 @@ class ListFeaturesRequest(_message.Message):
     descending: bool
     page_size: int
     page_token: str
-    def __init__(self, stack: _Optional[str] = ..., stage: _Optional[str] = ..., min_density: _Optional[float] = ..., max_density: _Optional[float] = ..., sort: _Optional[_Union[FeatureSort, str]] = ..., descending: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    steerable_only: bool
+    def __init__(self, stack: _Optional[str] = ..., stage: _Optional[str] = ..., min_density: _Optional[float] = ..., max_density: _Optional[float] = ..., sort: _Optional[_Union[FeatureSort, str]] = ..., descending: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., steerable_only: _Optional[bool] = ...) -> None: ...
 
 class FeatureSummary(_message.Message):
-    __slots__ = ("feature", "density", "max", "mean", "explanation", "label_f1")
+    __slots__ = ("feature", "density", "max", "mean", "explanation", "label_f1", "steers", "output_score", "best_strength")
     FEATURE_FIELD_NUMBER: _ClassVar[int]
     DENSITY_FIELD_NUMBER: _ClassVar[int]
     MAX_FIELD_NUMBER: _ClassVar[int]
     MEAN_FIELD_NUMBER: _ClassVar[int]
     EXPLANATION_FIELD_NUMBER: _ClassVar[int]
     LABEL_F1_FIELD_NUMBER: _ClassVar[int]
+    STEERS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SCORE_FIELD_NUMBER: _ClassVar[int]
+    BEST_STRENGTH_FIELD_NUMBER: _ClassVar[int]
     feature: int
     density: float
     max: float
     mean: float
     explanation: str
     label_f1: float
-    def __init__(self, feature: _Optional[int] = ..., density: _Optional[float] = ..., max: _Optional[float] = ..., mean: _Optional[float] = ..., explanation: _Optional[str] = ..., label_f1: _Optional[float] = ...) -> None: ...
+    steers: bool
+    output_score: float
+    best_strength: str
+    def __init__(self, feature: _Optional[int] = ..., density: _Optional[float] = ..., max: _Optional[float] = ..., mean: _Optional[float] = ..., explanation: _Optional[str] = ..., label_f1: _Optional[float] = ..., steers: _Optional[bool] = ..., output_score: _Optional[float] = ..., best_strength: _Optional[str] = ...) -> None: ...
 
 class ListFeaturesResponse(_message.Message):
     __slots__ = ("stack", "stage", "stage_index", "features", "next_page_token", "total", "tokens")

@@ -88,8 +88,9 @@ class Explorer {
     return this.views.decompose.monitor(stage, feature);
   }
 
-  steer(stage, feature, max) {
-    this.views.steer.addIntervention({ stage, feature, max });
+  steer(stage, feature, max, measured = null) {
+    // from the measured best strength when the feature has a steerability record, else the view's 2x max
+    this.views.steer.addIntervention({ stage, feature, max, ...(measured || {}) });
     location.hash = "#steer";
   }
 }

@@ -3,11 +3,12 @@
 // the logit lens, neighbours and co-occurring features, with "monitor" and "steer" buttons.
 
 import { call } from "./api.js";
-import { histogram } from "./charts.js";
+import { histogram, lineChart } from "./charts.js";
 import { el, errorBox, field, fill, fmt, heat, percent, select, showToken } from "./dom.js";
 
 const MODES = [["text", "Text activates"], ["token", "Token promoted"], ["explanation", "Explanation words"],
-  ["list", "Browse by density"]];
+  ["list", "Browse by density"], ["steering", "Browse by measured steering"]];
+const STEER_OPS = { add: "INTERVENTION_OP_ADD", set: "INTERVENTION_OP_SET" };
 const SIDE_NAMES = { SIGN_POSITIVE: "positive", SIGN_NEGATIVE: "negative" };
 
 export class FeatureView {
@@ -51,9 +52,10 @@ export class FeatureView {
     const text = this.query.value;
     const body = { stack: this.app.stackName(), pageSize: 20, pageToken };
     let method = "SearchFeatures";
-    if (mode === "list") {
+    if (mode === "list" || mode === "steering") {
       method = "ListFeatures";
-      Object.assign(body, { stage: stage || this.app.stages()[0]?.name, sort: "FEATURE_SORT_DENSITY", descending: true });
+      Object.assign(body, { stage: stage || this.app.stages()[0]?.name, descending: true,
+        sort: mode === "list" ? "FEATURE_SORT_DENSITY" : "FEATURE_SORT_STEERING" });
     } else {
       if (stage) body.stages = [stage];
       if (mode === "text") body.text = { text };
@@ -69,7 +71,8 @@ export class FeatureView {
           onclick: () => this.app.openFeature(f.stage, f.feature ?? 0) }, `#${f.feature ?? 0}`)),
         el("td", { class: "num" }, fmt(f.score ?? f.max ?? 0)), el("td", { class: "num" }, percent(f.density)),
         el("td", { class: "num" }, f.labelF1 === undefined ? "—" : fmt(f.labelF1)),
-        el("td", {}, f.explanation || f.label || "")));
+        el("td", {}, f.explanation || f.label || (f.steers === undefined ? "" : f.bestStrength
+          ? `steers at ${f.bestStrength}` : "measured: does not steer"))));
       const more = response.nextPageToken
         ? el("button", { id: "search-more", onclick: (e) => { e.target.remove(); this.search(response.nextPageToken); } },
           "More")
@@ -81,7 +84,7 @@ export class FeatureView {
       }
       fill(this.results, el("p", { class: "muted" }, `${response.total ?? 0} matches`),
         el("table", { class: "results" }, el("thead", {}, el("tr", {}, ["stage", "feature",
-          mode === "list" ? "max" : "score", "density", "label F1", "explanation or label"].map((h) =>
+          mode === "list" || mode === "steering" ? "max" : "score", "density", "label F1", "explanation or label"].map((h) =>
             el("th", {}, h)))),
         el("tbody", {}, rendered)), more);
     } catch (error) {
@@ -116,7 +119,8 @@ export class FeatureView {
         el("div", { class: "row" },
           el("button", { id: "feature-monitor", onclick: () => this.app.monitor(stage, feature) }, "Monitor in text"),
           el("button", { id: "feature-steer", class: "primary",
-            onclick: () => this.app.steer(stage, feature, max) }, "Steer with it"))),
+            onclick: () => this.app.steer(stage, feature, max, this.measuredStart(f.steerability)) }, "Steer with it"))),
+      f.steerability ? this.steerability(f.steerability) : null,
       el("div", { class: "columns" },
         el("div", { class: "main-col" },
           dash ? sides.map((side) => this.side(side)) : el("p", { class: "muted" }, "This stage has no dashboard."),
@@ -131,6 +135,39 @@ export class FeatureView {
           f.metaLatents ? el("div", {}, el("h4", {}, "Meta-latents"), el("p", { class: "mono" },
             (f.metaLatents.ids || []).map((id, k) => `${id}: ${fmt(f.metaLatents.values?.[k])}`).join(", ") ||
             "none active")) : null)));
+  }
+
+  /** The measured best strength as an intervention, or null (the steer view then starts from 2x max). */
+  measuredStart(s) {
+    const best = s?.steers ? s.best : null;
+    return best ? { op: STEER_OPS[best.op] ?? "INTERVENTION_OP_ADD", value: best.amount ?? 0 } : null;
+  }
+
+  /** Expression and fluency cost against strength, one chart per op and unit, from `featurewire-train steerability`. */
+  steerability(s) {
+    const families = new Map();
+    for (const p of s.curve || []) {
+      const key = `${p.op}:${p.unit}`;
+      if (!families.has(key)) families.set(key, []);
+      families.get(key).push(p);
+    }
+    const best = s.steers && s.best ? `steers at ${s.best.op}:${s.best.unit}:${fmt(s.best.value ?? 0)} ` +
+      `(expression ${percent(s.best.expression)}, fluency cost ${fmt(s.best.fluencyCost ?? 0)} nats/token)`
+      : "does not steer at any measured strength";
+    return el("section", { class: "steerability", id: "feature-steerability", "data-steers": s.steers ? 1 : 0 },
+      el("h3", {}, "Measured steerability"),
+      el("p", { class: "stats" }, `${best} · output score ${fmt(s.outputScore ?? 0)} · default expression ` +
+        `${percent(s.defaultExpression)} · steers = lift ≥ ${percent(s.expressionThreshold)} at fluency cost ≤ ` +
+        `${fmt(s.fluencyThreshold ?? 0)} nats/token`),
+      [...families.entries()].map(([key, points]) => {
+        points.sort((a, b) => (a.value ?? 0) - (b.value ?? 0));
+        const labels = points.map((p) => `${key}:${fmt(p.value ?? 0)}`);
+        return lineChart(`${key}: expression (share of tokens) and fluency cost (nats/token, ≥ 0 shown)`, [
+          { name: "expression", cls: "actual", values: points.map((p) => p.expression ?? 0) },
+          { name: "fluency cost", cls: "predicted", values: points.map((p) => Math.max(0, p.fluencyCost ?? 0)) },
+        ], labels);
+      }),
+      s.best?.examples?.length ? el("p", { class: "mono" }, `steered: ${s.best.examples[0]}`) : null);
   }
 
   side(side) {
