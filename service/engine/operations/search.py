@@ -5,8 +5,9 @@
   and per feature the max or mean |z| over the ranked tokens. Features that never fired there are left out.
 - Token: the logit lens read backwards, score_f = W_U[token] · W_dec[f] / s, one matrix-vector product per stage.
 - Explanation: how many of the query's words each feature's explanation or token label (the words of its label's
-  rule tokens, core/stack/dashboards.py) contains; equal counts rank by the best label F1 over the sides, so the
-  search works on every stack with labelled dashboards, explained or not.
+  rule tokens, core/stack/dashboards.py) contains; equal counts rank by the better of the best label F1 over the
+  sides and the explanation's detection score (balanced accuracy, when `featurewire-train explain` scored it), so
+  the search works on every stack with labelled dashboards, explained or not.
 - ListFeatures: the stage's dashboard counts, filtered by density and sorted (by density, max |z| or label F1).
 
 Rankings are deterministic (ties broken by stage, then feature, ascending), so re-ranking for each page gives
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from core.host.host_model import HostModel
 from core.stack.dashboards import feature_labels, stage_labels
+from core.stack.explanations import read_records
 from core.stack.reader import LoadedStage
 from service.engine.contract.feature_specs import (
     ExplanationSearch,
@@ -174,6 +176,21 @@ def _stage_words(host: HostModel, stack: ServedStack, stage: LoadedStage) -> dic
     return {f: words for f, words in sorted(out.items()) if words}
 
 
+_DETECTION: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
+"""(stack name, digest) -> stage name -> {feature: its explanation's detection balanced accuracy}, for scored
+explanations only; read on first search."""
+
+
+def _detection(stack: ServedStack) -> dict[str, dict[int, float]]:
+    key = (stack.name, stack.digest)
+    if key not in _DETECTION:
+        records = read_records(stack.path) if stack.loaded.explanations else {}
+        _DETECTION[key] = {stage: {f: float(e["scores"]["detection"]["balanced_accuracy"]) for f, e in table.items()
+                                   if isinstance(e, dict) and "detection" in (e.get("scores") or {})}
+                           for stage, table in records.items()}
+    return _DETECTION[key]
+
+
 def _word_sets(host: HostModel, stack: ServedStack) -> dict[str, dict[int, frozenset[str]]]:
     key = (stack.name, stack.digest)
     if key not in _WORD_SETS:
@@ -193,7 +210,10 @@ def _explanation_candidates(host: HostModel, stack: ServedStack, stages: Sequenc
             counts = torch.tensor([float(n) for _, n in hits], dtype=torch.float64)  # (M,)
             f1 = best_label_f1(stack.loaded.stages[i])
             quality = torch.zeros_like(counts) if f1 is None else f1[features].double()  # (M,) in [0, 1]
-            out.add(i, features, counts, key=2 * counts + quality)  # by words matched, then by label F1
+            scored = _detection(stack).get(stack.loaded.stages[i].name, {})
+            detection = torch.tensor([scored.get(f, 0.0) for f, _ in hits], dtype=torch.float64)  # (M,)
+            quality = torch.maximum(quality, detection)
+            out.add(i, features, counts, key=2 * counts + quality)  # by words matched, then by quality
     return out
 
 
