@@ -311,7 +311,7 @@ class FeatureExample(_message.Message):
     def __init__(self, text: _Optional[str] = ..., position: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
 
 class GetFeatureResponse(_message.Message):
-    __slots__ = ("stack", "stage", "stage_index", "feature", "decoder_norm", "top_tokens", "bottom_tokens", "density", "top_examples", "dashboard", "explanation", "meta_latents", "steerability")
+    __slots__ = ("stack", "stage", "stage_index", "feature", "decoder_norm", "top_tokens", "bottom_tokens", "density", "top_examples", "dashboard", "explanation", "meta_latents", "steerability", "explanation_source")
     STACK_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -325,6 +325,7 @@ class GetFeatureResponse(_message.Message):
     EXPLANATION_FIELD_NUMBER: _ClassVar[int]
     META_LATENTS_FIELD_NUMBER: _ClassVar[int]
     STEERABILITY_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_SOURCE_FIELD_NUMBER: _ClassVar[int]
     stack: str
     stage: str
     stage_index: int
@@ -338,7 +339,34 @@ class GetFeatureResponse(_message.Message):
     explanation: str
     meta_latents: MetaLatents
     steerability: Steerability
-    def __init__(self, stack: _Optional[str] = ..., stage: _Optional[str] = ..., stage_index: _Optional[int] = ..., feature: _Optional[int] = ..., decoder_norm: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., bottom_tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., density: _Optional[float] = ..., top_examples: _Optional[_Iterable[_Union[FeatureExample, _Mapping]]] = ..., dashboard: _Optional[_Union[FeatureDashboard, _Mapping]] = ..., explanation: _Optional[str] = ..., meta_latents: _Optional[_Union[MetaLatents, _Mapping]] = ..., steerability: _Optional[_Union[Steerability, _Mapping]] = ...) -> None: ...
+    explanation_source: ExplanationSource
+    def __init__(self, stack: _Optional[str] = ..., stage: _Optional[str] = ..., stage_index: _Optional[int] = ..., feature: _Optional[int] = ..., decoder_norm: _Optional[float] = ..., top_tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., bottom_tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., density: _Optional[float] = ..., top_examples: _Optional[_Iterable[_Union[FeatureExample, _Mapping]]] = ..., dashboard: _Optional[_Union[FeatureDashboard, _Mapping]] = ..., explanation: _Optional[str] = ..., meta_latents: _Optional[_Union[MetaLatents, _Mapping]] = ..., steerability: _Optional[_Union[Steerability, _Mapping]] = ..., explanation_source: _Optional[_Union[ExplanationSource, _Mapping]] = ...) -> None: ...
+
+class ExplanationSource(_message.Message):
+    __slots__ = ("explainer", "scorer", "prompt_version", "date", "scores")
+    EXPLAINER_FIELD_NUMBER: _ClassVar[int]
+    SCORER_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DATE_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    explainer: str
+    scorer: str
+    prompt_version: str
+    date: str
+    scores: _containers.RepeatedCompositeFieldContainer[ExplanationScore]
+    def __init__(self, explainer: _Optional[str] = ..., scorer: _Optional[str] = ..., prompt_version: _Optional[str] = ..., date: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[ExplanationScore, _Mapping]]] = ...) -> None: ...
+
+class ExplanationScore(_message.Message):
+    __slots__ = ("name", "balanced_accuracy", "examples", "unparsed")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BALANCED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    UNPARSED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    balanced_accuracy: float
+    examples: int
+    unparsed: int
+    def __init__(self, name: _Optional[str] = ..., balanced_accuracy: _Optional[float] = ..., examples: _Optional[int] = ..., unparsed: _Optional[int] = ...) -> None: ...
 
 class SteeringPoint(_message.Message):
     __slots__ = ("op", "unit", "value", "amount", "expression", "lift", "concept_share", "fluency_cost", "repetition", "examples")
