@@ -132,7 +132,10 @@ def _number(given: Mapping[str, Any], name: str, default: float, lo: float, hi: 
     value = given.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise bad_request(f"{name} must be a number, got {_json_type(value)}", name)
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer literal past float's range
+        value = math.inf
     if not math.isfinite(value) or value > hi or value < lo or (open_lo and value == lo):
         raise bad_request(f"{name} {value} is out of range: {'(' if open_lo else '['}{lo:g}, {hi:g}]", name)
     return value
