@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -40,7 +41,9 @@ from trainer.data.sampling import sample_batch
 logger = logging.getLogger(__name__)
 
 SOURCE = "generated"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: control, unused and image tokens are never sampled
+NON_TEXT_TOKENS = re.compile(r"\[multimodal\]|<(start|end)_of_image>|<image_soft_token>")
+"""Added tokens that are not flagged special yet never stand for text (Gemma 3's image markers)."""
 DOCUMENTS_FILE = "documents.jsonl"
 PROVENANCE_FILE = "provenance.json"  # written last into the staging directory
 
@@ -96,6 +99,15 @@ def _prompt_plan(settings: GenerationSettings, count: int) -> Iterator[int]:
         yield order.pop()
 
 
+def banned_token_ids(tokenizer, eos_ids: set[int]) -> list[int]:
+    """Token ids the sampler never draws: special and control tokens (BOS, pad, unused, turn markers) and
+    image markers, which a base model now and then samples after BOS; EOS stays allowed (it ends a sample)."""
+    ids = set(tokenizer.all_special_ids)
+    ids |= {i for i, token in tokenizer.added_tokens_decoder.items()
+            if token.special or NON_TEXT_TOKENS.fullmatch(token.content)}
+    return sorted(ids - eos_ids)
+
+
 def _batch_seed(seed: int, batch: int) -> int:
     digest = hashlib.sha256(f"{seed}:{batch}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
@@ -118,6 +130,7 @@ def _sample(host: HostModel, settings: GenerationSettings, openings: Openings, k
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = host.model.generation_config.eos_token_id or tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    banned = banned_token_ids(tokenizer, eos_ids)
     prefix = [bos] if bos is not None else []
     opening_ids = [tokenizer(t, add_special_tokens=False).input_ids for t in openings.texts]
     if not prefix and any(not ids for ids in opening_ids):
@@ -140,7 +153,8 @@ def _sample(host: HostModel, settings: GenerationSettings, openings: Openings, k
             new_ids = sample_batch(host.model, input_ids.to(host.device), mask.to(host.device),
                                    max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                                    top_p=settings.top_p, eos_ids=eos_ids, pad_id=pad_id,
-                                   seed=_batch_seed(settings.seed, batch)).tolist()  # (B, <= max_new_tokens)
+                                   seed=_batch_seed(settings.seed, batch),
+                                   banned_ids=banned).tolist()  # (B, <= max_new_tokens)
             for choice, prompt, row in zip(chosen, prompts, new_ids, strict=True):
                 cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
                 ids = row[:cut]
@@ -180,7 +194,8 @@ def _sample(host: HostModel, settings: GenerationSettings, openings: Openings, k
                   "device": host.device.type},
         "settings": settings.to_dict(),
         "openings": {"origin": openings.origin, "sha256": openings.sha256, "count": len(openings.texts)},
-        "sampling": "ancestral sampling with temperature and exact top-p (no top-k), KV-cached, batched",
+        "sampling": "ancestral sampling with temperature and exact top-p (no top-k), KV-cached, batched; "
+                    f"{len(banned)} special, control and image token ids never sampled",
         "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
         "stats": stats,
     }

@@ -10,6 +10,8 @@ position only. Rows are left-padded; position ids follow the attention mask, as 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
@@ -49,9 +51,11 @@ def _sample_sorted(probs: Tensor, index: Tensor, top_p: float, generator: torch.
 
 @torch.inference_mode()
 def sample_batch(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, *, max_new_tokens: int,
-                 temperature: float, top_p: float, eos_ids: set[int], pad_id: int, seed: int) -> Tensor:
+                 temperature: float, top_p: float, eos_ids: set[int], pad_id: int, seed: int,
+                 banned_ids: Sequence[int] = ()) -> Tensor:
     """New token ids (B, N ≤ max_new_tokens) continuing left-padded `input_ids` (B, T); rows that have emitted
-    EOS get `pad_id` afterwards, and the loop stops once every row has."""
+    EOS get `pad_id` afterwards, and the loop stops once every row has. `banned_ids` are never sampled (their
+    probability goes to the other tokens)."""
     device = input_ids.device
     generator = torch.Generator(device="cpu").manual_seed(seed)
     mask = attention_mask.clone()  # (B, T + steps)
@@ -60,11 +64,15 @@ def sample_batch(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tens
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
                 use_cache=True, logits_to_keep=1)
     eos = torch.tensor(sorted(eos_ids), dtype=torch.int64)
+    banned = torch.tensor(sorted(banned_ids), dtype=torch.int64)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
     position = positions[:, -1:]  # (B, 1)
     steps: list[Tensor] = []
     for step in range(max_new_tokens):
-        token = nucleus_sample(out.logits[:, -1, :].cpu(), temperature, top_p, generator)  # (B,)
+        logits = out.logits[:, -1, :].cpu()  # (B, V)
+        if len(banned):
+            logits = logits.index_fill(1, banned, float("-inf"))
+        token = nucleus_sample(logits, temperature, top_p, generator)  # (B,)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         steps.append(token)
         done |= torch.isin(token, eos)

@@ -125,7 +125,7 @@ def test_mix_and_manifest_provenance(tiny_gemma: HostModel, tmp_path: Path) -> N
     notes = tmp_path / "notes.txt"
     notes.write_text("A short note about the weather and the garden. " * 20)
     source = GeneratedSource(tiny_gemma, SMALL, tmp_path / "cache", progress=False)
-    docs, shares = load_corpus_mix(f"generated:1,{notes}:1", generated=source)
+    docs, shares = load_corpus_mix(f"generated:1,{notes}:3", generated=source)
     assert {d.source for d in docs} >= {str(notes)} and source.result is not None
     assert shares[str(notes)]["documents"] == 1 and shares["generated"]["documents"] > 0
     provenance = {"spec": "generated:1,notes", "sources": shares, "generated": source.result.provenance}
@@ -135,3 +135,17 @@ def test_mix_and_manifest_provenance(tiny_gemma: HostModel, tmp_path: Path) -> N
     assert loaded.corpus == json.loads(json.dumps(provenance))
     assert loaded.corpus["generated"]["cache_key"] == cache_key(tiny_gemma, SMALL, load_openings())
     assert cache_directory(tmp_path / "cache", loaded.corpus["generated"]["cache_key"]).is_dir()
+
+
+def test_banned_tokens_are_never_sampled(tiny_gemma: HostModel) -> None:
+    tokenizer = tiny_gemma.tokenizer
+    eos = {tokenizer.eos_token_id}
+    banned = generated_mod.banned_token_ids(tokenizer, eos)
+    assert tokenizer.bos_token_id in banned and tokenizer.eos_token_id not in banned
+    vocab = tiny_gemma.model.config.vocab_size
+    allowed = {10, 11, 12, tokenizer.eos_token_id}
+    ids = torch.tensor([[tokenizer.bos_token_id, 20, 21]])
+    out = generated_mod.sample_batch(tiny_gemma.model, ids, torch.ones_like(ids), max_new_tokens=16, temperature=1.0,
+                                     top_p=1.0, eos_ids=eos, pad_id=tokenizer.pad_token_id, seed=0,
+                                     banned_ids=[i for i in range(vocab) if i not in allowed])
+    assert set(out[0].tolist()) <= allowed | {tokenizer.pad_token_id}
