@@ -7,6 +7,7 @@ OpenAI's JSON with the statuses its SDK maps to exceptions, and a dropped stream
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import shutil
 import signal
@@ -23,7 +24,9 @@ import pytest
 from featurewire.v1 import featurewire_pb2 as pb
 from google.protobuf import json_format
 
+from core.errors import FailedPrecondition
 from service.cli import _server_config, build_parser
+from service.http.openai.chat import load_template
 from tests.server_process import ServerProcess, launch
 from tests.service.conftest import Running, ServerLoop, server_config, slow_generation, start_server
 
@@ -321,3 +324,25 @@ def test_the_chat_template_flag_and_variable(tmp_path: Path, monkeypatch: pytest
     assert _server_config(args).chat_template == tmp_path / "t.jinja"
     monkeypatch.setenv("FEATUREWIRE_CHAT_TEMPLATE", str(tmp_path / "env.jinja"))
     assert _server_config(build_parser().parse_args(["serve"])).chat_template == tmp_path / "env.jinja"
+
+
+def test_a_chat_template_that_cannot_be_read_or_compiled_stops_startup(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}")
+    for path, words in ((tmp_path / "missing.jinja", "cannot read"), (broken, "not valid Jinja")):
+        with pytest.raises(FailedPrecondition, match=words):
+            load_template(path)
+    assert load_template(None) is None
+
+
+def test_a_body_over_the_limit_is_413_in_openai_shape(served: Running) -> None:
+    limit = 4 * served.server.config.max_message_bytes
+    connection = http.client.HTTPConnection("127.0.0.1", served.server.http_port, timeout=30)
+    try:
+        connection.request("POST", "/openai/v1/completions", body=b"{}",
+                           headers={"content-type": "application/json", "content-length": str(limit + 1)})
+        response = connection.getresponse()
+        status, body = response.status, json.loads(response.read())
+    finally:
+        connection.close()
+    assert status == 413 and body["error"]["type"] == "invalid_request_error" and str(limit) in body["error"]["message"]
