@@ -125,6 +125,8 @@ def feature_response(info: FeatureInfo, stack: ServedStack) -> pb.GetFeatureResp
                                                  width=info.meta_latents.width))
     if info.steerability is not None:
         msg.steerability.CopyFrom(steerability(info.steerability))
+    if info.explanation_source is not None:
+        msg.explanation_source.CopyFrom(explanation_source(info.explanation_source))
     return msg
 
 
@@ -133,6 +135,15 @@ def _steering_point(p: dict) -> pb.SteeringPoint:
                             expression=p["expression"], lift=p.get("lift", 0.0),
                             concept_share=p.get("concept_share", 0.0), fluency_cost=p["fluency_cost"],
                             repetition=p.get("repetition", 0.0), examples=list(p.get("examples", ())))
+
+
+def explanation_source(record: dict) -> pb.ExplanationSource:
+    """A scored explanation record (core/stack/explanations.py) as the API's message."""
+    scores = [pb.ExplanationScore(name=name, balanced_accuracy=s["balanced_accuracy"], examples=s["examples"],
+                                  unparsed=s.get("unparsed", 0))
+              for name, s in sorted(record.get("scores", {}).items())]
+    return pb.ExplanationSource(explainer=record["explainer"], scorer=record.get("scorer", ""),
+                                prompt_version=record["prompt_version"], date=record["date"], scores=scores)
 
 
 def steerability(record: dict) -> pb.Steerability:

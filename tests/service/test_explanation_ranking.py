@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import featurewire as fw
 import pytest
 from featurewire.v1 import featurewire_pb2 as pb
 
@@ -53,3 +54,20 @@ def test_scored_explanations_rank_first_among_equal_word_counts(served: Running,
     assert [m.feature for m in two][:2] == [scored, 9]  # 0.99 beats feature 9's label F1 (< 1 on this stack)
     assert two[0].explanation == "numbers and dates in tables" and two[1].label_f1 < 0.99
     assert two[0].label_f1 < two[1].label_f1  # by label F1 alone it would come second
+
+
+def test_get_feature_returns_the_explanation_source_and_scores(served: Running, stack: Path):
+    (scored,) = [f for f, e in read_records(stack)["resid1"].items() if isinstance(e, dict)]
+    got = served.stub.GetFeature(pb.GetFeatureRequest(stage="resid1", feature=scored), timeout=30)
+    source = got.explanation_source
+    assert got.explanation == "numbers and dates in tables" and got.HasField("explanation_source")
+    assert (source.explainer, source.scorer, source.prompt_version, source.date) == ("m", "m", "v",
+                                                                                    "2026-12-08T00:00:00Z")
+    assert [(s.name, s.examples, s.unparsed) for s in source.scores] == [("detection", 20, 0)]
+    assert source.scores[0].balanced_accuracy == pytest.approx(0.99)
+    imported = served.stub.GetFeature(pb.GetFeatureRequest(stage="resid1", feature=9), timeout=30)
+    assert imported.explanation == EXPLANATIONS["resid1"][9] and not imported.HasField("explanation_source")
+    with fw.Client(served.target) as client:
+        feature = client.feature("", "resid1", scored)
+    assert feature.explanation_source is not None
+    assert feature.explanation_source.describe() == "by m (v, 2026-12-08): detection 0.99 (20)"

@@ -263,6 +263,36 @@ def _point(p: pb.SteeringPoint) -> SteeringPoint:
                          p.repetition, tuple(p.examples))
 
 
+@dataclass(frozen=True)
+class ExplanationScore:
+    name: str  # "detection" or "fuzzing"
+    balanced_accuracy: float  # 0.5 is chance
+    examples: int
+    unparsed: int  # answers that were neither yes nor no (counted as wrong)
+
+
+@dataclass(frozen=True)
+class ExplanationSource:
+    """Where an LLM explanation came from and how it scored (featurewire-train explain)."""
+
+    explainer: str
+    scorer: str
+    prompt_version: str
+    date: str
+    scores: tuple[ExplanationScore, ...]
+
+    def describe(self) -> str:
+        """e.g. `by MODEL (featurewire-explain-v1, 2026-12-08): detection 0.81 (20), fuzzing 0.66 (20)`."""
+        scores = ", ".join(f"{s.name} {s.balanced_accuracy:.2f} ({s.examples})" for s in self.scores)
+        return f"by {self.explainer} ({self.prompt_version}, {self.date[:10]}): {scores or 'not scored'}"
+
+
+def explanation_source(m: pb.ExplanationSource) -> ExplanationSource:
+    return ExplanationSource(m.explainer, m.scorer, m.prompt_version, m.date,
+                             tuple(ExplanationScore(s.name, s.balanced_accuracy, s.examples, s.unparsed)
+                                   for s in m.scores))
+
+
 def steerability(m: pb.Steerability) -> Steerability:
     return Steerability(m.steers, _point(m.best) if m.HasField("best") else None, tuple(_point(p) for p in m.curve),
                         m.output_score, m.default_expression, tuple(m.default_examples), m.expression_threshold,

@@ -143,6 +143,8 @@ def feature_lines(f: Feature) -> list[str]:
     lines = [f"feature {f.feature} of stage {f.stage} (index {f.stage_index}) in stack {f.stack}"]
     if f.explanation:
         lines.append(f"explanation: {f.explanation}")
+    if f.explanation_source is not None:
+        lines.append(f"  {f.explanation_source.describe()}")
     lines += [f"decoder norm {f.decoder_norm:.4g}, density {density}",
               f"promotes:   {scores(f.top_tokens)}", f"suppresses: {scores(f.bottom_tokens)}"]
     if f.meta_latents is not None:

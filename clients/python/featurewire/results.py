@@ -166,6 +166,7 @@ class Feature:
     explanation: str = ""
     meta_latents: MetaLatents | None = None
     steerability: fr.Steerability | None = None  # None when the feature was not measured
+    explanation_source: fr.ExplanationSource | None = None  # None for an imported explanation or none
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,9 @@ def feature(m: pb.GetFeatureResponse) -> Feature:
                    dashboard=fr.dashboard(m.dashboard) if m.HasField("dashboard") else None,
                    explanation=m.explanation,
                    meta_latents=fr.meta_latents(m.meta_latents) if m.HasField("meta_latents") else None,
-                   steerability=fr.steerability(m.steerability) if m.HasField("steerability") else None)
+                   steerability=fr.steerability(m.steerability) if m.HasField("steerability") else None,
+                   explanation_source=(fr.explanation_source(m.explanation_source)
+                                       if m.HasField("explanation_source") else None))
 
 
 def tokens(m: pb.TokenizeResponse) -> Tokens:

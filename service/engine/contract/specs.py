@@ -269,3 +269,4 @@ class FeatureInfo:
     explanation: str = ""
     meta_latents: MetaLatents | None = None
     steerability: dict | None = None  # the stored record (core/stack/steerability.py) and the verdict's thresholds
+    explanation_source: dict | None = None  # a scored explanation record (core/stack/explanations.py)

@@ -9,12 +9,15 @@ dropped: a window near a document's start has fewer tokens, and the firing token
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from core.host.host_model import HostModel
 from core.stack.dashboards import TokenLabel, feature_labels
+from core.stack.explanations import read_records
 from core.stack.meta_sae import meta_latents
 from core.stack.reader import LoadedStack, LoadedStage
 from service.engine.contract.feature_specs import (
@@ -156,6 +159,22 @@ def summary_examples(host: HostModel, dashboard: FeatureDashboard) -> tuple[tupl
 
 def explanation(stack: LoadedStack, stage: LoadedStage, feature: int) -> str:
     return stack.explanations.get(stage.name, {}).get(feature, "")
+
+
+_RECORDS: dict[tuple[str, str], dict[str, dict[int, Any]]] = {}
+"""(stack path, digest) -> the explanations file's entries (core/stack/explanations.py), read on first use."""
+
+
+def explanation_source(path: Path, digest: str, stack: LoadedStack, stage: LoadedStage, feature: int) -> dict | None:
+    """The feature's scored explanation record (`featurewire-train explain`), or None for an imported text or
+    none at all."""
+    if not stack.explanations.get(stage.name, {}).get(feature):
+        return None
+    key = (str(path), digest)
+    if key not in _RECORDS:
+        _RECORDS[key] = read_records(path)
+    entry = _RECORDS[key].get(stage.name, {}).get(feature)
+    return entry if isinstance(entry, dict) else None
 
 
 @torch.inference_mode()

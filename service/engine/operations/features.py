@@ -23,7 +23,13 @@ from core.errors import NotFound
 from core.host.host_model import HostModel
 from core.stack.reader import LoadedStage
 from service.engine.contract.specs import FeatureInfo, TokenScore
-from service.engine.operations.dashboard import explanation, feature_dashboard, feature_meta_latents, summary_examples
+from service.engine.operations.dashboard import (
+    explanation,
+    explanation_source,
+    feature_dashboard,
+    feature_meta_latents,
+    summary_examples,
+)
 from service.engine.operations.decompose import token_texts
 from service.engine.stacks.served import ServedStack
 
@@ -114,7 +120,8 @@ def feature_info(host: HostModel, stack: ServedStack, stage: int, feature: int, 
     return FeatureInfo(stack=stack.name, stage=stage, feature=feature, decoder_norm=float(direction.norm()),
                        top_tokens=top, bottom_tokens=bottom, density=density, top_examples=examples,
                        dashboard=dashboard, explanation=explanation(stack.loaded, loaded, feature),
-                       meta_latents=feature_meta_latents(loaded, feature), steerability=steerability(loaded, feature))
+                       meta_latents=feature_meta_latents(loaded, feature), steerability=steerability(loaded, feature),
+                       explanation_source=explanation_source(stack.path, stack.digest, stack.loaded, loaded, feature))
 
 
 def steerability(stage: LoadedStage, feature: int) -> dict | None:

@@ -114,6 +114,11 @@ export class FeatureView {
       el("header", {},
         el("h2", {}, `${stage} · feature ${feature}`),
         el("p", { class: "explanation", id: "feature-explanation" }, f.explanation || "(no explanation stored)"),
+        f.explanationSource ? el("p", { class: "stats", id: "explanation-source" },
+          `by ${f.explanationSource.explainer || "?"} (${f.explanationSource.promptVersion || "?"}, ` +
+          `${(f.explanationSource.date || "").slice(0, 10)}): ` + ((f.explanationSource.scores || []).map((s) =>
+            `${s.name} ${fmt(s.balancedAccuracy ?? 0)} (${s.examples ?? 0} examples)`).join(", ") || "not scored"))
+          : null,
         el("p", { class: "stats" }, `density ${percent(f.density)} · decoder norm ${fmt(f.decoderNorm)}` +
           (dash ? ` · ${dash.tokens} tokens of ${dash.corpus || "text"} read` : "")),
         el("div", { class: "row" },
