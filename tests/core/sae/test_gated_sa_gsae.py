@@ -126,12 +126,19 @@ def test_sa_gsae_auxiliary_loss_keeps_gates_alive(antipodal: SyntheticData) -> N
     """Ablation at width 64 (> 24 concepts, so some latents are surplus), 5000 steps with the usual schedule.
 
     What holds here (and what this test checks): without the auxiliary term the L1 penalty shrinks the gate
-    pre-activations while the magnitude scale exp(r) grows to compensate (median over live latents 15.2 vs 1.19
-    with it), and the surplus latents end with max|π| below θ₀, so even threshold resets cannot revive them:
-    dead fraction 0.42 without vs 0.03 with (seeds 1, 2: 0.44 vs 0.05, 0.33 vs 0.05). The deaths appear only
-    in the final lr decay (0.00 at every checkpoint before it, with constant lr too): until then Adam noise
-    keeps |π| around θ. What does NOT hold in this setting: a collapse of the reconstruction (the paper's
-    "98% dead"); the run without the auxiliary term reconstructs better (FVE 0.998 vs 0.978).
+    pre-activations while the magnitude scale exp(r) grows to compensate: about a third of the latents end with
+    exp(r) ≈ 15 (share with exp(r) > 3: 0.36 at seed 0, 0.36 with the input scaled by 1 + 1e-7, 0.38 at seed 1,
+    0.38 at seed 2), against none with it (max exp(r) 1.84); and the surplus latents end with max|π| below θ₀, so
+    even threshold resets cannot revive them: dead fraction 0.20 without vs 0.05 with (0.36 with the input scaled by
+    1 + 1e-7, 0.48 at seed 1, 0.36 at seed 2). The deaths appear only in the final lr decay: until then Adam noise
+    keeps |π| around θ, so how many die is decided by noise. What does NOT hold in this setting: a collapse of the
+    reconstruction (the paper's "98% dead"); the run without the auxiliary term reconstructs better (FVE 0.99
+    vs 0.98).
+
+    This test used to check the median exp(r) over the live latents (> 5 without the auxiliary term). That
+    statistic sits on a knife edge: the grown latents are about half of the live ones, so the median is ≈ 15
+    or ≈ 1.3 depending on how many surplus latents die (15.2 before the fused SA-GSAE step, 1.35 after it at seed
+    0, 15.2 after it with the input scaled by 1 + 1e-7): it held by luck of the trajectory, not by the code.
     """
     fitted: dict[bool, tuple[SignAwareGatedSAE, FitResult]] = {}
     for aux in (True, False):
@@ -140,16 +147,14 @@ def test_sa_gsae_auxiliary_loss_keeps_gates_alive(antipodal: SyntheticData) -> N
         fitted[aux] = sae, _fit(sae, antipodal.x, steps=5000)
     dead = {aux: _dead_fraction(sae, antipodal.x) for aux, (sae, _) in fitted.items()}
     assert dead[True] <= 0.15
-    assert dead[False] >= 0.2
-    assert dead[False] >= dead[True] + 0.15
+    assert dead[False] >= dead[True] + 0.1
 
-    def magnitude_scale(sae: SignAwareGatedSAE) -> float:
-        with torch.no_grad():
-            alive = (sae.encode(antipodal.x) != 0).any(dim=0)
-            return float(sae.r_mag.exp()[alive].median())
+    def grown_share(sae: SignAwareGatedSAE) -> float:
+        """Share of latents whose magnitude scale exp(r) grew past 3."""
+        return float((sae.r_mag.detach().exp() > 3.0).float().mean())
 
-    assert magnitude_scale(fitted[False][0]) > 5.0
-    assert magnitude_scale(fitted[True][0]) < 2.5
+    assert grown_share(fitted[False][0]) >= 0.2
+    assert grown_share(fitted[True][0]) == 0.0
     assert fitted[False][1].final_fve > 0.95  # no reconstruction collapse here (see the docstring)
 
 
