@@ -64,7 +64,8 @@ def test_matched_comparison_per_budget_and_the_trend_verdict():
     lines = budgets.verdicts(rows, [100_000, 400_000])
     claim = next(line for line in lines if "Claim" in line)
     assert "closes with budget" in claim and "seed 0" in claim and "-0.033, -0.000" in claim
-    assert sum("400,000 tokens, seed" in line for line in lines) == 2  # both seeds at the largest budget
+    matched = [line for line in lines if "400,000 tokens, seed" in line and "both at λ" not in line]
+    assert len(matched) == 2  # both seeds at the largest budget
     table = budgets.matched_table(rows, [100_000, 400_000]).render()
     assert table.count("| 400,000 | 1 |") == 2
 
@@ -130,3 +131,16 @@ def test_plots_are_written(tmp_path):
     budgets.plot_dead_curves(budgets.curve_runs(rows), tmp_path / "dead.png")
     for name in ("pareto.png", "dead.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_same_lambda_comparison_names_the_dominating_family():
+    rows = [_row("SA-GSAE (H)", 14.0, 0.75, 0.1, budget=400_000), _row("Gated (2H)", 15.0, 0.78, 0.5, budget=400_000)]
+    (line,) = budgets.same_lambda_lines(rows, 400_000, 0)
+    assert "both at λ 2" in line and "neither dominates" in line
+    rows[1]["l0"] = 13.0
+    assert "Gated dominates" in budgets.same_lambda_lines(rows, 400_000, 0)[0]
+    rows[0]["fve"] = 0.80
+    rows[1]["l0"] = 15.0
+    assert "SA-GSAE dominates" in budgets.same_lambda_lines(rows, 400_000, 0)[0]
+    lines = budgets.verdicts(rows, [400_000])
+    assert any("do not overlap" in x for x in lines) and any("cannot be told" in x for x in lines)
