@@ -16,6 +16,7 @@ import pytest
 from featurewire.v1 import featurewire_pb2 as pb
 from featurewire.v1 import types_pb2 as t
 
+from core.stack.explanations import merge_records
 from tests import browser
 from tests.service.conftest import Running, ServerLoop, server_config, slow_generation, start_server
 from tests.service.engine.tiny_stacks import write_dashboard_stack
@@ -23,6 +24,11 @@ from tests.service.engine.tiny_stacks import write_dashboard_stack
 pytestmark = pytest.mark.skipif(browser.missing() is not None, reason=browser.missing() or "")
 
 STAGE = "resid1"
+SCORED = 11  # a feature without an imported explanation
+SCORED_RECORD = {"text": "tables of figures", "source": "llm", "explainer": "some-model", "scorer": "some-model",
+                 "prompt_version": "featurewire-explain-v1", "examples": "x", "date": "2026-12-08T01:02:03Z",
+                 "scores": {"detection": {"balanced_accuracy": 0.75, "examples": 20, "unparsed": 1},
+                            "fuzzing": {"balanced_accuracy": 0.5, "examples": 18, "unparsed": 0}}}
 TEXT = "The cat sat on the mat. One, two, three."
 HOSTILE = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2"> done'
 
@@ -42,6 +48,7 @@ def shown(text: str) -> str:
 @pytest.fixture(scope="module")
 def explorer(server_loop: ServerLoop, tiny_gemma: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     stack = write_dashboard_stack(tiny_gemma, tmp_path_factory.mktemp("explorer") / "stack")
+    merge_records(stack, {STAGE: {SCORED: SCORED_RECORD}})  # an LLM explanation with its scores
     running = start_server(server_loop, server_config(stack, http_port=0, self_check=False, queue_size=4))
     yield running
     running.stop()
@@ -212,6 +219,17 @@ def steered_request(prompt: str, stage: str, feature: int, value: float, tokens:
         sampling=pb.SamplingParams(max_new_tokens=tokens, temperature=0, seed=0),
         interventions=[t.Intervention(stage=stage, feature=feature, op=t.INTERVENTION_OP_SET, value=value,
                                       positions=t.Positions(scope=t.POSITION_SCOPE_ALL))])
+
+
+def test_the_feature_page_shows_an_llm_explanations_source_and_scores(page: Page, explorer: Running) -> None:
+    tab = page.open(f"#feature/{STAGE}/{SCORED}")
+    tab.wait_for_selector(f".dashboard[data-feature='{SCORED}']")
+    assert tab.text_content("#feature-explanation") == "tables of figures"
+    assert tab.text_content("#explanation-source") == (
+        "by some-model (featurewire-explain-v1, 2026-12-08): detection 0.75 (20 examples), fuzzing 0.5 (18 examples)")
+    tab = page.open(f"#feature/{STAGE}/3")  # an imported explanation has no source line
+    tab.wait_for_selector(".dashboard[data-feature='3']")
+    assert tab.locator("#explanation-source").count() == 0
 
 
 def test_a_steered_generation_fills_both_columns_as_grpc_does(page: Page, explorer: Running) -> None:
