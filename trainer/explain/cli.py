@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from core.config import ModelConfig
 
@@ -53,7 +54,7 @@ def parse_features(text: str) -> list[int]:
 def run_explain(args: argparse.Namespace) -> int:
     from core.host.loading import load_host_model
     from core.stack.reader import read_stack
-    from trainer.explain.endpoint import Endpoint, EndpointConfig, Usage
+    from trainer.explain.endpoint import Endpoint, EndpointConfig, EndpointError, Usage
     from trainer.explain.run import explain_stack
 
     if args.concurrency < 1 or (args.sample is not None and args.sample < 1) or args.timeout <= 0 or args.retries < 0:
@@ -69,8 +70,12 @@ def run_explain(args: argparse.Namespace) -> int:
     explainer = Endpoint(EndpointConfig(args.endpoint, args.model, args.api, key, args.timeout, args.retries), usage)
     scorer = explainer if not args.scorer_model else Endpoint(EndpointConfig(
         args.endpoint, args.scorer_model, args.api, key, args.timeout, args.retries), usage)
-    summary = explain_stack(args.stack, host, explainer, scorer, stages=args.stage,
-                            features=parse_features(args.features) if args.features else None, sample=args.sample,
-                            concurrency=args.concurrency, progress=not args.quiet)
+    try:
+        summary = explain_stack(args.stack, host, explainer, scorer, stages=args.stage,
+                                features=parse_features(args.features) if args.features else None,
+                                sample=args.sample, concurrency=args.concurrency, progress=not args.quiet)
+    except EndpointError as exc:  # what finished before it is stored already
+        print(f"featurewire-train explain: error: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(summary))
     return 0

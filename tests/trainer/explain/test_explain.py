@@ -210,3 +210,20 @@ def test_a_fatal_error_leaves_the_stack_as_it_was_and_empty_answers_are_refused(
                                 progress=False)
     assert summary["explained"] == 0 and list(summary["failed"].values())[0].startswith("the explainer's answer holds")
     assert (stack / "stack.json").read_bytes() == before
+
+
+def test_the_command_line_reports_bad_flags_and_endpoint_errors(stack: Path, capsys, monkeypatch):
+    from trainer.cli import main
+
+    base = ["explain", "--stack", str(stack), "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--quiet"]
+    monkeypatch.delenv("FW_TEST_NO_KEY", raising=False)
+    assert main([*base, "--api-key-env", "FW_TEST_NO_KEY"]) == 2
+    assert "FW_TEST_NO_KEY: that environment variable is not set" in capsys.readouterr().err
+    assert main([*base, "--features", "a,b"]) == 2
+    assert "--features must be comma-separated feature ids" in capsys.readouterr().err
+    before = (stack / "stack.json").read_bytes()
+    with one_thread():
+        code = main([*base, "--stage", STAGE, "--features", str(busiest(stack, 1)[0]), "--device", "cpu",
+                     "--api", "completions"])
+    assert code == 1 and "cannot reach http://127.0.0.1:9/v1/completions" in capsys.readouterr().err
+    assert (stack / "stack.json").read_bytes() == before
