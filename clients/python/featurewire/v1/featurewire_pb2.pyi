@@ -48,6 +48,7 @@ class FeatureSort(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FEATURE_SORT_LABEL_F1: _ClassVar[FeatureSort]
     FEATURE_SORT_STEERING: _ClassVar[FeatureSort]
     FEATURE_SORT_OUTPUT_SCORE: _ClassVar[FeatureSort]
+    FEATURE_SORT_EXPLANATION_SCORE: _ClassVar[FeatureSort]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -80,6 +81,7 @@ FEATURE_SORT_MAX: FeatureSort
 FEATURE_SORT_LABEL_F1: FeatureSort
 FEATURE_SORT_STEERING: FeatureSort
 FEATURE_SORT_OUTPUT_SCORE: FeatureSort
+FEATURE_SORT_EXPLANATION_SCORE: FeatureSort
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP_STRING: FinishReason
