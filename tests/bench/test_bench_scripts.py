@@ -40,12 +40,14 @@ def test_train_throughput_covers_every_architecture():
     assert result["machine"]["cpu_count"] >= 1
 
 
-def test_serve_overhead_reports_the_three_ratios():
+def test_serve_overhead_reports_the_ratios_and_the_thread_scaling():
     result = _run("serve_overhead.py", "--model", "tiny-random", "--stack", "random", "--tokens", "16",
-                  "--new-tokens", "4", "--repeats", "1", "--warmup", "0")
-    assert {"decompose", "hf_body", "steered_generate", "hf_generate", "grpc_decompose",
-            "direct_decompose"} == set(result["median_seconds"])
-    assert len(result["comparisons"]) == 3 and all(c["ratio"] > 0 for c in result["comparisons"])
+                  "--new-tokens", "4", "--repeats", "1", "--warmup", "0", "--threads", "2")
+    assert result["machine"]["engine_threads"] == 2
+    assert {"decompose", "hf_body", "steered_generate", "hf_generate", "grpc_decompose", "direct_decompose",
+            "steered_generate_1_thread", "hf_generate_1_thread"} == set(result["median_seconds"])
+    assert len(result["comparisons"]) == 6 and result["comparisons"][-1]["target"] == 0.9
+    assert all(c["ratio"] > 0 for c in result["comparisons"])
     assert result["comparisons"][0]["flop_floor"] > 1
 
 
@@ -74,6 +76,13 @@ def test_http_gateway_reports_the_ratio():
     assert set(result["median_seconds"]) == {"grpc", "http", "json_encode"}
     assert result["messages"] >= 2 and result["json_bytes"] > result["protobuf_bytes"] > 0
     assert len(result["comparisons"]) == 2 and all(c["ratio"] > 0 for c in result["comparisons"])
+
+
+def test_openai_face_reports_first_token_and_decode_ratios():
+    result = _run("openai_face.py", "--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1", "--warmup", "0")
+    assert set(result["medians"]) == {"grpc", "grpc_aio", "openai", "openai_sdk"}
+    assert all(m["ttft_s"] > 0 and m["decode_tokens_per_s"] > 0 for m in result["medians"].values())
+    assert len(result["comparisons"]) == 12 and all(c["ratio"] > 0 for c in result["comparisons"])
 
 
 @pytest.mark.skipif(browser.missing() is not None, reason=browser.missing() or "")
