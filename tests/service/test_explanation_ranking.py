@@ -71,3 +71,19 @@ def test_get_feature_returns_the_explanation_source_and_scores(served: Running, 
         feature = client.feature("", "resid1", scored)
     assert feature.explanation_source is not None
     assert feature.explanation_source.describe() == "by m (v, 2026-12-08): detection 0.99 (20)"
+
+
+def test_list_features_sorts_by_explanation_score(served: Running, stack: Path):
+    import grpc
+
+    (scored,) = [f for f, e in read_records(stack)["resid1"].items() if isinstance(e, dict)]
+    listed = served.stub.ListFeatures(pb.ListFeaturesRequest(stage="resid1", sort=pb.FEATURE_SORT_EXPLANATION_SCORE),
+                                      timeout=30)
+    assert [f.feature for f in listed.features] == [scored] and listed.total == 1  # scored explanations only
+    with fw.Client(served.target) as client:
+        assert [f.feature for f in client.list_features("resid1", sort="explanation_score").features] == [scored]
+    with pytest.raises(grpc.RpcError) as err:
+        served.stub.ListFeatures(pb.ListFeaturesRequest(stage="mlp2", sort=pb.FEATURE_SORT_EXPLANATION_SCORE),
+                                 timeout=30)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "has no scored explanations" in err.value.details() and "featurewire-train explain" in err.value.details()

@@ -111,7 +111,8 @@ def _choice(value: str, table: dict[str, int], name: str) -> int:
 REDUCTIONS = {"max": pb.REDUCTION_MAX, "mean": pb.REDUCTION_MEAN}
 DIRECTIONS = {"promotes": pb.TOKEN_DIRECTION_PROMOTES, "suppresses": pb.TOKEN_DIRECTION_SUPPRESSES}
 SORTS = {"density": pb.FEATURE_SORT_DENSITY, "max": pb.FEATURE_SORT_MAX, "label_f1": pb.FEATURE_SORT_LABEL_F1,
-         "steering": pb.FEATURE_SORT_STEERING, "output_score": pb.FEATURE_SORT_OUTPUT_SCORE}
+         "steering": pb.FEATURE_SORT_STEERING, "output_score": pb.FEATURE_SORT_OUTPUT_SCORE,
+         "explanation_score": pb.FEATURE_SORT_EXPLANATION_SCORE}
 
 
 def search_features(*, text: str | None, span: tuple[int, int] | None, token: str | int | None,

@@ -306,10 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stage")
     p.add_argument("--min-density", type=float, metavar="D", help="keep density >= D (default 0)")
     p.add_argument("--max-density", type=float, metavar="D", help="keep density <= D (default 1; 0: dead features)")
-    p.add_argument("--sort", choices=("density", "max", "label_f1", "steering", "output_score"), default="density",
+    p.add_argument("--sort", choices=("density", "max", "label_f1", "steering", "output_score", "explanation_score"),
+                   default="density",
                    help="order (default density; label_f1: the best token-label F1; steering: the largest measured "
                    "expression lift within the fluency bound; output_score: the measured output score; the last two "
-                   "list measured features only)")
+                   "list measured features only; explanation_score: the LLM explanation's detection score, scored "
+                   "features only)")
     p.add_argument("--steerable", action="store_true", help="only features whose measured verdict says they steer")
     p.add_argument("--descending", action="store_true", help="largest first")
     _paging(p)

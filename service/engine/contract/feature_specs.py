@@ -33,6 +33,7 @@ class FeatureSort(StrEnum):
     LABEL_F1 = "label_f1"
     STEERING = "steering"
     OUTPUT_SCORE = "output_score"
+    EXPLANATION_SCORE = "explanation_score"
 
 
 # ------------------------------------------------------------------------------------------------ specs

@@ -13,6 +13,7 @@ import re
 from typing import TYPE_CHECKING
 
 from core.errors import FailedPrecondition, InvalidRequest
+from core.stack.explanations import read_records
 from service.engine.contract.feature_specs import (
     ExplanationSearch,
     FeatureSort,
@@ -181,6 +182,10 @@ class FeatureQueryValidation:
             raise FailedPrecondition(f"sort LABEL_F1: the dashboard of stage {item.stage!r} of stack {served.name!r} "
                                      "was written without token labels; sort by DENSITY or MAX, or recompute it: "
                                      + DASHBOARD_HINT)
+        if sort is FeatureSort.EXPLANATION_SCORE and not detection_scores(served).get(item.stage):
+            raise FailedPrecondition(f"sort EXPLANATION_SCORE: stage {item.stage!r} of stack {served.name!r} has no "
+                                     "scored explanations; write them with `featurewire-train explain --stack DIR "
+                                     "--endpoint URL --model NAME` and restart the server, or sort by DENSITY or MAX")
         steering = sort in (FeatureSort.STEERING, FeatureSort.OUTPUT_SCORE) or item.steerable_only
         if steering and not served.loaded.stages[index].steerability:
             why = f"sort {sort.name}" if sort in (FeatureSort.STEERING, FeatureSort.OUTPUT_SCORE) else "steerable_only"
@@ -192,6 +197,22 @@ class FeatureQueryValidation:
                            bool(item.descending), bool(item.steerable_only))
         return ListSpec(served.name, index, low, high, sort, bool(item.descending),
                         self.page(item.page_size, item.page_token, fields), bool(item.steerable_only))
+
+
+_DETECTION: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
+"""(stack name, digest) -> stage name -> {feature: its explanation's detection balanced accuracy}, for scored
+explanations only (`featurewire-train explain`); read once per stack."""
+
+
+def detection_scores(served: ServedStack) -> dict[str, dict[int, float]]:
+    """Every scored explanation's detection balanced accuracy, by stage name and feature."""
+    key = (served.name, served.digest)
+    if key not in _DETECTION:
+        records = read_records(served.path) if served.loaded.explanations else {}
+        _DETECTION[key] = {stage: {f: float(e["scores"]["detection"]["balanced_accuracy"]) for f, e in table.items()
+                                   if isinstance(e, dict) and "detection" in (e.get("scores") or {})}
+                           for stage, table in records.items()}
+    return _DETECTION[key]
 
 
 def has_labels(stage: LoadedStage) -> bool:

@@ -23,7 +23,6 @@ from torch import Tensor
 
 from core.host.host_model import HostModel
 from core.stack.dashboards import feature_labels, stage_labels
-from core.stack.explanations import read_records
 from core.stack.reader import LoadedStage
 from service.engine.contract.feature_specs import (
     ExplanationSearch,
@@ -41,7 +40,7 @@ from service.engine.contract.feature_specs import (
     TokenDirection,
     TokenSearch,
 )
-from service.engine.contract.search_validation import WORD
+from service.engine.contract.search_validation import WORD, detection_scores
 from service.engine.operations.dashboard import dashboard_tokens, densities
 from service.engine.operations.decompose import needed_hookpoints, token_texts
 from service.engine.stacks.served import ServedStack
@@ -176,21 +175,6 @@ def _stage_words(host: HostModel, stack: ServedStack, stage: LoadedStage) -> dic
     return {f: words for f, words in sorted(out.items()) if words}
 
 
-_DETECTION: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
-"""(stack name, digest) -> stage name -> {feature: its explanation's detection balanced accuracy}, for scored
-explanations only; read on first search."""
-
-
-def _detection(stack: ServedStack) -> dict[str, dict[int, float]]:
-    key = (stack.name, stack.digest)
-    if key not in _DETECTION:
-        records = read_records(stack.path) if stack.loaded.explanations else {}
-        _DETECTION[key] = {stage: {f: float(e["scores"]["detection"]["balanced_accuracy"]) for f, e in table.items()
-                                   if isinstance(e, dict) and "detection" in (e.get("scores") or {})}
-                           for stage, table in records.items()}
-    return _DETECTION[key]
-
-
 def _word_sets(host: HostModel, stack: ServedStack) -> dict[str, dict[int, frozenset[str]]]:
     key = (stack.name, stack.digest)
     if key not in _WORD_SETS:
@@ -210,7 +194,7 @@ def _explanation_candidates(host: HostModel, stack: ServedStack, stages: Sequenc
             counts = torch.tensor([float(n) for _, n in hits], dtype=torch.float64)  # (M,)
             f1 = best_label_f1(stack.loaded.stages[i])
             quality = torch.zeros_like(counts) if f1 is None else f1[features].double()  # (M,) in [0, 1]
-            scored = _detection(stack).get(stack.loaded.stages[i].name, {})
+            scored = detection_scores(stack).get(stack.loaded.stages[i].name, {})
             detection = torch.tensor([scored.get(f, 0.0) for f, _ in hits], dtype=torch.float64)  # (M,)
             quality = torch.maximum(quality, detection)
             out.add(i, features, counts, key=2 * counts + quality)  # by words matched, then by quality
@@ -271,7 +255,11 @@ def list_features(stack: ServedStack, spec: ListSpec) -> ListPage:
         measured = [f for f in kept.tolist() if f in records and (not spec.steerable_only
                                                                   or records[f]["verdict"]["steers"])]
         kept = torch.tensor(measured, dtype=torch.long)  # (F',)
-    if spec.sort in (FeatureSort.STEERING, FeatureSort.OUTPUT_SCORE):
+    if spec.sort is FeatureSort.EXPLANATION_SCORE:  # scored explanations only
+        scores = detection_scores(stack).get(stage.name, {})
+        kept = torch.tensor([f for f in kept.tolist() if f in scores], dtype=torch.long)  # (F',)
+        key = torch.tensor([scores[f] for f in kept.tolist()], dtype=torch.float64)
+    elif spec.sort in (FeatureSort.STEERING, FeatureSort.OUTPUT_SCORE):
         key = torch.tensor([steering_key(records[f], spec.sort, bound) for f in kept.tolist()], dtype=torch.float64)
     elif spec.sort is FeatureSort.LABEL_F1:
         f1 = best_label_f1(stage)
