@@ -34,7 +34,7 @@ Section = Callable[[ReportSettings, Path, str], str | None]
 
 
 def _sections() -> dict[str, tuple[str, Section]]:
-    from trainer.report import architectures, budgets, demo, error_norm, meta, resae
+    from trainer.report import architectures, budgets, demo, error_norm, meta, resae, steerability
 
     return {
         "1": ("architectures", architectures.section),
@@ -43,6 +43,7 @@ def _sections() -> dict[str, tuple[str, Section]]:
         "3": ("error-norm", error_norm.section),
         "4": ("meta-sae", meta.section),
         "5": ("demo", lambda s, _img, _rel: demo.section(s)),
+        "6": ("steerability", lambda s, _img, _rel: steerability.section(s)),
     }
 
 
