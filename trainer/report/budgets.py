@@ -179,8 +179,8 @@ def verdicts(rows: list[dict[str, Any]], budgets: list[int]) -> list[str]:
             lines += same_lambda_lines(rows, budget, seed)
             pair = pair_at_matched_l0(_select(rows, budget, seed))
             if any(math.isnan(v) for v in pair.values()):
-                lines.append(f"- {budget:,} tokens, seed {seed}: the SA-GSAE and Gated sweeps do not overlap in L0 "
-                             "(no comparison).")
+                lines.append(f"- {budget:,} tokens, seed {seed}: no matched-L0 comparison (each family needs two "
+                             "sparsity points whose L0 ranges overlap).")
                 if seed == first_seed:
                     gaps.append(math.nan)
                 continue
@@ -273,7 +273,8 @@ def plot_dead_curves(runs: list[dict[str, Any]], out: Path) -> None:
     ax.set_ylabel("dead fraction (no firing in the window)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_lines():
+        ax.legend(fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -351,7 +352,7 @@ def section(settings: ReportSettings, img_dir: Path, img_rel: str) -> str | None
     wall = Table(["budget (tokens)", "runs", "wall time (min)"])
     for budget in budgets:
         done = [r for r in rows if r["budget"] == budget]
-        wall.add([f"{budget:,}", len(done), fmt(sum(r["seconds"] for r in done) / 60, 1)])
+        wall.add([f"{budget:,}", len(done), fmt(sum(r["seconds"] for r in done) / 60, 1) if done else "–"])
     flags = ",".join(str(b) for b in budgets)
     parts = [
         "## 1b. The SA-GSAE claims along a training-budget axis",

@@ -143,4 +143,4 @@ def test_same_lambda_comparison_names_the_dominating_family():
     rows[1]["l0"] = 15.0
     assert "SA-GSAE dominates" in budgets.same_lambda_lines(rows, 400_000, 0)[0]
     lines = budgets.verdicts(rows, [400_000])
-    assert any("do not overlap" in x for x in lines) and any("cannot be told" in x for x in lines)
+    assert any("no matched-L0 comparison" in x for x in lines) and any("cannot be told" in x for x in lines)
