@@ -25,9 +25,10 @@ EXPRESSION_THRESHOLD = 0.25
 of the generated tokens. Mid-density features fire on at most 1% of held-out tokens, so 25 points is 25x their
 base rate: no default continuation gets there, and a feature must be expressed on every fourth token."""
 FLUENCY_THRESHOLD = 1.0
-"""... at a fluency cost (extra nats per token under the unsteered model) of at most this much: the steered text
-is then at most e times less likely per token than the model's own continuation, where broken text (repeated
-fragments, stray punctuation) costs 2-6 nats per token on the demo stack."""
+"""... at a fluency cost (extra nats per token under the unsteered model) of at most this much: the steered text is
+then at most e times less likely per token, on average, than the model's own continuation of the same opening. It
+is the starting point the issue proposed; it has not yet been calibrated against texts judged broken on the demo
+stack (the report's section 6 shows the measured costs next to the steered texts)."""
 
 
 @dataclass(frozen=True, order=True)

@@ -153,3 +153,34 @@ def test_bad_prompt_files_and_missing_dashboards(tiny_gemma, tmp_path, capsys):
     assert main([*base, "--strengths", "add:norm:1", "--openings", "1", "--tokens", "2", "--samples", "0",
                  "--quiet"]) == 0
     assert read_stack(stack).stages[0].steerability["features"][0]["max_activation"] is None
+
+
+def test_two_gloo_ranks_give_the_single_process_records(tiny_gemma, tmp_path):
+    """torchrun with 2 processes: each rank measures every other feature of a round, rank 0 writes the stack."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[3]
+    stack, _ = planted_stack(tiny_gemma, tmp_path / "stack", dashboards=True)
+    single, double = tmp_path / "single", tmp_path / "double"
+    shutil.copytree(stack, single)
+    shutil.copytree(stack, double)
+    args = ["steerability", "--stage", "embed", "--features", "0,3,5", "--model", "tiny-random", "--device", "cpu",
+            "--strengths", "add:max:0,16", "set:max:8", "--openings", "2", "--tokens", "4", "--group", "1", "--quiet"]
+    done = subprocess.run([sys.executable, "-m", "trainer", *args, "--stack", str(single)], cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "trainer", *args, "--stack", str(double)],
+                          cwd=root, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = read_stack(single).stages[0].steerability["features"]
+    two = read_stack(double).stages[0].steerability["features"]
+    assert sorted(one) == sorted(two) == [0, 3, 5]
+    for feature, record in one.items():
+        assert two[feature]["verdict"]["steers"] == record["verdict"]["steers"]
+        for a, b in zip(record["curve"], two[feature]["curve"], strict=True):
+            assert (a["op"], a["unit"], a["value"], a["examples"]) == (b["op"], b["unit"], b["value"], b["examples"])
+            assert b["expression"] == pytest.approx(a["expression"]) and b["fluency_cost"] == pytest.approx(
+                a["fluency_cost"], abs=1e-4)
