@@ -88,6 +88,8 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         help="requests run at once and sequences per forward pass (env FEATUREWIRE_MAX_BATCH_SIZE; default 16)")
     add("--max-batch-tokens", type=int,
         help="tokens per forward pass (env FEATUREWIRE_MAX_BATCH_TOKENS; default 4096)")
+    add("--threads", type=int, help="CPU threads of the model's torch work, 0 = chosen from the machine: "
+        "OMP_NUM_THREADS or the cores, capped by CPU affinity and cgroup quota (env FEATUREWIRE_THREADS; default 0)")
     add("--drain-grace", type=float, dest="drain_grace_s",
         help="seconds in-flight calls get after SIGTERM (env FEATUREWIRE_DRAIN_GRACE_S)")
     add("--no-self-check", action="store_true", help="serve stacks without checking FVE/L0 on calibration text")
@@ -104,7 +106,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         os.environ, stacks=tuple(args.stacks) if args.stacks else None, host=args.host, port=args.port,
         metrics_port=args.metrics_port, http_port=args.http_port, tls_cert=args.tls_cert, tls_key=args.tls_key,
         auth_token_file=args.auth_token_file, max_new_tokens=args.max_new_tokens, queue_size=args.queue_size,
-        max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
+        max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens, threads=args.threads,
         drain_grace_s=args.drain_grace_s, self_check=False if args.no_self_check else None,
         log_level=args.log_level, chat_template=args.chat_template,
     )

@@ -50,6 +50,9 @@ class ServerConfig:
     """Requests the engine runs at once, and sequences in one forward pass (continuous batching)."""
     max_batch_tokens: int = 4096
     """Tokens in one forward pass; prefills beyond it wait for the next step (a longer prompt runs alone)."""
+    threads: int = 0
+    """CPU threads of the model's torch work; 0 = chosen from the machine (torch's default, i.e. OMP_NUM_THREADS
+    or the cores, capped by the CPU affinity and the cgroup CPU quota)."""
     max_new_tokens: int = 512
     """Cap on Generate's max_new_tokens."""
     max_prompt_tokens: int = 2048
@@ -106,6 +109,8 @@ class ServerConfig:
                      "max_batch_vectors", "max_batch_size", "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be 0 (chosen from the machine) or a positive count, got {self.threads}")
         if not (math.isfinite(self.request_timeout_s) and self.request_timeout_s > 0):
             raise ValueError(f"request_timeout_s must be a positive number of seconds, got {self.request_timeout_s}")
         if not (math.isfinite(self.drain_grace_s) and self.drain_grace_s >= 0):
@@ -126,7 +131,7 @@ class ServerConfig:
 
     def engine_settings(self) -> EngineSettings:
         """The transport-free settings the engine is built with."""
-        return EngineSettings(self.limits(), self.max_batch_size, self.max_batch_tokens)
+        return EngineSettings(self.limits(), self.max_batch_size, self.max_batch_tokens, self.threads)
 
     @property
     def address(self) -> str:
@@ -177,7 +182,7 @@ class ServerConfig:
 
 _INT_FIELDS = frozenset({"port", "metrics_port", "http_port", "max_message_bytes", "queue_size", "max_new_tokens",
                          "max_prompt_tokens", "max_top_k", "max_interventions", "max_batch_vectors",
-                         "max_batch_size", "max_batch_tokens"})
+                         "max_batch_size", "max_batch_tokens", "threads"})
 _FLOAT_FIELDS = frozenset({"request_timeout_s", "drain_grace_s"})
 _BOOL_FIELDS = frozenset({"auth_exempt_health", "self_check"})
 

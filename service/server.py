@@ -29,6 +29,7 @@ from service import __version__
 from service.config import ServerConfig
 from service.engine.contract.specs import DecomposeSpec
 from service.engine.execution.engine import Engine, deadline_after
+from service.engine.execution.threads import in_transient_thread
 from service.engine.operations.decompose import decompose_events
 from service.engine.stacks.served import ServedStack, load_served_stack
 from service.lifecycle import SERVICE_NAMES, ServerBase, run_server
@@ -53,9 +54,10 @@ class Server(ServerBase):
         self.engine: Engine | None = None
 
     async def _load(self) -> None:
-        """Host model, then every stack (self-checked), off the event loop so health keeps answering."""
+        """Host model, then every stack (self-checked), off the event loop so health keeps answering, on threads
+        that exit: after them only the engine's worker runs torch (service/engine/execution/threads.py)."""
         started = time.perf_counter()
-        host = await asyncio.to_thread(load_host_model, self.model_config)
+        host = await in_transient_thread(lambda: load_host_model(self.model_config))
         self.host = host
         self.metrics.set_model_load_time(time.perf_counter() - started)
         summary = host.summary()
@@ -66,7 +68,7 @@ class Server(ServerBase):
 
     async def _load_stack(self, host: HostModel, path: Path) -> None:
         started = time.perf_counter()
-        stack = await asyncio.to_thread(load_served_stack, path, host, self_check=self.config.self_check)
+        stack = await in_transient_thread(lambda: load_served_stack(path, host, self_check=self.config.self_check))
         if stack.name in self.stacks:
             raise FailedPrecondition(f"two stacks are named {stack.name!r} ({self.stacks[stack.name].path} and "
                                      f"{path}); stack names must be unique on a server")

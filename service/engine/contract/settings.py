@@ -21,11 +21,15 @@ class EngineSettings:
     """Requests the engine runs at once, and sequences in one forward pass (continuous batching)."""
     max_batch_tokens: int = 4096
     """Tokens in one forward pass; prefills beyond it wait for the next step (a longer prompt runs alone)."""
+    threads: int = 0
+    """CPU threads of the engine's torch work; 0 = chosen from the machine (execution/threads.py)."""
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_batch_tokens < 1:
             raise ValueError(f"max_batch_size and max_batch_tokens must be >= 1, got {self.max_batch_size} and "
                              f"{self.max_batch_tokens}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be 0 (chosen from the machine) or a positive count, got {self.threads}")
 
     @property
     def queue_size(self) -> int:

@@ -11,6 +11,11 @@ their forward passes to the batcher, which runs the rows of many requests as one
 batching: execution/scheduler.py, execution/batch.py). Other jobs advance one item per cycle between
 decode steps.
 
+Threads: every torch computation of the server runs on this worker, with its thread count set here from
+`EngineSettings.threads` (0 = chosen from the machine): one OpenMP pool whose helpers stay hot between the
+many small parallel regions of a decode step (execution/threads.py says why a second pool costs the
+second core).
+
 Metrics (when given): the worker reports how long each job waited before its first work, and the rows and
 time of every batched forward step by phase (`_WorkerMetrics`), so queueing behind decode, slow prefills
 and small batches can be told apart on /metrics.
@@ -31,6 +36,7 @@ import torch
 from core.errors import Overloaded
 from service.engine.execution.batch import RowPass, run_rows
 from service.engine.execution.scheduler import DECODE, END, ERROR, ITEM, PREFILL, Batcher, Job, Scheduler
+from service.engine.execution.threads import available_cpus, resolve_threads
 
 if TYPE_CHECKING:
     from core.host.host_model import HostModel
@@ -68,6 +74,8 @@ class Engine:
         self.stacks = dict(stacks)
         self.settings = settings
         self.metrics = metrics
+        self.threads = resolve_threads(settings.threads)
+        """torch intra-op threads of the worker (the settings' count, or chosen from the machine)."""
         self._scheduler = Scheduler(settings.queue_size)
         self._observer = None if metrics is None else _WorkerMetrics(metrics, getattr(host, "device", None))
         self._batcher = Batcher(self._run_rows, settings.max_batch_size, settings.max_batch_tokens, self._out_of_memory,
@@ -148,6 +156,8 @@ class Engine:
 
     # -- worker side ----------------------------------------------------------------------------
     def _work(self) -> None:
+        torch.set_num_threads(self.threads)  # this thread's OpenMP and MKL settings (MKL's dynamic choice off)
+        log.info("engine: %d torch threads (%d CPUs available)", self.threads, available_cpus())
         batcher = self._batcher
         with torch.inference_mode():
             while (jobs := self._scheduler.take(batcher.room, block=not batcher.active)) is not None:
