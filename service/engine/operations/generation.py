@@ -24,6 +24,7 @@ grad mode is switched off the same way; nothing here outlives the generator.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from functools import partial
 
@@ -171,8 +172,11 @@ def sample(logits: Tensor, sampling: SamplingSpec, generator: torch.Generator | 
 
 def check_finite_logits(logits: Tensor, spec: GenerateSpec, branch: Branch, position: int) -> None:
     """Non-finite next-token logits on a branch the request edits are the request's doing (a steering value too
-    large for the model): a client error that says so. On an unedited branch they are a server fault."""
-    if bool(torch.isfinite(logits).all()):
+    large for the model): a client error that says so. On an unedited branch they are a server fault.
+
+    The check is the extremes' (NaN and ±inf propagate into them): one vectorised pass over the V logits, where
+    `isfinite(logits).all()` built a (V,) mask every token (0.75 ms of CPU for Gemma 3's 262k vocabulary)."""
+    if all(math.isfinite(x) for x in torch.stack(torch.aminmax(logits)).tolist()):
         return
     if branch is Branch.STEERED and (spec.interventions or spec.steering):
         raise InvalidRequest(f"the interventions made the model's next-token logits non-finite (NaN or infinity) at "
