@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,13 @@ TARGET = 1.15
 
 
 class ServerProcess:
-    """`python -m service serve ... --port 0 --http-port 0`, ready when it logs so; both ports read from its log."""
+    """`python -m service serve ... --port 0 --http-port 0`, ready when it logs so; both ports and the engine's torch
+    thread count read from its log. `extra` flags go to `serve` (e.g. `--threads 1`)."""
 
-    def __init__(self, model: str, stack: Path, timeout: float = 600) -> None:
+    def __init__(self, model: str, stack: Path, timeout: float = 600, extra: Sequence[str] = ()) -> None:
         command = [sys.executable, "-m", "service", "serve", "--model", model, "--stack", str(stack),
-                   "--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--metrics-port", "0", "--no-self-check"]
+                   "--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--metrics-port", "0", "--no-self-check",
+                   *extra]
         self.process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
         self.lines: list[str] = []
         ready = threading.Event()
@@ -71,6 +74,8 @@ class ServerProcess:
         log = "".join(self.lines)
         self.grpc_port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", log).group(1))  # type: ignore[union-attr]
         self.http_port = int(re.search(r"gateway on http://127\.0\.0\.1:(\d+)", log).group(1))  # type: ignore[union-attr]
+        threads = re.search(r"engine: (\d+) torch threads", log)
+        self.threads = int(threads.group(1)) if threads else None
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -20,7 +20,10 @@ is faster). Items, each skipped with the reason when its peer cannot be installe
   control times the plain HF body in the SAELens process, to tell TransformerLens's own cost from machine load.
 - generate: greedy generation with one feature pinned (SET, every position): gRPC Generate against
   TransformerLens `generate` with the SAE attached with `use_error_term=True` and against nnsight `generate`
-  with the same edit; tokens/s ratios and whether the three give the same tokens.
+  with the same edit; tokens/s ratios and whether the three give the same tokens. With more than one thread,
+  the same at 1 thread too (a second server run with `--threads 1`, a second nnsight process) and plain HF
+  `generate` at both counts: the 1 -> default-thread speed-ups of featurewire's server, nnsight and HF, and
+  featurewire's over HF's (target 0.9). The thread counts the server logged are reported.
 """
 
 from __future__ import annotations
@@ -194,7 +197,7 @@ def serve_items(args: argparse.Namespace, log_dir: Path, work: Path, items: set[
                                 "ratio": ratio(seconds, p, "featurewire_grpc_decompose")}
                                for p in [*peers, "control_hf_body_in_peer_process"])]})
         if "generate" in items:
-            rows.append(generate_item(args, saelens, cfg, stub, stack, codes, log_dir))
+            rows.append(generate_item(args, saelens, cfg, stub, stack, codes, log_dir, server, work))
     except Exception as exc:  # a peer or the import/export failing must not stop the other items
         rows.append(skipped("decompose/generate", f"{type(exc).__name__}: {exc}"))
     finally:
@@ -216,10 +219,15 @@ def steering_target(codes: list[dict[str, list[float]]]) -> tuple[int, float]:
 
 
 def generate_item(args: argparse.Namespace, saelens: Peer, cfg: dict[str, Any], stub: Any, stack: Any,
-                  codes: list[dict[str, list[float]]], log_dir: Path) -> dict[str, Any]:
-    """Steered greedy generation: gRPC Generate vs TransformerLens (use_error_term=True) and nnsight."""
+                  codes: list[dict[str, list[float]]], log_dir: Path, server: Any, work: Path) -> dict[str, Any]:
+    """Steered greedy generation: gRPC Generate vs TransformerLens (use_error_term=True) and nnsight, at the default
+    thread count; with more than one thread, also everything at 1 thread (a second server started with
+    `--threads 1`, a second nnsight process) and plain HF `generate`, for the 1 -> default scaling lines."""
+    import grpc
     from featurewire.v1 import featurewire_pb2 as pb
+    from featurewire.v1 import featurewire_pb2_grpc as pb_grpc
     from featurewire.v1 import types_pb2 as t
+    from http_gateway import ServerProcess
 
     feature, value = steering_target(codes)
     sampling = pb.SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)  # temperature 0 = greedy
@@ -228,38 +236,79 @@ def generate_item(args: argparse.Namespace, saelens: Peer, cfg: dict[str, Any], 
         t.Intervention(stage=stack.stages[0].name, feature=feature, op=t.INTERVENTION_OP_SET, value=value)])
     plain = pb.GenerateRequest(stack=stack.name, prompt=prompt_input, sampling=sampling)
 
-    def generate(request: Any = steered) -> list[int]:
+    def generate(request: Any = steered, stub: Any = stub) -> list[int]:
         return [r.token.token_id for r in stub.Generate(request, timeout=1800) if r.HasField("token")]
 
     ours = generate()
     tokens = {"featurewire": ours, "featurewire_unsteered": generate(plain),
               "transformer_lens": saelens.call("generate", feature=feature, value=value)}
+    threads = torch.get_num_threads()
     variants: dict[str, Callable[[], float]] = {
         "featurewire_grpc_generate": lambda: timed(generate),
         "transformer_lens_generate": lambda: saelens.time("generate", feature=feature, value=value)}
-    nnsight = Peer(args.peer_python, "nnsight_generate.py", {k: cfg[k] for k in (
-        "model_dir", "layer", "sae_dir", "ids", "new_tokens", "threads")}, log_dir)
+    peer_cfg = {k: cfg[k] for k in ("model_dir", "layer", "sae_dir", "ids", "new_tokens", "threads")}
+    nnsight = Peer(args.peer_python, "nnsight_generate.py", peer_cfg, log_dir)
+    nnsight_1 = server_1 = None
+    thread_counts = {"featurewire_server": server.threads, "here_and_peers": threads}
     notes = []
     if nnsight.ready:
         tokens["nnsight"] = nnsight.call("generate", feature=feature, value=value)
         variants["nnsight_generate"] = lambda: nnsight.time("generate", feature=feature, value=value)
+        variants["hf_generate"] = lambda: nnsight.time("generate_plain")
+        nnsight.call("generate_plain")
     else:
         notes.append(skipped("generate", f"nnsight: {nnsight.error}")["skipped"])
     try:
+        if threads > 1:
+            server_1 = ServerProcess("default", work / "stack", extra=("--threads", "1"))
+            thread_counts["featurewire_server_1_thread"] = server_1.threads
+            stub_1 = pb_grpc.FeaturewireStub(grpc.insecure_channel(f"127.0.0.1:{server_1.grpc_port}"))
+            generate(stub=stub_1)
+            variants["featurewire_grpc_generate_1_thread"] = lambda: timed(lambda: generate(stub=stub_1))
+            nnsight_1 = Peer(args.peer_python, "nnsight_generate.py", {**peer_cfg, "threads": 1}, log_dir)
+            if nnsight_1.ready:
+                nnsight_1.call("generate", feature=feature, value=value)
+                nnsight_1.call("generate_plain")
+                variants["nnsight_generate_1_thread"] = lambda: nnsight_1.time("generate", feature=feature,
+                                                                               value=value)
+                variants["hf_generate_1_thread"] = lambda: nnsight_1.time("generate_plain")
         seconds = interleave(variants, args.repeats)  # the calls above were the warm-up
     finally:
         nnsight.close()
+        if nnsight_1 is not None:
+            nnsight_1.close()
+        if server_1 is not None:
+            server_1.stop()
     first_difference = {name: next((i for i, (a, b) in enumerate(zip(ours, other, strict=False)) if a != b), None)
                         for name, other in tokens.items() if name != "featurewire"}
-    ratios = [{"what": f"{p} / featurewire gRPC Generate (steered, greedy, {args.new_tokens} new tokens; "
-                       "= tokens/s ratio)", "ratio": ratio(seconds, p, "featurewire_grpc_generate"), "target": None}
-              for p in variants if p != "featurewire_grpc_generate"]
+    ratios = [{"what": f"{p} / featurewire gRPC Generate (steered, greedy, {args.new_tokens} new tokens, "
+                       f"{threads} threads; = tokens/s ratio)", "ratio": ratio(seconds, p, "featurewire_grpc_generate"),
+               "target": 1.1 if p == "nnsight_generate" else None}
+              for p in ("nnsight_generate", "transformer_lens_generate") if p in seconds]
+    ratios += scaling_ratios(seconds, threads)
     return {"item": "generate", "feature": feature, "value": value, "new_tokens": args.new_tokens,
-            "peer": {"saelens": saelens.info, "nnsight": nnsight.info}, "notes": notes, "tokens": tokens,
-            "first_difference_from_featurewire": first_difference, "raw": seconds,
+            "threads": thread_counts, "peer": {"saelens": saelens.info, "nnsight": nnsight.info}, "notes": notes,
+            "tokens": tokens, "first_difference_from_featurewire": first_difference, "raw": seconds,
             "median_s": {k: statistics.median(v) for k, v in seconds.items()},
             "tokens_per_s": {k: args.new_tokens / statistics.median(v) for k, v in seconds.items()},
             "ratios": ratios}
+
+
+def scaling_ratios(seconds: dict[str, list[float]], threads: int) -> list[dict[str, Any]]:
+    """1 -> `threads` speed-ups (median over repeats of t(1 thread) / t(threads)) of featurewire's server and of HF
+    `generate`, and the first over the second (target 0.9: the server must use the cores as well as HF does)."""
+    rows: list[dict[str, Any]] = []
+    speedups = {}
+    for name, label in (("featurewire_grpc_generate", "featurewire gRPC Generate (steered)"),
+                        ("nnsight_generate", "nnsight generate (steered)"), ("hf_generate", "HF generate (plain)")):
+        if f"{name}_1_thread" in seconds:
+            speedups[name] = ratio(seconds, f"{name}_1_thread", name)
+            rows.append({"what": f"{label}: 1 -> {threads} threads speed-up", "ratio": speedups[name],
+                         "target": None})
+    if {"featurewire_grpc_generate", "hf_generate"} <= speedups.keys():
+        rows.append({"what": f"featurewire's 1 -> {threads} threads speed-up / HF generate's",
+                     "ratio": speedups["featurewire_grpc_generate"] / speedups["hf_generate"], "target": 0.9})
+    return rows
 
 
 def print_report(result: dict[str, Any]) -> None:
@@ -286,6 +335,7 @@ def print_report(result: dict[str, Any]) -> None:
                   f"features {e['same_active_features']}, max |Δz| {e['max_abs_code_diff']:.3g} "
                   f"(max |z| {e['max_abs_code']:.4g})")
         if row["item"] == "generate":
+            print("  torch threads: " + ", ".join(f"{k} {v}" for k, v in row["threads"].items()))
             print(f"  feature {row['feature']} pinned to {row['value']:.4g}; tokens/s: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in row["tokens_per_s"].items()))
             for name, where in row["first_difference_from_featurewire"].items():

@@ -7,7 +7,13 @@
    FLOP floor of docs/methods.md §F (each stage ≈ 4·d·H FLOPs per token against ≈ 2·non-embedding parameters).
 2. Steered generation (a SET intervention, greedy, N new tokens) vs plain HF `generate`, as a tokens/s ratio.
 3. Decompose through a real gRPC server on loopback (generated stubs) vs the direct engine call it wraps.
-Variants run interleaved per repeat (order alternating) and ratios are medians of per-repeat ratios.
+4. Thread scaling (with more than one torch thread): steered generation and HF `generate` at 1 thread, so
+   that each one's 1 -> default-thread speed-up is printed, and featurewire's over HF's (target 0.9).
+Every direct call runs on the server's engine thread, as the server runs all its torch work there (a
+second thread running torch would start a second OpenMP pool and change how both use the cores:
+service/engine/execution/threads.py); the thread count is the engine's (`--threads`, else chosen from the
+machine as the server does). Variants run interleaved per repeat (order alternating) and ratios are medians
+of per-repeat ratios.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 import threading
@@ -80,21 +87,41 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
 
-def start_server(model: str, stack: Path, device: str = "auto", dtype: str = "auto") -> tuple[LoopThread, Server]:
+def start_server(model: str, stack: Path, device: str = "auto", dtype: str = "auto",
+                 threads: int = 0) -> tuple[LoopThread, Server]:
     loop = LoopThread()
 
     async def build() -> Server:
         return Server(ModelConfig(name=model, device=device, dtype=dtype),
-                      ServerConfig(host="127.0.0.1", port=0, metrics_port=0, stacks=(stack,), self_check=False))
+                      ServerConfig(host="127.0.0.1", port=0, metrics_port=0, stacks=(stack,), self_check=False,
+                                   threads=threads))
 
     server = loop.run(build())
     loop.run(server.start())
     return loop, server
 
 
-def calls(server: Server, ids: torch.Tensor, new_tokens: int) -> dict[str, Callable[[], Any]]:
-    host = server.host
-    assert host is not None
+def on_engine(loop: LoopThread, server: Server, fn: Callable[[], Any], threads: int | None = None
+              ) -> Callable[[], Any]:
+    """`fn` as a job on the server's engine thread (at `threads` torch threads for this call when given)."""
+    engine = server.engine
+    assert engine is not None
+
+    def job() -> Any:
+        if threads is None:
+            return fn()
+        torch.set_num_threads(threads)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(engine.threads)
+
+    return lambda: loop.run(engine.call(job, deadline=None, method="bench"))
+
+
+def calls(loop: LoopThread, server: Server, ids: torch.Tensor, new_tokens: int) -> dict[str, Callable[[], Any]]:
+    host, engine = server.host, server.engine
+    assert host is not None and engine is not None
     stack = next(iter(server.stacks.values()))
     token_ids = tuple(ids[0].tolist())
     everything = tuple(range(len(stack.runtime.stages)))
@@ -108,19 +135,30 @@ def calls(server: Server, ids: torch.Tensor, new_tokens: int) -> dict[str, Calla
     request = pb.DecomposeRequest(stack=stack.name, input=t.Input(token_ids=t.TokenIds(ids=list(token_ids))),
                                   options=t.DecomposeOptions(top_k=32, include_error=True), chunk_tokens=32)
     model = host.model
-    return {
-        "decompose": lambda: list(decompose_events(host, stack, decompose)),
-        "hf_body": lambda: model.base_model(input_ids=ids, use_cache=False),
-        "steered_generate": lambda: list(generate_events(host, stack, steered)),
-        "hf_generate": lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                              do_sample=False, pad_token_id=host.tokenizer.pad_token_id),
+
+    def steered_generate() -> Any:
+        return list(generate_events(host, stack, steered))
+
+    def hf_generate() -> Any:
+        return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              pad_token_id=host.tokenizer.pad_token_id)
+
+    timed = {
+        "decompose": on_engine(loop, server, lambda: list(decompose_events(host, stack, decompose))),
+        "hf_body": on_engine(loop, server, lambda: model.base_model(input_ids=ids, use_cache=False)),
+        "steered_generate": on_engine(loop, server, steered_generate),
+        "hf_generate": on_engine(loop, server, hf_generate),
         "grpc_decompose": lambda: list(stub.Decompose(request, timeout=600)),
-        "direct_decompose": lambda: list(decompose_events(host, stack, decompose)),
+        "direct_decompose": on_engine(loop, server, lambda: list(decompose_events(host, stack, decompose))),
     }
+    if engine.threads > 1:
+        timed["steered_generate_1_thread"] = on_engine(loop, server, steered_generate, threads=1)
+        timed["hf_generate_1_thread"] = on_engine(loop, server, hf_generate, threads=1)
+    return timed
 
 
 def report(model: str, stack_arg: str, tokens: int, new_tokens: int, repeats: int, warmup: int,
-           device: str = "auto", dtype: str = "auto") -> dict[str, Any]:
+           device: str = "auto", dtype: str = "auto", threads: int = 0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         stack_dir = Path(stack_arg)
         if stack_arg == "random":
@@ -128,12 +166,13 @@ def report(model: str, stack_arg: str, tokens: int, new_tokens: int, repeats: in
 
             stack_dir = random_stack(load_host_model(ModelConfig(name=model, device=device, dtype=dtype)),
                                      Path(tmp) / "stack")
-        loop, server = start_server(model, stack_dir, device, dtype)
+        loop, server = start_server(model, stack_dir, device, dtype, threads)
         try:
-            host = server.host
-            assert host is not None
+            host, engine = server.host, server.engine
+            assert host is not None and engine is not None
+            engine_threads = engine.threads
             ids = prompt_ids(host, tokens)
-            timed = calls(server, ids, new_tokens)
+            timed = calls(loop, server, ids, new_tokens)
             times = measure(timed, repeats, warmup, host.device)
             stack = next(iter(server.stacks.values()))
             floor = decompose_floor(host, stack)
@@ -141,9 +180,21 @@ def report(model: str, stack_arg: str, tokens: int, new_tokens: int, repeats: in
             loop.run(server.stop(0))
     ratio = {name: statistics.median(v / b for v, b in zip(times[name], times[base], strict=True))
              for name, base in (("decompose", "hf_body"), ("steered_generate", "hf_generate"),
-                                ("grpc_decompose", "direct_decompose"))}
+                                ("grpc_decompose", "direct_decompose"),
+                                ("steered_generate_1_thread", "steered_generate"),
+                                ("hf_generate_1_thread", "hf_generate")) if name in times}
+    scaling = []
+    if "steered_generate_1_thread" in ratio:
+        scaling = [
+            {"what": f"steered generation: 1 -> {engine_threads} threads speed-up",
+             "ratio": ratio["steered_generate_1_thread"], "target": None},
+            {"what": f"HF generate: 1 -> {engine_threads} threads speed-up", "ratio": ratio["hf_generate_1_thread"],
+             "target": None},
+            {"what": f"steered generation's 1 -> {engine_threads} threads speed-up / HF generate's",
+             "ratio": ratio["steered_generate_1_thread"] / ratio["hf_generate_1_thread"], "target": 0.9}]
     return {
-        "benchmark": "serve_overhead", "machine": machine(host), "tokens": tokens, "new_tokens": new_tokens,
+        "benchmark": "serve_overhead", "machine": {**machine(host), "engine_threads": engine_threads},
+        "load_average": [round(x, 2) for x in os.getloadavg()], "tokens": tokens, "new_tokens": new_tokens,
         "repeats": repeats, "stack": {"path": str(stack_arg), "stages": [
             {"hookpoint": s.hookpoint, "architecture": s.sae.cfg.architecture, "d_sae": s.sae.d_sae,
              "residual": s.residual_of is not None} for s in stack.runtime.stages]},
@@ -156,6 +207,7 @@ def report(model: str, stack_arg: str, tokens: int, new_tokens: int, repeats: in
              "ratio": 1 / ratio["steered_generate"], "target": 0.9},
             {"what": f"gRPC Decompose of {tokens} tokens / direct engine call", "ratio": ratio["grpc_decompose"],
              "target": 1.1},
+            *scaling,
         ],
     }
 
@@ -170,16 +222,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="the engine's torch threads (default 0: chosen from the machine, as the server does)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     result = report(args.model, args.stack, args.tokens, args.new_tokens, args.repeats, args.warmup, args.device,
-                    args.dtype)
+                    args.dtype, args.threads)
     if args.json:
         print(json.dumps(result, indent=2))
         return
     m = result["machine"]
-    print(f"{m['model']} on {m['device']} {m['dtype']} ({m['cpu']}, {m['torch_threads']} threads), "
-          f"{args.tokens} tokens, {args.new_tokens} new tokens, {args.repeats} repeats")
+    print(f"{m['model']} on {m['device']} {m['dtype']} ({m['cpu']}, {m['cpu_count']} CPUs, engine "
+          f"{m['engine_threads']} torch threads), {args.tokens} tokens, {args.new_tokens} new tokens, "
+          f"{args.repeats} repeats, load average {result['load_average']}")
     for row in result["comparisons"]:
         extra = f"  (FLOP floor {row['flop_floor']:.3f})" if "flop_floor" in row else ""
         print(f"{row['ratio']:7.3f}  target {row['target']}  {row['what']}{extra}")
