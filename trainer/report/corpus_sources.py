@@ -11,6 +11,7 @@ from typing import Any
 
 from core.config import default_cache_dir
 from trainer.data.generated import DOCUMENTS_FILE, PROVENANCE_FILE, SOURCE
+from trainer.data.generation_settings import GenerationSettings
 from trainer.report.markdown import Table, fmt
 
 EXCERPT_CHARS = 160
@@ -35,14 +36,26 @@ def _excerpts(directory: Path) -> list[str]:
     return [f"- `{source}`: {' '.join(text.split())[:EXCERPT_CHARS]!r}" for source, text in chosen]
 
 
+def _command(provenance: dict[str, Any] | None, model: str) -> str:
+    """The `corpus` command that samples (or reads) this corpus: its settings that differ from the defaults."""
+    settings = provenance["settings"] if provenance else {"tokens": 150_000}
+    flags = {"tokens": "--gen-tokens", "temperature": "--temperature", "top_p": "--top-p",
+             "max_new_tokens": "--max-new-tokens", "min_new_tokens": "--min-new-tokens",
+             "batch_size": "--gen-batch-size", "bos_share": "--bos-share", "seed": "--gen-seed",
+             "openings": "--openings"}
+    defaults = GenerationSettings().to_dict()
+    extra = "".join(f" {flag} {settings[key]}" for key, flag in flags.items()
+                    if key in settings and settings[key] != defaults[key])
+    return f"featurewire-train corpus --corpus generated --model {model}{extra}   # samples once, cached"
+
+
 def section(cache_dir: Path | None = None, model: str = "default") -> str:
     """Markdown for every generated corpus of `model` in the cache, or a line saying how to make one."""
     cache_dir = cache_dir or default_cache_dir(os.environ)
-    lines = ["### Corpus sources", "",
-             "```sh",
-             "featurewire-train corpus --corpus generated --model default --gen-tokens 150000   # samples once, cached",
-             "```", ""]
     cached = _cached(cache_dir, model)
+    lines = ["### Corpus sources", "", "```sh"]
+    lines += [_command(p, model) for _, p in cached] or [_command(None, model)]
+    lines += ["```", ""]
     if not cached:
         return "\n".join([*lines, "No generated corpus is cached yet.", ""])
     table = Table(["model", "tokens kept", "samples", "dropped", "too short / repetitive / low variety",
