@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -182,7 +183,8 @@ def _sample(host: HostModel, settings: GenerationSettings, openings: Openings, k
         "dropped_by_reason": {r: dropped.get(r, 0) for r in REASONS},
         "sampled_tokens": sampled_tokens, "kept_tokens": kept_tokens, "seconds": round(elapsed, 2),
         "tokens_per_second": round(sampled_tokens / max(elapsed, 1e-9), 1),
-    }
+        "torch_threads": torch.get_num_threads(), "load_average_1min": round(os.getloadavg()[0], 2),
+    }  # threads and machine load at the end: they explain the speed, not the text
     logger.info("generated %d samples (%d tokens) in %.1fs, %.0f tokens/s; dropped %.1f%% (%s)", samples,
                 sampled_tokens, elapsed, stats["tokens_per_second"], 100 * stats["dropped_share"],
                 ", ".join(f"{r} {n}" for r, n in stats["dropped_by_reason"].items()))

@@ -59,15 +59,17 @@ def section(cache_dir: Path | None = None, model: str = "default") -> str:
     if not cached:
         return "\n".join([*lines, "No generated corpus is cached yet.", ""])
     table = Table(["model", "tokens kept", "samples", "dropped", "too short / repetitive / low variety",
-                   "batch", "temperature", "top-p", "seconds", "tokens/s"])
+                   "batch", "temperature", "top-p", "seconds", "tokens/s", "threads", "load"])
     for _, p in cached:
         st, se = p["stats"], p["settings"]
         reasons = " / ".join(str(st["dropped_by_reason"].get(r, 0)) for r in ("too_short", "repetitive", "low_variety"))
         table.add([p["model"]["name"], f"{st['kept_tokens']:,}", f"{st['samples']:,}", f"{st['dropped_share']:.1%}",
                    reasons, str(se["batch_size"]), fmt(se["temperature"], 2), fmt(se["top_p"], 2),
-                   f"{st['seconds']:,.0f}", fmt(st["tokens_per_second"], 1)])
-    lines += ["Generated corpora in the cache (each sampled once, on this machine, with the torch thread count "
-              "of the run; seconds include the filters):", "", table.render(), ""]
+                   f"{st['seconds']:,.0f}", fmt(st["tokens_per_second"], 1), str(st.get("torch_threads", "–")),
+                   fmt(st.get("load_average_1min"), 1)])
+    lines += ["Generated corpora in the cache (each sampled once, on this machine; seconds include the filters; "
+              "threads and the 1-minute load average at the end of sampling, – where not recorded):", "",
+              table.render(), ""]
     for directory, p in cached:
         lines += [f"Excerpts of `{directory.name}` ({p['model']['name']}, seed {p['settings']['seed']}):", "",
                   *_excerpts(directory), ""]
