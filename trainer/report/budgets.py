@@ -74,8 +74,11 @@ def run_budgets(settings: ReportSettings) -> tuple[list[dict[str, Any]], list[st
             missing.append(run.name)
             continue
         stage = report["stages"][0]
+        last = (stage.get("history") or [{}])[-1]
+        dead_train = last.get(f"dead_over_{DEAD_WINDOWS[0]}")
         rows.append({"family": run.sweep.family, "run": run.name, "knob": run.sweep.knob, "value": run.sweep.value,
-                     "aux": run.sweep.aux, "width": run.sweep.width, "budget": run.budget, "seed": run.seed,
+                     "dead_in_training": math.nan if dead_train is None else dead_train, "aux": run.sweep.aux,
+                     "width": run.sweep.width, "budget": run.budget, "seed": run.seed,
                      "hookpoint": stage["hookpoint"], "history": stage.get("history", []),
                      "seconds": report["seconds"], **stage["eval"]})
     return rows, missing
@@ -112,11 +115,12 @@ def pair_at_matched_l0(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def sweep_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(["budget (tokens)", "seed", "architecture", "sparsity", "L0", "FVE", "dead", "ΔCE (nats)",
-                   "wall time (s)"])
+    table = Table(["budget (tokens)", "seed", "architecture", "sparsity", "L0", "FVE", "dead (4,096 eval tokens)",
+                   f"dead (last {DEAD_WINDOWS[0]:,} training tokens)", "ΔCE (nats)", "wall time (s)"])
     for r in sorted(rows, key=lambda r: (r["budget"], r["seed"])):
         table.add([f"{r['budget']:,}", str(r["seed"]), r["family"], f"{r['knob']} {r['value']:g}", fmt(r["l0"], 1),
-                   fmt(r["fve"]), fmt(r["dead_fraction"]), fmt(r["delta_ce"]), fmt(float(r["seconds"]), 0)])
+                   fmt(r["fve"]), fmt(r["dead_fraction"]), fmt(r["dead_in_training"]), fmt(r["delta_ce"]),
+                   fmt(float(r["seconds"]), 0)])
     return table
 
 
@@ -202,8 +206,11 @@ def verdicts(rows: list[dict[str, Any]], budgets: list[int]) -> list[str]:
             if twin:
                 w = twin[0]
                 lines.append(f"- No-aux ablation, {budget:,} tokens: dead fraction {r['dead_fraction']:.3f} vs "
-                             f"{w['dead_fraction']:.3f} with the auxiliary loss, FVE {r['fve']:.3f} vs {w['fve']:.3f}, "
-                             f"L0 {r['l0']:.1f} vs {w['l0']:.1f} (paper: ~98% dead without it).")
+                             f"{w['dead_fraction']:.3f} with the auxiliary loss on the 4,096 evaluation tokens, "
+                             f"{fmt(r['dead_in_training'])} vs {fmt(w['dead_in_training'])} over the last "
+                             f"{DEAD_WINDOWS[0]:,} training tokens (– : the run is shorter than that); FVE "
+                             f"{r['fve']:.3f} vs {w['fve']:.3f}, L0 {r['l0']:.1f} vs {w['l0']:.1f} (paper: ~98% dead "
+                             "without it).")
     return lines
 
 

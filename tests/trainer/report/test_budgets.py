@@ -19,7 +19,8 @@ SETTINGS = ReportSettings(runs_dir=Path("runs/x"), budgets=(400_000, 100_000), b
 
 def _row(family: str, l0: float, fve: float, dead: float, *, budget: int, seed: int = 0, aux: bool = True,
          run: str = "r", history: list | None = None) -> dict:
-    return {"family": family, "l0": l0, "fve": fve, "dead_fraction": dead, "delta_ce": 0.1, "aux": aux,
+    return {"family": family, "l0": l0, "fve": fve, "dead_fraction": dead, "dead_in_training": math.nan,
+            "delta_ce": 0.1, "aux": aux,
             "budget": budget, "seed": seed, "run": run, "knob": "λ", "value": 2.0, "history": history or [],
             "seconds": 60.0}
 
@@ -86,7 +87,8 @@ def test_noaux_verdict_and_the_dead_fraction_curves():
             _row("SA-GSAE (H), no aux loss", 5, 0.7, 0.6, budget=400_000, aux=False,
                  run="sa_gsae-noaux-w1024-lambda2-t400000-seed0", history=history)]
     (line,) = [x for x in budgets.verdicts(rows, [400_000]) if "No-aux" in x]
-    assert "dead fraction 0.600 vs 0.100" in line
+    assert "dead fraction 0.600 vs 0.100 with the auxiliary loss on the 4,096 evaluation tokens, – vs –" in line
+    assert "| 12.0 |" in budgets.sweep_table([{**rows[0], "dead_in_training": 0.25, "l0": 12.0}]).render()
     curves = budgets.curve_runs(rows)
     assert [r["aux"] for r in curves] == [False, True]  # the ablation first, then its twin (no Gated run here)
     table = budgets.curve_table(curves, points=3).render().splitlines()
