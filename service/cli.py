@@ -131,6 +131,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _configure_serve_logging(server_config.log_level, args.verbose)
     if args.no_model:
         return asyncio.run(_serve_without_model(args, model_config, server_config))
+    # Before torch loads OpenMP (it reads this once): idle OpenMP threads sleep at once instead of spinning. On
+    # a machine whose cores are busy, spinning helpers made 2-thread generation 10-30x slower (docs/benchmarks.md,
+    # "Steered generation and threads"); an operator's own OMP_WAIT_POLICY wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from service.server import serve  # torch and transformers: only for the full mode
 
     return asyncio.run(serve(model_config, server_config))
