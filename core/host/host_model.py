@@ -145,7 +145,7 @@ class HostModel:
             do_sample=do_sample,
             temperature=sampling.temperature if do_sample else None,
             top_p=sampling.top_p if do_sample else None,
-            top_k=(sampling.top_k or None) if do_sample else None,
+            top_k=sampling.top_k if do_sample else None,  # 0 = off (None would bring in HF's default 50)
             eos_token_id=self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
         )

@@ -122,3 +122,17 @@ def test_generate_captures_every_processed_position_and_steers(tiny_host):
     steered, _ = tiny_host.generate(ids, sampling, writes={"blocks.0.hook_resid_post": add_vector(torch.randn(d) * 50)})
     assert not torch.equal(new, steered)
     assert _hook_count(tiny_host.model) == before
+
+
+@pytest.mark.parametrize(("top_k", "outside_top_50"), [(0, True), (5, False)])
+def test_sampling_top_k_zero_means_off(tiny_host, top_k, outside_top_50):
+    """top_k 0 samples from the whole vocabulary (transformers fills an unset top_k with 50); top_k 5 keeps 5."""
+    ids = tiny_host.encode(TEXT)
+    logits = tiny_host.forward(ids, logits=True).logits[0, -1]  # (V,)
+    ranks = []
+    for seed in range(8):
+        sampling = SamplingParams(max_new_tokens=1, temperature=100.0, top_k=top_k, seed=seed)
+        token = int(tiny_host.generate(ids, sampling)[0][0, 0])
+        ranks.append(int((logits > logits[token]).sum()))
+    assert max(ranks) < (top_k or logits.shape[0])
+    assert (max(ranks) >= 50) is outside_top_50
