@@ -154,7 +154,8 @@ def steerability(record: dict) -> pb.Steerability:
                           default_expression=default.get("expression", 0.0),
                           default_examples=list(default.get("examples", ())),
                           expression_threshold=record.get("expression_threshold", 0.0),
-                          fluency_threshold=record.get("fluency_threshold", 0.0))
+                          fluency_threshold=record.get("fluency_threshold", 0.0),
+                          repetition_threshold=record.get("repetition_threshold", 0.0))
     best = verdict.get("best")
     if best is not None:
         point = next((p for p in record["curve"] if (p["op"], p["unit"], p["value"]) ==

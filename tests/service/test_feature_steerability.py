@@ -58,6 +58,7 @@ def test_get_feature_returns_the_record(serving: Running, measured):
         assert [p.fluency_cost for p in got.curve] == pytest.approx([p["fluency_cost"] for p in record["curve"]])
         assert got.output_score == pytest.approx(record["output_score"])
         assert got.fluency_threshold == pytest.approx(1.0) and got.expression_threshold == pytest.approx(0.25)
+        assert got.repetition_threshold == pytest.approx(0.5)
         assert got.HasField("best") == (record["verdict"]["best"] is not None)
     unmeasured = next(f for f in range(64) if f not in stored["features"])
     assert not serving.stub.GetFeature(pb.GetFeatureRequest(stage=name, feature=unmeasured),

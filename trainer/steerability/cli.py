@@ -6,7 +6,12 @@ import argparse
 import os
 
 from core.config import ModelConfig, add_model_arguments, model_config_from_args
-from trainer.steerability.schedule import DEFAULT_STRENGTHS, EXPRESSION_THRESHOLD, FLUENCY_THRESHOLD
+from trainer.steerability.schedule import (
+    DEFAULT_STRENGTHS,
+    EXPRESSION_THRESHOLD,
+    FLUENCY_THRESHOLD,
+    REPETITION_THRESHOLD,
+)
 
 
 def add_steerability(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +24,8 @@ def add_steerability(subparsers: argparse._SubParsersAction) -> None:
         "model beyond the default continuation's), a repetition rate, an output score from one intervened forward "
         f"pass, and a verdict: the smallest strength whose expression exceeds the default branch's by "
         f"{EXPRESSION_THRESHOLD:.0%} of the generated tokens at a fluency cost "
-        f"<= {FLUENCY_THRESHOLD:g} nat/token. Resumable (stored features with the same settings are skipped); "
+        f"<= {FLUENCY_THRESHOLD:g} nat/token with at most {REPETITION_THRESHOLD:.0%} repeated bigrams. Resumable "
+        "(stored features with the same settings are skipped); "
         "under torchrun every rank measures its share of the features.")
     parser.add_argument("--stack", required=True, metavar="DIR")
     parser.add_argument("--stage", help="a stage name or index (default: every stage)")

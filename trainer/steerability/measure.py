@@ -15,8 +15,10 @@ has a fluency cost of exactly 0). Pooled over a strength's rows:
 The verdict (schedule.py): per family (op, unit), the smallest strength whose expression exceeds the default
 branch's by EXPRESSION_THRESHOLD (the lift; for a mid-density feature the default expression is about its density,
 so this is the expression itself, and a feature that already fires on default text cannot pass at strength 0) at a
-fluency cost of at most FLUENCY_THRESHOLD; the best strength is the passing point with the lowest fluency cost
-among the families' smallest (then the highest expression).
+fluency cost of at most FLUENCY_THRESHOLD and a repetition rate of at most REPETITION_THRESHOLD or the default
+branch's, whichever is larger (a loop of one token is cheap under the model, so the cross-entropy alone lets it
+through; a model whose own continuations loop is not held to a bound it misses unsteered); the best strength is
+the passing point with the lowest fluency cost among the families' smallest (then the highest expression).
 
 The output score needs no generation (after Arad, Mueller & Belinkov, EMNLP 2025): ADD the feature at
 `output_strength` times its max in one forward pass over the openings and take the probability mass the next-token
@@ -33,7 +35,7 @@ import torch
 from core.host.host_model import HostModel
 from core.stack.runtime import StackRuntime
 from trainer.steerability.generation import NO_EDIT, Row, RowEdit, generate_rows, next_token_probs, reread
-from trainer.steerability.schedule import EXPRESSION_THRESHOLD, FLUENCY_THRESHOLD, Strength
+from trainer.steerability.schedule import EXPRESSION_THRESHOLD, FLUENCY_THRESHOLD, REPETITION_THRESHOLD, Strength
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,8 @@ class SteerSettings:
         return {"strengths": [s.label for s in self.strengths], "max_new_tokens": self.max_new_tokens,
                 "samples": self.samples, "temperature": self.temperature, "seed": self.seed,
                 "output_strength": self.output_strength, "lens_k": self.lens_k,
-                "expression_threshold": EXPRESSION_THRESHOLD, "fluency_threshold": FLUENCY_THRESHOLD}
+                "expression_threshold": EXPRESSION_THRESHOLD, "fluency_threshold": FLUENCY_THRESHOLD,
+                "repetition_threshold": REPETITION_THRESHOLD}
 
 
 @dataclass(frozen=True)
@@ -249,14 +252,16 @@ def _record(runtime: StackRuntime, stage_index: int, target: FeatureTarget, defa
             "max_activation": target.max_activation,
             "direction_norm": float(stage.sae.W_dec[target.index].norm()) / stage.input_scale,
             "concept_tokens": list(target.concept_tokens), "logit_lens": lens, "output_score": score,
-            "default": default, "curve": curve, "verdict": verdict(curve)}
+            "default": default, "curve": curve, "verdict": verdict(curve, default["repetition"])}
 
 
-def verdict(curve: Sequence[dict]) -> dict:
+def verdict(curve: Sequence[dict], default_repetition: float = 0.0) -> dict:
     """Whether the feature steers, and at which strength (see the module docstring)."""
+    repetition = max(REPETITION_THRESHOLD, default_repetition)  # a model that loops anyway is not held to 0.5
     smallest: dict[str, dict] = {}
     for point in sorted(curve, key=lambda p: p["value"]):
-        passes = point["lift"] >= EXPRESSION_THRESHOLD and point["fluency_cost"] <= FLUENCY_THRESHOLD
+        passes = (point["lift"] >= EXPRESSION_THRESHOLD and point["fluency_cost"] <= FLUENCY_THRESHOLD
+                  and point["repetition"] <= repetition)
         family = f"{point['op']}:{point['unit']}"
         if passes and family not in smallest:
             smallest[family] = point

@@ -29,6 +29,12 @@ FLUENCY_THRESHOLD = 1.0
 then at most e times less likely per token, on average, than the model's own continuation of the same opening. It
 is the starting point the issue proposed; it has not yet been calibrated against texts judged broken on the demo
 stack (the report's section 6 shows the measured costs next to the steered texts)."""
+REPETITION_THRESHOLD = 0.5
+"""... and with at most this share of its generated bigrams repeating earlier ones. The cross-entropy misses loops:
+once a token repeats, the model predicts the next repeat well, so " genetic genetic genetic ..." cost only 0.68
+nats/token more than the default on a demo-configuration stack, while its repetition rate was 0.93. There, default
+continuations repeated 0.03-0.27 of their bigrams and the looping steered texts 0.68-0.93. When the default
+continuations themselves repeat more (a tiny random model loops on everything), their rate is the bound."""
 
 
 @dataclass(frozen=True, order=True)

@@ -210,6 +210,7 @@ class Steerability:
     default_examples: tuple[str, ...]
     expression_threshold: float
     fluency_threshold: float
+    repetition_threshold: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -296,7 +297,7 @@ def explanation_source(m: pb.ExplanationSource) -> ExplanationSource:
 def steerability(m: pb.Steerability) -> Steerability:
     return Steerability(m.steers, _point(m.best) if m.HasField("best") else None, tuple(_point(p) for p in m.curve),
                         m.output_score, m.default_expression, tuple(m.default_examples), m.expression_threshold,
-                        m.fluency_threshold)
+                        m.fluency_threshold, m.repetition_threshold)
 
 
 def meta_latents(m: pb.MetaLatents) -> MetaLatents:

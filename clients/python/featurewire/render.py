@@ -214,7 +214,7 @@ def steerability_lines(s: Steerability) -> list[str]:
                f"{best.fluency_cost:+.2f} nats/token)" if s.steers and best is not None else "does not steer")
     lines = [f"steerability: {verdict}; output score {s.output_score:+.3f}; default expression "
              f"{s.default_expression:.0%} (thresholds: lift >= {s.expression_threshold:.0%}, fluency cost <= "
-             f"{s.fluency_threshold:g})",
+             f"{s.fluency_threshold:g}, repetition <= {s.repetition_threshold:.0%})",
              f"  {'strength':<14} {'expression':>10} {'lift':>7} {'concept':>8} {'fluency':>8} {'repeat':>7}  example"]
     for p in s.curve:
         example = p.examples[0] if p.examples else ""

@@ -131,4 +131,5 @@ def steerability(stage: LoadedStage, feature: int) -> dict | None:
         return None
     settings = stage.steerability.get("settings", {})  # type: ignore[union-attr]
     return {**record, "expression_threshold": settings.get("expression_threshold", 0.0),
-            "fluency_threshold": settings.get("fluency_threshold", 0.0)}
+            "fluency_threshold": settings.get("fluency_threshold", 0.0),
+            "repetition_threshold": settings.get("repetition_threshold", 0.0)}

@@ -72,7 +72,10 @@ def test_steering_the_planted_feature_expresses_it(measured):
     steered = curve[("add", "max", 16.0)]
     assert steered["concept_share"] > default["concept_share"] + 0.5  # the token's share of generated tokens
     assert steered["expression"] > default["expression"] + 0.5 and steered["lift"] > 0.5
-    assert record["verdict"]["steers"] and record["verdict"]["best"]["op"] in ("add", "set")
+    bound = max(0.5, default["repetition"])  # the tiny random model loops: " feature feature ..." may not pass
+    passing = [p for p in record["curve"]
+               if p["lift"] >= 0.25 and p["fluency_cost"] <= 1.0 and p["repetition"] <= bound]
+    assert record["verdict"]["steers"] == bool(passing)
     assert TEXT.strip() in steered["examples"][0]
 
 
@@ -184,3 +187,15 @@ def test_two_gloo_ranks_give_the_single_process_records(tiny_gemma, tmp_path):
             assert (a["op"], a["unit"], a["value"], a["examples"]) == (b["op"], b["unit"], b["value"], b["examples"])
             assert b["expression"] == pytest.approx(a["expression"]) and b["fluency_cost"] == pytest.approx(
                 a["fluency_cost"], abs=1e-4)
+
+
+def test_a_one_token_loop_does_not_pass_however_cheap():
+    from trainer.steerability.measure import verdict
+
+    point = {"op": "add", "unit": "norm", "value": 0.25, "amount": 1.0, "expression": 0.9, "lift": 0.3,
+             "fluency_cost": 0.5, "repetition": 0.93}
+    assert not verdict([point])["steers"]
+    assert verdict([{**point, "repetition": 0.2}])["best"]["value"] == 0.25
+    assert not verdict([{**point, "repetition": 0.2, "fluency_cost": 1.5}])["steers"]
+    assert not verdict([{**point, "repetition": 0.2, "lift": 0.2}])["steers"]
+    assert verdict([point], default_repetition=0.95)["steers"]  # the model loops unsteered too

@@ -395,7 +395,7 @@ class SteeringPoint(_message.Message):
     def __init__(self, op: _Optional[str] = ..., unit: _Optional[str] = ..., value: _Optional[float] = ..., amount: _Optional[float] = ..., expression: _Optional[float] = ..., lift: _Optional[float] = ..., concept_share: _Optional[float] = ..., fluency_cost: _Optional[float] = ..., repetition: _Optional[float] = ..., examples: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Steerability(_message.Message):
-    __slots__ = ("steers", "best", "curve", "output_score", "default_expression", "default_examples", "expression_threshold", "fluency_threshold")
+    __slots__ = ("steers", "best", "curve", "output_score", "default_expression", "default_examples", "expression_threshold", "fluency_threshold", "repetition_threshold")
     STEERS_FIELD_NUMBER: _ClassVar[int]
     BEST_FIELD_NUMBER: _ClassVar[int]
     CURVE_FIELD_NUMBER: _ClassVar[int]
@@ -404,6 +404,7 @@ class Steerability(_message.Message):
     DEFAULT_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     EXPRESSION_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     FLUENCY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     steers: bool
     best: SteeringPoint
     curve: _containers.RepeatedCompositeFieldContainer[SteeringPoint]
@@ -412,7 +413,8 @@ class Steerability(_message.Message):
     default_examples: _containers.RepeatedScalarFieldContainer[str]
     expression_threshold: float
     fluency_threshold: float
-    def __init__(self, steers: _Optional[bool] = ..., best: _Optional[_Union[SteeringPoint, _Mapping]] = ..., curve: _Optional[_Iterable[_Union[SteeringPoint, _Mapping]]] = ..., output_score: _Optional[float] = ..., default_expression: _Optional[float] = ..., default_examples: _Optional[_Iterable[str]] = ..., expression_threshold: _Optional[float] = ..., fluency_threshold: _Optional[float] = ...) -> None: ...
+    repetition_threshold: float
+    def __init__(self, steers: _Optional[bool] = ..., best: _Optional[_Union[SteeringPoint, _Mapping]] = ..., curve: _Optional[_Iterable[_Union[SteeringPoint, _Mapping]]] = ..., output_score: _Optional[float] = ..., default_expression: _Optional[float] = ..., default_examples: _Optional[_Iterable[str]] = ..., expression_threshold: _Optional[float] = ..., fluency_threshold: _Optional[float] = ..., repetition_threshold: _Optional[float] = ...) -> None: ...
 
 class FeatureDashboard(_message.Message):
     __slots__ = ("tokens", "documents", "corpus", "context", "sides", "neighbours", "cross_stage_neighbours", "cooccurring")

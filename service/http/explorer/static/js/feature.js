@@ -163,7 +163,7 @@ export class FeatureView {
       el("h3", {}, "Measured steerability"),
       el("p", { class: "stats" }, `${best} · output score ${fmt(s.outputScore ?? 0)} · default expression ` +
         `${percent(s.defaultExpression)} · steers = lift ≥ ${percent(s.expressionThreshold)} at fluency cost ≤ ` +
-        `${fmt(s.fluencyThreshold ?? 0)} nats/token`),
+        `${fmt(s.fluencyThreshold ?? 0)} nats/token, repetition ≤ ${percent(s.repetitionThreshold)}`),
       [...families.entries()].map(([key, points]) => {
         points.sort((a, b) => (a.value ?? 0) - (b.value ?? 0));
         const labels = points.map((p) => `${key}:${fmt(p.value ?? 0)}`);
