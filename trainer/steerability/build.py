@@ -105,6 +105,30 @@ def select(stack: LoadedStack, stages: Sequence[int], *, features: str | None, s
     return out
 
 
+def text_candidates(host: HostModel, stack: LoadedStack, stage_index: int, text: str, top: int) -> Selection:
+    """The `top` features of one stage that `text` activates most: max |z| over its tokens, special tokens (BOS)
+    left out. The same ranking as SearchFeatures' text query with REDUCTION_MAX, so a client that searches the
+    text finds these features first and can read their measured steerability."""
+    if not text.strip():
+        raise ValueError("--text must contain some text")
+    if top < 1:
+        raise ValueError(f"--top must be at least 1, got {top}")
+    runtime = StackRuntime.from_loaded(stack)
+    needed = runtime.dependencies([stage_index])
+    ids = host.encode(text)  # (1, T) with the tokenizer's special tokens
+    special = set(host.tokenizer.all_special_ids)
+    keep = torch.tensor([int(i) not in special for i in ids[0].tolist()])  # (T,)
+    if not bool(keep.any()):
+        raise ValueError("--text has no token besides special tokens")
+    with torch.inference_mode():
+        hookpoints = [runtime.stages[i].hookpoint for i in needed]
+        captures = host.forward(ids, reads=hookpoints).captures
+        result = runtime.decompose({hp: captures[hp][0] for hp in hookpoints}, [stage_index])[stage_index]
+        peak = result.codes[keep].abs().amax(dim=0)  # (H,)
+    order = peak.argsort(descending=True)[:top]
+    return Selection(stage_index, tuple(sorted(int(f) for f in order.tolist() if float(peak[f]) > 0)))
+
+
 def targets_for(stage: LoadedStage, features: Sequence[int], concept_n: int = 20) -> list[FeatureTarget]:
     """Each feature's side (the one it fires on most), held-out max, density and top firing tokens."""
     board = stage.dashboard

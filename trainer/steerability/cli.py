@@ -32,6 +32,9 @@ def add_steerability(subparsers: argparse._SubParsersAction) -> None:
     chosen = parser.add_mutually_exclusive_group(required=True)
     chosen.add_argument("--features", metavar="LIST", help="comma-separated feature ids of --stage")
     chosen.add_argument("--sample", type=int, metavar="N", help="N random features per stage in the density range")
+    chosen.add_argument("--text", metavar="TEXT", help="the --top features of --stage that TEXT activates most (max "
+                        "|z| over its tokens, BOS left out: SearchFeatures' ranking of a text query)")
+    parser.add_argument("--top", type=int, default=8, metavar="N", help="features taken with --text (default 8)")
     parser.add_argument("--density", default="1e-4:1e-2", metavar="LO:HI",
                         help="dashboard firing-density range for --sample (default 1e-4:1e-2)")
     parser.add_argument("--strengths", nargs="+", default=list(DEFAULT_STRENGTHS), metavar="OP:UNIT:V,...",
@@ -78,7 +81,14 @@ def settings_from_args(args: argparse.Namespace):  # -> SteerSettings (torch-imp
 def run_steerability_command(args: argparse.Namespace) -> int:
     from core.host.loading import load_host_model
     from core.stack.reader import read_stack
-    from trainer.steerability.build import describe, read_openings, resolve_stages, run_steerability, select
+    from trainer.steerability.build import (
+        describe,
+        read_openings,
+        resolve_stages,
+        run_steerability,
+        select,
+        text_candidates,
+    )
     from trainer.training.distributed import session
 
     settings = settings_from_args(args)
@@ -92,10 +102,16 @@ def run_steerability_command(args: argparse.Namespace) -> int:
         openings = openings[:args.openings]
     stack = read_stack(args.stack)
     stages = resolve_stages(stack, args.stage)
-    selections = select(stack, stages, features=args.features, sample=args.sample, density=density, seed=args.seed)
+    if args.text is not None and len(stages) != 1:
+        raise ValueError("--text needs --stage: it ranks one stage's features")
     model = model_config_from_args(args, os.environ, defaults=ModelConfig(name=stack.identity.name))
     with session(os.environ, model.device) as parallel:
         host = load_host_model(model)
+        if args.text is not None:
+            selections = [text_candidates(host, stack, stages[0], args.text, args.top)]
+        else:
+            selections = select(stack, stages, features=args.features, sample=args.sample, density=density,
+                                seed=args.seed)
         summary = run_steerability(args.stack, host, selections, settings, openings, group=args.group,
                                    parallel=parallel, progress=not args.quiet)
         if parallel.is_main:

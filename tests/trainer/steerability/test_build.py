@@ -18,7 +18,7 @@ from trainer.cli import main
 from trainer.dashboards.accumulator import DashboardSettings
 from trainer.dashboards.build import build_dashboards
 from trainer.data.corpus import load_corpus
-from trainer.steerability.build import Selection, read_openings, run_steerability
+from trainer.steerability.build import Selection, read_openings, run_steerability, text_candidates
 from trainer.steerability.measure import SteerSettings
 from trainer.steerability.schedule import parse_strengths
 
@@ -114,6 +114,19 @@ def test_cli_measures_and_reports(measured, capsys):
     assert 1 in read_stack(stack).stages[1].steerability["features"]
 
 
+def test_text_candidates_rank_the_texts_features_without_bos(measured, tiny_gemma):
+    """--text picks what SearchFeatures' REDUCTION_MAX picks: the planted feature fires on " feature" only."""
+    stack, _, _, _ = measured
+    loaded = read_stack(stack)
+    picked = text_candidates(tiny_gemma, loaded, 0, "a feature of the text", top=1)
+    assert picked == Selection(0, (PLANTED,))
+    assert text_candidates(tiny_gemma, loaded, 0, "nothing here", top=3).features == tuple(
+        sorted(text_candidates(tiny_gemma, loaded, 0, "nothing here", top=3).features))
+    assert PLANTED not in text_candidates(tiny_gemma, loaded, 0, "nothing here", top=32).features
+    with pytest.raises(ValueError, match="--top must be at least 1"):
+        text_candidates(tiny_gemma, loaded, 0, "a feature", top=0)
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--stage", "nope", "--features", "1"], "unknown stage 'nope'; the stack's stages are ['embed', 'late']"),
     (["--stage", "embed", "--features", "1,99"], "unknown feature '99' for stage 'embed': allowed ids are 0..31"),
@@ -123,6 +136,7 @@ def test_cli_measures_and_reports(measured, capsys):
     (["--stage", "embed", "--features", "1", "--strengths", "add:max:-1"], "allowed: 0 to 64"),
     (["--sample", "2", "--density", "0.5:0.1"], "--density must be LO:HI with 0 <= LO <= HI <= 1"),
     (["--stage", "embed", "--sample", "2", "--density", "1:1"], "has no feature with density in [1, 1]"),
+    (["--text", "a feature"], "--text needs --stage"),
 ])
 def test_bad_input_names_what_is_allowed(measured, capsys, extra, message):
     stack, _, _, _ = measured
