@@ -169,7 +169,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     from trainer.training.config import ModelSection, load_config
     from trainer.training.distributed import session
-    from trainer.training.loop import run_training
+    from trainer.training.loop import format_phases, run_training
 
     cfg = load_config(args.config)
     # The config's [model] section, then FEATUREWIRE_MODEL/DEVICE/DTYPE/CACHE, then flags: as featurewire-serve.
@@ -180,6 +180,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if parallel.is_main:
         print(format_metrics(result.report["stages"], [s["hookpoint"] for s in result.report["stages"]]))
         print(f"stack: {result.stack_dir}")
+        print(format_phases(result.report["phases"]))
     return 0
 
 

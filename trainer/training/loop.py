@@ -69,6 +69,26 @@ class TrainResult:
     report: dict[str, Any]
 
 
+class LapClock:
+    """Wall seconds per phase of a run: each `lap(name)` books the time since the previous lap under `name`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
+
+
+def format_phases(seconds: dict[str, float]) -> str:
+    """One line per phase with its wall time and share of the total, then the total (what `train` prints)."""
+    total = sum(seconds.values())
+    lines = [f"  {name:<24} {value:8.1f} s {value / max(total, 1e-9):7.1%}" for name, value in seconds.items()]
+    return "\n".join(["phases:", *lines, f"  {'total':<24} {total:8.1f} s"])
+
+
 def load_host(cfg: TrainConfig, cache_dir: Path | None = None) -> HostModel:
     model = cfg.model.to_model_config()
     return load_host_model(replace(model, cache_dir=cache_dir) if cache_dir else model)
@@ -335,17 +355,22 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True
     parallel = parallel.for_config(cfg)
     progress = progress and parallel.is_main
     started = time.perf_counter()
+    laps = LapClock()
     host = load_host(cfg, cache_dir)
+    laps.lap("model load")
     splits, corpus = _training_corpus_once(cfg, host, cache_dir, progress, parallel)
+    laps.lap("corpus (and generation)")
     store = Path(cfg.activations.store) if cfg.activations.store else out_dir / "activations"
     # Every rank collects its slice of the batches into the one store (the run directory is shared).
     manifest = ensure_activations(host, splits.train, cfg, store, progress, parallel=parallel, corpus=corpus)
     maps = fit_calibrated_maps(host, splits, cfg, out_dir, progress, parallel, corpus) if cfg.stack.residualize else []
+    laps.lap("collection")
     states = _build_states(cfg, manifest, host.device)
     runtime = build_runtime(cfg, manifest, states, maps)
     histories: list[list[dict[str, Any]]] = [[] for _ in states]
     summaries = fit_stages(cfg, manifest, states, runtime, out_dir / "checkpoint", progress=progress,
                            on_step=on_step, parallel=parallel, histories=histories)
+    laps.lap("training")
     if not parallel.is_main:  # rank 0 evaluates and writes the stack and the report
         return TrainResult(out_dir / "stack", {})
     trained_seconds = time.perf_counter() - started
@@ -375,6 +400,7 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True
         if cfg.stack.error_predictors else [None] * len(specs)
     for spec, predictor in zip(specs, predictors, strict=True):
         spec.error_predictor = predictor
+    laps.lap("evaluation")
     stack_dir = write_stack(out_dir / "stack", cfg.stack.name, HostModelIdentity.from_model(host.model, host.name),
                             specs, overwrite=True, metrics=stack_metrics)
     report = {"stack": str(stack_dir), "model": asdict(host.summary()), "seconds": time.perf_counter() - started,
@@ -387,6 +413,8 @@ def run_training(cfg: TrainConfig, out_dir: str | Path, *, progress: bool = True
                                                     strict=True)]}
     if cfg.dashboards is not None:  # on rank 0 alone here; `featurewire-train dashboards` spreads over torchrun ranks
         report["dashboards"] = stack_dashboards(cfg, host, splits, stack_dir, progress)
+        laps.lap("dashboards")
+    report["phases"] = laps.seconds
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     logger.info("stack written to %s", stack_dir)
     return TrainResult(stack_dir, report)

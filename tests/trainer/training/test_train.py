@@ -18,7 +18,13 @@ SMOKE = Path(__file__).resolve().parents[3] / "trainer" / "configs" / "smoke.tom
 
 def test_smoke_train_then_eval_through_the_cli(tmp_path, capsys):
     assert main(["train", "--config", str(SMOKE), "--out", str(tmp_path), "--quiet"]) == 0
-    assert "stack:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "stack:" in out and "phases:" in out
+    phases = json.loads((tmp_path / "report.json").read_text())["phases"]
+    assert list(phases) == ["model load", "corpus (and generation)", "collection", "training", "evaluation"]
+    assert all(seconds >= 0 for seconds in phases.values())
+    for name in phases:
+        assert f"  {name}" in out
     stack = read_stack(tmp_path / "stack")
     assert [s.hookpoint for s in stack.stages] == ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out"]
     for stage in stack.stages:
