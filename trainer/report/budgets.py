@@ -116,10 +116,12 @@ def pair_at_matched_l0(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def sweep_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(["budget (tokens)", "seed", "architecture", "sparsity", "L0", "FVE", "dead (4,096 eval tokens)",
-                   f"dead (last {DEAD_WINDOWS[0]:,} training tokens)", "ΔCE (nats)", "wall time (s)"])
+                   f"dead (last {DEAD_WINDOWS[0]:,} training tokens)", "dense (>10% of eval tokens)", "ΔCE (nats)",
+                   "wall time (s)"])
     for r in sorted(rows, key=lambda r: (r["budget"], r["seed"])):
         table.add([f"{r['budget']:,}", str(r["seed"]), r["family"], f"{r['knob']} {r['value']:g}", fmt(r["l0"], 1),
-                   fmt(r["fve"]), fmt(r["dead_fraction"]), fmt(r["dead_in_training"]), fmt(r["delta_ce"]),
+                   fmt(r["fve"]), fmt(r["dead_fraction"]), fmt(r["dead_in_training"]),
+                   fmt(r.get("dense_fraction_10pct", math.nan)), fmt(r["delta_ce"]),
                    fmt(float(r["seconds"]), 0)])
     return table
 
@@ -173,6 +175,23 @@ def same_lambda_lines(rows: list[dict[str, Any]], budget: int, seed: int) -> lis
     return lines
 
 
+def dominance_line(rows: list[dict[str, Any]], budget: int, seed: int) -> list[str]:
+    """How many SA-GSAE points some Gated point dominates (L0 no higher, FVE higher), and the reverse: a
+    Pareto comparison that needs no overlap of the L0 ranges."""
+    chosen = _select(rows, budget, seed)
+    sa = [r for r in chosen if r["family"] == PAPER_PAIR[0]]
+    gated = [r for r in chosen if r["family"] == PAPER_PAIR[1]]
+    if not sa or not gated:
+        return []
+
+    def beaten(points: list[dict[str, Any]], by: list[dict[str, Any]]) -> int:
+        return sum(any(b["l0"] <= p["l0"] and b["fve"] > p["fve"] for b in by) for p in points)
+
+    return [f"- {budget:,} tokens, seed {seed}: {beaten(sa, gated)} of {len(sa)} SA-GSAE (H) points are dominated by a "
+            f"Gated (2H) point (L0 no higher, FVE higher); {beaten(gated, sa)} of {len(gated)} Gated points by an "
+            "SA-GSAE point."]
+
+
 def verdicts(rows: list[dict[str, Any]], budgets: list[int]) -> list[str]:
     """Per-budget comparisons and a conclusion per claim, all computed from the rows (the trend from the first
     seed, the other seeds beside it)."""
@@ -180,7 +199,7 @@ def verdicts(rows: list[dict[str, Any]], budgets: list[int]) -> list[str]:
     first_seed = min((r["seed"] for r in rows), default=0)
     for budget in budgets:
         for seed in sorted({r["seed"] for r in rows if r["budget"] == budget}):
-            lines += same_lambda_lines(rows, budget, seed)
+            lines += same_lambda_lines(rows, budget, seed) + dominance_line(rows, budget, seed)
             pair = pair_at_matched_l0(_select(rows, budget, seed))
             if any(math.isnan(v) for v in pair.values()):
                 lines.append(f"- {budget:,} tokens, seed {seed}: no matched-L0 comparison (each family needs two "

@@ -65,7 +65,7 @@ def test_matched_comparison_per_budget_and_the_trend_verdict():
     lines = budgets.verdicts(rows, [100_000, 400_000])
     claim = next(line for line in lines if "Claim" in line)
     assert "closes with budget" in claim and "seed 0" in claim and "-0.033, -0.000" in claim
-    matched = [line for line in lines if "400,000 tokens, seed" in line and "both at λ" not in line]
+    matched = [line for line in lines if "400,000 tokens, seed" in line and "FVE SA-GSAE" in line]
     assert len(matched) == 2  # both seeds at the largest budget
     table = budgets.matched_table(rows, [100_000, 400_000]).render()
     assert table.count("| 400,000 | 1 |") == 2
@@ -146,3 +146,11 @@ def test_same_lambda_comparison_names_the_dominating_family():
     assert "SA-GSAE dominates" in budgets.same_lambda_lines(rows, 400_000, 0)[0]
     lines = budgets.verdicts(rows, [400_000])
     assert any("no matched-L0 comparison" in x for x in lines) and any("cannot be told" in x for x in lines)
+
+
+def test_dominance_counts_points_beaten_without_an_l0_overlap():
+    rows = [_row("SA-GSAE (H)", 86.0, 0.77, 0.4, budget=400_000), _row("SA-GSAE (H)", 91.0, 0.62, 0.5, budget=400_000),
+            _row("Gated (2H)", 6.0, 0.83, 0.6, budget=400_000), _row("Gated (2H)", 20.0, 0.89, 0.1, budget=400_000)]
+    (line,) = budgets.dominance_line(rows, 400_000, 0)
+    assert "2 of 2 SA-GSAE (H) points are dominated" in line and "0 of 2 Gated points" in line
+    assert budgets.dominance_line(rows[:2], 400_000, 0) == []
