@@ -71,17 +71,23 @@ lint-k8s: $(K8S_STAMP) k8s-tools
 # runs/demo to rebuild it.
 DEMO_STACK := runs/demo/stack/stack.json
 
+# The demo's concept text; `make demo` steers with the SearchFeatures match for it whose steerability is measured best.
+DEMO_CONCEPT := We cooked dinner together: fresh bread, cheese, tomato soup, apples and a chocolate cake.
+DEMO_STEER := --stage blocks.12.hook_resid_post --top 12 --openings 6 --samples 0 --tokens 12 \
+	--strengths add:max:4,8,16 set:max:8,16 add:norm:1,2 --quiet
+
 $(DEMO_STACK): | $(STAMP)
 	$(VENV)/bin/featurewire-train train --config trainer/configs/demo.toml --out runs/demo
+	$(VENV)/bin/featurewire-train steerability --stack runs/demo/stack --text "$(DEMO_CONCEPT)" $(DEMO_STEER)
 
 demo-stack: $(DEMO_STACK)
 
 demo: $(DEMO_STACK)
-	$(PY) -m service demo --model default --stack runs/demo/stack
+	$(PY) -m service demo --model default --stack runs/demo/stack --concept "$(DEMO_CONCEPT)"
 
 # The demo, then the server stays up for the explorer (http://127.0.0.1:<port>/, printed) until Ctrl-C.
 explorer: $(DEMO_STACK)
-	$(PY) -m service demo --model default --stack runs/demo/stack --keep-serving
+	$(PY) -m service demo --model default --stack runs/demo/stack --concept "$(DEMO_CONCEPT)" --keep-serving
 
 tour: $(STAMP)
 	$(PY) -m service tour

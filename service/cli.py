@@ -66,7 +66,7 @@ def cmd_tour(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from service.demo import run_demo
 
-    return run_demo(args.stack, _model_config(args), keep_serving=args.keep_serving)
+    return run_demo(args.stack, _model_config(args), keep_serving=args.keep_serving, concept=args.concept)
 
 
 def _serve_args(parser: argparse.ArgumentParser) -> None:
@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="serve a stack, then decompose, steer and read metrics as a client")
     add_model_arguments(demo)
     demo.add_argument("--stack", required=True, metavar="DIR", help="the stack to serve (make demo builds one)")
+    demo.add_argument("--concept", default=None, metavar="TEXT",
+                      help="the concept text whose SearchFeatures matches the demo steers with (default: the demo's)")
     demo.add_argument("--keep-serving", action="store_true",
                       help="after the demo, keep the server (and the explorer) up until Ctrl-C")
     demo.set_defaults(run=cmd_demo)

@@ -29,11 +29,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from core.config import ModelConfig
 
 PROMPT = "I think that dogs are"
-CONCEPT = "One by one: one copy, one more time, one of the two, and then one again."
-STEER_STAGE = 0  # the stage whose features SearchFeatures ranks on the concept text (see the closing notes)
-STEER_MULTIPLE = 2.0  # SET the feature to this multiple of its held-out max (larger values break the text)
+CONCEPT = "We cooked dinner together: fresh bread, cheese, tomato soup, apples and a chocolate cake."
+"""The demo's concept text; the Makefile passes the same text to `featurewire-train steerability --text`."""
+STEER_STAGE = -1  # the last stage: output features sit mostly in later layers (Arad, Mueller & Belinkov, 2025)
+STEER_MULTIPLE = 2.0  # without a measured strength: SET the feature to this multiple of its held-out max
 MAX_DENSITY = 0.02
-STOP_WORDS = frozenset({"the", "a", "and", "by", "of", "then", "time", "more", ""})
+MEASURED_MATCHES = 12  # SearchFeatures matches whose steerability the demo reads
 READY_TIMEOUT_S = 600
 
 
@@ -98,27 +99,52 @@ def _show_decomposition(stub: pb_grpc.FeaturewireStub) -> None:
         for codes in token.features:
             feats = " ".join(f"{i}:{v:+.1f}" for i, v in zip(codes.ids, codes.values, strict=True))
             predicted = f"{codes.predicted_error_norm:.1f}" if codes.HasField("predicted_error_norm") else "n/a"
-            cells.append(f"[{header.stages[codes.stage].name.split('.')[1]}] {feats} | err {codes.error_norm:.1f}"
+            cells.append(f"[{_short(header.stages[codes.stage].name)}] {feats} | err {codes.error_norm:.1f}"
                          f"/{predicted}")
         print(f"{token.token.text!r:>10}  " + "   ".join(cells))
 
 
-def _pick_feature(stub: pb_grpc.FeaturewireStub, stage: str) -> pb.FeatureMatch:
-    """SearchFeatures on the concept text at `stage`: the strongest match that fires on at most MAX_DENSITY of
-    held-out tokens (a specific feature, not a dense one that fires everywhere), else the strongest match."""
-    request = pb.SearchFeaturesRequest(text=pb.TextQuery(text=CONCEPT, reduction=pb.REDUCTION_MAX), stages=[stage],
+def _steerability(stub: pb_grpc.FeaturewireStub, stage: str, feature: int) -> pb.Steerability | None:
+    answer = stub.GetFeature(pb.GetFeatureRequest(stage=stage, feature=feature, top_n=1), timeout=60)
+    return answer.steerability if answer.HasField("steerability") else None
+
+
+def _short(stage: str) -> str:
+    """blocks.3.hook_resid_post -> 3; a stage named otherwise keeps its name."""
+    parts = stage.split(".")
+    return parts[1] if len(parts) > 2 and parts[0] == "blocks" else stage
+
+
+def _pick_feature(stub: pb_grpc.FeaturewireStub, stage: str,
+                  concept: str) -> tuple[pb.FeatureMatch, pb.Steerability | None]:
+    """SearchFeatures on the concept text at `stage`, then the match whose measured steerability is best: among
+    the matches that steer (lift at bounded fluency cost), the one with the largest lift at its best strength;
+    without any, the strongest specific match (density at most MAX_DENSITY) and no measured strength."""
+    request = pb.SearchFeaturesRequest(text=pb.TextQuery(text=concept, reduction=pb.REDUCTION_MAX), stages=[stage],
                                        page_size=50)
     matches = list(stub.SearchFeatures(request, timeout=120).features)
-    _section(f"SearchFeatures {CONCEPT!r} at {stage}: strongest matches")
-    for match in matches[:5]:
+    _section(f"SearchFeatures {concept!r} at {stage}: strongest matches and their measured steerability")
+    measured = []
+    for rank, match in enumerate(matches[:MEASURED_MATCHES]):
+        record = _steerability(stub, stage, match.feature)
         density = f"{match.density:.4f}" if match.HasField("density") else "n/a"
-        print(f"  feature {match.feature:<5} max |z| {match.score:.2f}  density {density}  "
-              f"{pb.Sign.Name(match.sign).removeprefix('SIGN_').lower()}")
+        verdict = "not measured"
+        if record is not None:
+            measured.append((rank, match, record))
+            verdict = (f"steers: {record.best.op.upper()} {record.best.value:g}x {record.best.unit}, lift "
+                       f"{record.best.lift:.2f}, fluency cost {record.best.fluency_cost:+.2f} nats/token"
+                       if record.steers else "does not steer at any measured strength")
+        print(f"  #{rank + 1:<2} feature {match.feature:<5} max |z| {match.score:6.2f}  density {density}  {verdict}")
+    steering = [(rank, m, r) for rank, m, r in measured if r.steers]
+    if steering:
+        rank, picked, record = max(steering, key=lambda item: item[2].best.lift)
+        print(f"picked the match that steers best: feature {picked.feature} (rank {rank + 1})")
+        return picked, record
     specific = [m for m in matches if m.HasField("density") and 0 < m.density <= MAX_DENSITY]
     picked = (specific or matches)[0]
-    print(f"picked the strongest match that fires on at most {MAX_DENSITY:.0%} of held-out tokens: feature "
-          f"{picked.feature} (rank {matches.index(picked) + 1}, max |z| {picked.score:.2f})")
-    return picked
+    print(f"no measured match steers (`featurewire-train steerability --text` measures them); falling back to the "
+          f"strongest match that fires on at most {MAX_DENSITY:.0%} of held-out tokens: feature {picked.feature}")
+    return picked, None
 
 
 def _marked(example: pb.DashboardExample) -> str:
@@ -133,6 +159,9 @@ def _show_feature(stub: pb_grpc.FeaturewireStub, stage: str, match: pb.FeatureMa
     _section(f"GetFeature {stage} #{match.feature} ({pb.Sign.Name(sign).removeprefix('SIGN_').lower()} side)")
     print(f"density {side.density:.4f} over {feature.dashboard.tokens:,} held-out tokens, mean {side.mean:.2f}, "
           f"max {side.max:.2f}")
+    if side.HasField("label"):
+        print("token label: " + ", ".join(f"{tok.text!r} {tok.share:.0%}" for tok in side.label.tokens[:8])
+              + f" (F1 {side.label.f1:.2f})")
     print("top examples (firing token in [[ ]]):")
     for example in side.top_examples[:4]:
         print(f"  {example.value:+.2f}  {_marked(example)!r}")
@@ -144,17 +173,35 @@ def _show_feature(stub: pb_grpc.FeaturewireStub, stage: str, match: pb.FeatureMa
     return side
 
 
-def _show_steering(stub: pb_grpc.FeaturewireStub, info: pb.GetServerInfoResponse) -> None:
-    stages = info.stacks[0].stages
-    stage = stages[STEER_STAGE if len(stages) > STEER_STAGE else len(stages) // 2].name
-    match = _pick_feature(stub, stage)
-    side = _show_feature(stub, stage, match)
+def _top_tokens(side: pb.DashboardSide) -> list[str]:
+    """The feature's top dashboard tokens: its label's tokens, else the firing tokens of its top examples."""
+    if side.HasField("label"):
+        texts = [tok.text for tok in side.label.tokens]
+    else:
+        texts = [ex.tokens[ex.index].text for ex in side.top_examples if ex.index < len(ex.tokens)]
+    return list(dict.fromkeys(t for t in texts if t.strip()))
+
+
+def _edit(side: pb.DashboardSide, record: pb.Steerability | None) -> tuple[int, float, str]:
+    """(op, value, description): the measured best strength, else SET to STEER_MULTIPLE x the held-out max."""
+    if record is not None and record.steers:
+        op = t.INTERVENTION_OP_ADD if record.best.op == "add" else t.INTERVENTION_OP_SET
+        return op, record.best.amount, f"{record.best.op.upper()} {record.best.amount:+.2f} (measured best: " \
+            f"{record.best.value:g}x {record.best.unit})"
     value = STEER_MULTIPLE * side.max * (-1 if side.sign == pb.SIGN_NEGATIVE else 1)
-    _section(f"Generate: SET feature {match.feature} of {stage} to {value:+.2f} ({STEER_MULTIPLE}x its max) "
-             "next to the unsteered DEFAULT branch")
+    return t.INTERVENTION_OP_SET, value, f"SET to {value:+.2f} ({STEER_MULTIPLE}x its max; no measured strength)"
+
+
+def _show_steering(stub: pb_grpc.FeaturewireStub, info: pb.GetServerInfoResponse, concept: str) -> None:
+    stages = info.stacks[0].stages
+    stage = stages[STEER_STAGE if -len(stages) <= STEER_STAGE < len(stages) else -1].name
+    match, record = _pick_feature(stub, stage, concept)
+    side = _show_feature(stub, stage, match)
+    op, value, described = _edit(side, record)
+    _section(f"Generate: feature {match.feature} of {stage}, {described}, next to the unsteered DEFAULT branch")
     request = pb.GenerateRequest(
         prompt=t.Input(text=PROMPT), sampling=pb.SamplingParams(max_new_tokens=20, temperature=0.0, seed=0),
-        interventions=[t.Intervention(stage=stage, feature=match.feature, op=t.INTERVENTION_OP_SET, value=value,
+        interventions=[t.Intervention(stage=stage, feature=match.feature, op=op, value=value,
                                       positions=t.Positions(scope=t.POSITION_SCOPE_ALL))],
         decompose=t.DecomposeOptions(stages=[stage], top_k=1, include_error=True), with_default=True)
     texts: dict[int, str] = defaultdict(str)
@@ -168,10 +215,12 @@ def _show_steering(stub: pb_grpc.FeaturewireStub, info: pb.GetServerInfoResponse
                 errors.append((codes.error_norm, predicted))
     print(f"steered: {PROMPT}|{texts[t.BRANCH_STEERED]!r}")
     print(f"default: {PROMPT}|{texts[t.BRANCH_DEFAULT]!r}")
-    words = {w.strip(" .,:").lower() for w in CONCEPT.split()} - STOP_WORDS
+    tokens = _top_tokens(side)
+    print("the feature's top dashboard tokens: " + ", ".join(repr(tok) for tok in tokens[:12]))
     for branch, name in ((t.BRANCH_STEERED, "steered"), (t.BRANCH_DEFAULT, "default")):
-        seen = sorted(w for w in words if w in texts[branch].lower().replace(",", " ").replace(".", " ").split())
-        print(f"concept words in the {name} continuation: {', '.join(seen) or 'none'}")
+        text = texts[branch].lower()
+        seen = [tok for tok in tokens if tok.strip().lower() in text]
+        print(f"top tokens in the {name} continuation: {', '.join(repr(tok) for tok in seen) or 'none'}")
     print("steered tokens' error norm at that stage (actual / predicted): "
           + ", ".join(f"{a:.1f}/{p}" for a, p in errors[:8]) + (" …" if len(errors) > 8 else ""))
     sentence = "The quick brown fox jumps over the lazy dog because it wants to play."
@@ -208,7 +257,8 @@ def _keep_serving(http_port: int) -> None:
         pass
 
 
-def run_demo(stack: str | Path, model: ModelConfig, *, keep_serving: bool = False) -> int:
+def run_demo(stack: str | Path, model: ModelConfig, *, keep_serving: bool = False, concept: str | None = None) -> int:
+    concept = concept or CONCEPT
     port, metrics_port, http_port = _free_port(), _free_port(), _free_port()
     command = [sys.executable, "-m", "service", "serve", "--model", model.name, "--stack", str(stack),
                "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
@@ -228,7 +278,7 @@ def run_demo(stack: str | Path, model: ModelConfig, *, keep_serving: bool = Fals
             stub = pb_grpc.FeaturewireStub(channel)
             info = _show_info(stub)
             _show_decomposition(stub)
-            _show_steering(stub, info)
+            _show_steering(stub, info, concept)
             _show_metrics(metrics_port)
             if keep_serving:
                 _keep_serving(http_port)
