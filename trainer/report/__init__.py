@@ -16,7 +16,8 @@ logger = logging.getLogger(__name__)
 HEADER = """# Results
 
 Numbers measured by this repository's own code on the embedded default model (Gemma 3 270M, CPU, fp32)
-and the default corpus (text that ships with Python); nothing here is typed in by hand. Regenerate with
+and the default corpus (text that ships with Python); nothing in the numbered sections is typed in by hand
+(the summary table below is a digest of them). Regenerate with
 
 ```sh
 .venv/bin/featurewire-train report --out docs/results.md            # every section (trains what is missing)
@@ -28,6 +29,9 @@ Each section states its model, hookpoints, tokens, widths and seeds, and the pub
 compared with. All runs are one seed at budgets that finish on a 2-core CPU, far below the papers'
 budgets: a disagreement below is a measurement at this budget, not a refutation.
 """
+SUMMARY_START = "<!-- summary: kept as it is when the report is regenerated -->"
+SUMMARY_END = "<!-- /summary -->"
+
 
 Section = Callable[[ReportSettings, Path, str], str | None]
 """A section's markdown, or None to keep the cached one (section 1b without budgets)."""
@@ -45,6 +49,14 @@ def _sections() -> dict[str, tuple[str, Section]]:
         "5": ("demo", lambda s, _img, _rel: demo.section(s)),
         "6": ("steerability", lambda s, _img, _rel: steerability.section(s)),
     }
+
+
+def kept_summary(out: Path) -> list[str]:
+    """The hand-kept summary block of an existing report (between SUMMARY_START and SUMMARY_END), to carry over:
+    the sections are regenerated, the digest of them is not."""
+    text = out.read_text() if out.is_file() else ""
+    start, end = text.find(SUMMARY_START), text.find(SUMMARY_END)
+    return [text[start:end + len(SUMMARY_END)] + "\n"] if 0 <= start < end else []
 
 
 def build_report(out: Path, settings: ReportSettings, only: Sequence[str] | None = None) -> Path:
@@ -65,7 +77,7 @@ def build_report(out: Path, settings: ReportSettings, only: Sequence[str] | None
         text = make(settings, img_dir, img_rel)
         if text is not None:
             (cache / f"{key}-{name}.md").write_text(text)
-    parts = [HEADER]
+    parts = [HEADER, *kept_summary(out)]
     for key, (name, _) in sections.items():
         cached = cache / f"{key}-{name}.md"
         parts.append(cached.read_text() if cached.is_file() else

@@ -100,3 +100,9 @@ def test_build_report_regenerates_chosen_sections_and_reuses_the_rest(tmp_path: 
     assert calls == ["1", "2"] and "## section 1" in text and "## section 2" in text
     with pytest.raises(ValueError, match="unknown section"):
         report.build_report(out, settings, ["9"])
+
+    summary = f"{report.SUMMARY_START}\n## Summary\n\n| claim | verdict |\n{report.SUMMARY_END}\n"
+    out.write_text(text.replace("## section 1", summary + "\n## section 1", 1))
+    report.build_report(out, settings, ["1"])
+    kept = out.read_text()
+    assert kept.count("| claim | verdict |") == 1 and kept.index("## Summary") < kept.index("## section 1")
