@@ -142,8 +142,9 @@ def _pick_feature(stub: pb_grpc.FeaturewireStub, stage: str,
         return picked, record
     specific = [m for m in matches if m.HasField("density") and 0 < m.density <= MAX_DENSITY]
     picked = (specific or matches)[0]
+    which = f"fires on at most {MAX_DENSITY:.0%} of held-out tokens" if specific else "is strongest (none is specific)"
     print(f"no measured match steers (`featurewire-train steerability --text` measures them); falling back to the "
-          f"strongest match that fires on at most {MAX_DENSITY:.0%} of held-out tokens: feature {picked.feature}")
+          f"match that {which}: feature {picked.feature}")
     return picked, None
 
 
