@@ -70,16 +70,23 @@ async def unless_gone(work: Awaitable[Any], call: grpc.aio.Call, receive: Receiv
     return task.result() if task.done() and not task.cancelled() else GONE
 
 
-class EventStream(Response):
-    """A server-streaming call as server-sent events; the client disconnecting cancels the call."""
+class WatchedStream(Response):
+    """A streamed `text/event-stream` answer whose work is cancelled when the client disconnects. Subclasses write
+    the body in `_pump(send)` and stop their gRPC call(s) in `_cancel()`."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, call: Any, first: Any, request_id: str) -> None:
-        self.call, self.first, self.request_id = call, first, request_id
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
         self.status_code = 200
         self.background = None
         self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no", REQUEST_ID_KEY: request_id})
+
+    async def _pump(self, send: Send) -> None:
+        raise NotImplementedError
+
+    def _cancel(self) -> None:
+        raise NotImplementedError
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.ensure_future(self._pump(send))
@@ -89,13 +96,24 @@ class EventStream(Response):
         finally:
             watcher.cancel()
             if not pump.done():  # the client went away (or uvicorn is cancelling us): stop the work
-                self.call.cancel()
+                self._cancel()
                 pump.cancel()
         error = pump.exception() if pump.done() and not pump.cancelled() else None
         if isinstance(error, OSError):  # a write after the client disconnected
-            self.call.cancel()
+            self._cancel()
         elif error is not None:
             raise error
+
+
+class EventStream(WatchedStream):
+    """A server-streaming call as server-sent events; the client disconnecting cancels the call."""
+
+    def __init__(self, call: Any, first: Any, request_id: str) -> None:
+        super().__init__(request_id)
+        self.call, self.first = call, first
+
+    def _cancel(self) -> None:
+        self.call.cancel()
 
     async def _pump(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})

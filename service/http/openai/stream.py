@@ -20,13 +20,11 @@ from typing import Any
 
 import grpc
 from featurewire.v1 import featurewire_pb2 as pb
-from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Receive, Send
 
 from service.http.openai.choices import Answer
 from service.http.openai.errors import OpenAIError, from_rpc_error
-from service.http.sse import disconnected, sse_event
-from service.interceptors import REQUEST_ID_KEY
+from service.http.sse import WatchedStream, disconnected, sse_event
 
 EOF = grpc.aio.EOF
 DONE = sse_event(b"[DONE]")
@@ -96,32 +94,15 @@ async def events(calls: list[Any]) -> AsyncIterator[tuple[int, pb.GenerateRespon
             task.cancel()
 
 
-class ChunkStream(Response):
+class ChunkStream(WatchedStream):
     """The calls' events as OpenAI chunks (`text/event-stream`); the client disconnecting cancels the calls."""
 
-    media_type = "text/event-stream"
-
     def __init__(self, calls: list[Any], answer: Answer, request_id: str) -> None:
-        self.calls, self.answer, self.request_id = calls, answer, request_id
-        self.status_code = 200
-        self.background = None
-        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no", REQUEST_ID_KEY: request_id})
+        super().__init__(request_id)
+        self.calls, self.answer = calls, answer
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        pump = asyncio.ensure_future(self._pump(send))
-        watcher = asyncio.ensure_future(disconnected(receive))
-        try:
-            await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-            if not pump.done():  # the client went away (or uvicorn is cancelling us): stop the work
-                cancel(self.calls)
-                pump.cancel()
-        error = pump.exception() if pump.done() and not pump.cancelled() else None
-        if isinstance(error, OSError):  # a write after the client disconnected
-            cancel(self.calls)
-        elif error is not None:
-            raise error
+    def _cancel(self) -> None:
+        cancel(self.calls)
 
     async def _pump(self, send: Send) -> None:
         answer = self.answer
